@@ -1,0 +1,3 @@
+"""contrastive: exact, fast contrastive and self-supervised representation learning."""
+
+__version__ = "0.1.0"
