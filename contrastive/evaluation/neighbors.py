@@ -1,0 +1,116 @@
+"""Exact top-k nearest-neighbour search over feature tensors, one chunk of queries at a time.
+
+Shared by the kNN classifier (:mod:`.knn`) and the retrieval metrics (:mod:`.retrieval`).
+The tie rule is the one a stable sort gives: among equal similarities the reference
+with the lower index ranks first, on every device, for every ``k``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Metric = Literal["cosine", "euclidean"]
+
+
+def prepare_features(features: Tensor, metric: Metric = "cosine") -> Tensor:
+    """Cast to a float type fit for exact search and L2-normalise for the cosine metric.
+
+    Half precision is promoted to float32; float32 and float64 are kept.
+
+    Args:
+        features: (N, D) feature vectors.
+        metric: ``"cosine"`` (rows scaled to unit length) or ``"euclidean"`` (unchanged).
+
+    Returns:
+        (N, D) floating tensor on the same device.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    if features.dtype not in (torch.float32, torch.float64):
+        features = features.float()
+    return F.normalize(features, dim=1) if metric == "cosine" else features
+
+
+def similarity(query: Tensor, reference: Tensor, metric: Metric = "cosine") -> Tensor:
+    """Similarity matrix, larger is closer.
+
+    ``cosine``: ``s_ij = q_i . r_j`` (inputs already unit length, see :func:`prepare_features`).
+    ``euclidean``: ``s_ij = -||q_i - r_j||^2``, so that ranking by ``s`` is ranking by distance.
+
+    Args:
+        query: (Q, D) prepared features.
+        reference: (N, D) prepared features.
+        metric: ``"cosine"`` or ``"euclidean"``.
+
+    Returns:
+        (Q, N) similarities.
+    """
+    dots = query @ reference.T  # (Q, N)
+    if metric == "cosine":
+        return dots
+    q_sq = query.pow(2).sum(1, keepdim=True)  # (Q, 1)
+    r_sq = reference.pow(2).sum(1)  # (N,)
+    return 2 * dots - q_sq - r_sq
+
+
+def topk_lowest_index(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k per row, sorted by value (descending) then by column index (ascending).
+
+    ``torch.topk`` picks an arbitrary member of a tie; this fixes both which tied
+    columns make the cut at the k-th place and their order inside the top k, so the
+    result equals a stable descending sort of each row truncated to ``k``.
+
+    Args:
+        sims: (C, N) scores.
+        k: 1 <= k <= N.
+
+    Returns:
+        values (C, k) and column indices (C, k).
+    """
+    values, indices = sims.topk(k, dim=1)  # (C, k), values exact, tied indices arbitrary
+    kth = values[:, -1:]  # (C, 1)
+    ragged = (sims >= kth).sum(1) > k  # rows where ties straddle the cut
+    if bool(ragged.any()):
+        rows = ragged.nonzero().squeeze(1)
+        sub, cut = sims[rows], kth[rows]  # (c, N), (c, 1)
+        above, level = sub > cut, sub == cut
+        room = k - above.sum(1, keepdim=True)  # tied columns that fit, lowest index first
+        keep = above | (level & (level.cumsum(1) <= room))  # exactly k per row
+        indices[rows] = keep.nonzero()[:, 1].view(-1, k)
+        values[rows] = sub.gather(1, indices[rows])
+    by_index, perm = indices.sort(dim=1)
+    values, order = values.gather(1, perm).sort(dim=1, descending=True, stable=True)
+    return values, by_index.gather(1, order)
+
+
+def topk_neighbors(
+    query: Tensor,
+    reference: Tensor,
+    k: int,
+    metric: Metric = "cosine",
+    self_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` most similar references of each query, ties to the lower reference index.
+
+    Args:
+        query: (C, D) prepared query features (a chunk).
+        reference: (N, D) prepared reference features.
+        k: number of neighbours, 1 <= k <= N (N - 1 with ``self_offset``).
+        metric: ``"cosine"`` or ``"euclidean"``.
+        self_index: (C,) if given, query row ``i`` is reference row ``self_index[i]`` and
+            that row is excluded by index (leave-one-out), whatever its similarity.
+
+    Returns:
+        similarities (C, k) and reference indices (C, k), most similar first.
+    """
+    sims = similarity(query, reference, metric)  # (C, N)
+    if self_index is not None:
+        rows = torch.arange(query.shape[0], device=sims.device)
+        sims[rows, self_index] = -torch.inf
+    return topk_lowest_index(sims, k)

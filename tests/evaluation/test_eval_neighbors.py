@@ -1,0 +1,40 @@
+"""Exact top-k with the lowest-index tie rule, against a stable sort."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contrastive.evaluation.neighbors import prepare_features, similarity, topk_lowest_index, topk_neighbors
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 40),
+    levels=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
+def test_topk_equals_stable_sort_with_many_ties(rows: int, cols: int, levels: int, seed: int, data: st.DataObject) -> None:
+    g = torch.Generator().manual_seed(seed)
+    sims = torch.randint(0, levels, (rows, cols), generator=g).float()  # few distinct values: ties everywhere
+    k = data.draw(st.integers(1, cols))
+    values, indices = topk_lowest_index(sims.clone(), k)
+    ref_values, ref_indices = sims.sort(dim=1, descending=True, stable=True)
+    assert torch.equal(indices, ref_indices[:, :k])
+    assert torch.equal(values, ref_values[:, :k])
+
+
+def test_self_excluded_by_index_not_distance() -> None:
+    # rows 0 and 1 are identical: excluding "sim == 1" would drop both, excluding by index drops one
+    x = prepare_features(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    _, idx = topk_neighbors(x, x, 2, self_index=torch.arange(3))
+    assert idx.tolist() == [[1, 2], [0, 2], [0, 1]]
+
+
+def test_euclidean_similarity_is_negative_squared_distance() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, r = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(similarity(q, r, "euclidean"), -torch.cdist(q, r).pow(2))
