@@ -1,0 +1,65 @@
+"""Collectives that keep gradients, and no-ops in a single process.
+
+The softmax losses use :func:`gather_with_grad` to see the candidates of every rank
+while computing the loss only for their local anchors. With DDP's gradient
+averaging this reproduces, to round-off, one process holding the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is up."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes in the default group; 1 without a process group."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """Rank of this process in the default group; 0 without a process group."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gradient over ranks."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (W*n, ...)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        # Every rank's loss depends on every rank's rows: this rank's rows receive
+        # the sum of the gradients that all ranks computed for them.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        n = grad.shape[0] // world_size()
+        return grad[rank() * n : (rank() + 1) * n]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, differentiably.
+
+    Forward: ``cat([x_0, ..., x_{W-1}])``, shape (W*n, ...). Backward: the incoming
+    gradient is summed over ranks (all-reduce) and this rank's slice
+    ``[rank*n, (rank+1)*n)`` is returned. Every rank must pass the same shape.
+    Identity in one process or without an initialised process group.
+
+    Args:
+        x: (n, ...) local tensor; integer tensors (labels) are gathered too.
+
+    Returns:
+        (W*n, ...) tensor; rows ``[rank*n, (rank+1)*n)`` are this rank's ``x``.
+    """
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)

@@ -1,0 +1,27 @@
+"""Contrastive and metric losses: pure functions plus thin nn.Module wrappers (torch only)."""
+
+from contrastive.losses._common import Temperature, l2_normalize
+from contrastive.losses.logsumexp import row_logsumexp
+from contrastive.losses.metric import contrastive_margin, pairwise_distance, triplet_margin
+from contrastive.losses.modules import ContrastiveMargin, InfoNCE, NTXent, SupCon, TripletMargin
+from contrastive.losses.regularizer import RegularizedMetricLoss, SoftmaxCERegularizer
+from contrastive.losses.softmax import info_nce, nt_xent, sup_con
+
+__all__ = [
+    "ContrastiveMargin",
+    "InfoNCE",
+    "NTXent",
+    "RegularizedMetricLoss",
+    "SoftmaxCERegularizer",
+    "SupCon",
+    "Temperature",
+    "TripletMargin",
+    "contrastive_margin",
+    "info_nce",
+    "l2_normalize",
+    "nt_xent",
+    "pairwise_distance",
+    "row_logsumexp",
+    "sup_con",
+    "triplet_margin",
+]

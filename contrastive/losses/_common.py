@@ -1,0 +1,118 @@
+"""Shared pieces of the losses: dtype policy, safe normalisation, validation, temperature."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from contrastive.distributed import gather_with_grad, rank
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def upcast(x: Tensor) -> Tensor:
+    """Cast half precision (fp16/bf16) up to float32; float32/float64 unchanged."""
+    return x.to(compute_dtype(x))
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Row-wise ``x / ||x||`` in fp32 (or fp64), safe for any finite scale.
+
+    The rows are first divided by their max-abs entry (detached, so the gradient is
+    that of plain normalisation, which is scale invariant): norms of 1e30 or 1e-30
+    neither overflow nor underflow in float32. Zero rows stay zero.
+
+    Args:
+        x: (n, D).
+
+    Returns:
+        (n, D) unit rows (zero rows stay zero), dtype ``compute_dtype(x)``.
+    """
+    x = upcast(x)
+    tiny = torch.finfo(x.dtype).tiny
+    scale = x.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # (n, 1)
+    return F.normalize(x / scale, dim=1, eps=tiny)
+
+
+def zero_loss(*tensors: Tensor | float) -> Tensor:
+    """A scalar 0 connected to the graph of every floating tensor given.
+
+    ``(x * 0).sum()`` rather than ``x.sum() * 0``: the sum of large half-precision
+    values could overflow to inf, and ``inf * 0`` is NaN.
+    """
+    parts = [(upcast(t) * 0).sum() for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
+    return torch.stack(parts).sum() if parts else torch.zeros(())
+
+
+def check_temperature(temperature: float | Tensor) -> float | Tensor:
+    """Raise a ValueError for a non-positive float temperature; tensors pass unchecked (no sync)."""
+    if not isinstance(temperature, Tensor) and not temperature > 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature}; logits are divided by it "
+            "(typical values: 0.05 to 0.5)."
+        )
+    return temperature
+
+
+def check_margin(name: str, value: float) -> None:
+    """Raise a ValueError for a negative (or NaN) margin."""
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}; pass a non-negative distance margin.")
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Raise a ValueError unless ``chunk_size`` is None or a positive int."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None (no chunking) or a positive int, got {chunk_size!r}.")
+
+
+def global_rows(x: Tensor, gather: bool) -> tuple[Tensor, int]:
+    """All ranks' rows and the offset of this rank's rows in them.
+
+    Args:
+        x: (n, ...) local rows.
+        gather: gather across processes (no-op without a process group).
+
+    Returns:
+        ((W*n, ...) rows, rank * n); ``(x, 0)`` when ``gather`` is False.
+    """
+    if not gather:
+        return x, 0
+    return gather_with_grad(x), rank() * x.shape[0]
+
+
+class Temperature(nn.Module):
+    """A softmax temperature, fixed or learnable.
+
+    Fixed: a non-persistent buffer (the config, not an old checkpoint, decides it).
+    Learnable: as in CLIP (Radford et al. 2021), the parameter is the log logit
+    scale ``log(1/T)``; the scale is clamped at ``max_scale`` (100) in forward, so
+    ``T >= 1/max_scale`` and the gradient stops at the clamp.
+    """
+
+    def __init__(self, value: float, learnable: bool = False, max_scale: float = 100.0) -> None:
+        super().__init__()
+        check_temperature(value)
+        if not max_scale > 0:
+            raise ValueError(f"max_scale must be > 0, got {max_scale}.")
+        self.learnable = learnable
+        self.max_log_scale = math.log(max_scale)
+        if learnable:
+            self.log_scale = nn.Parameter(torch.tensor(-math.log(value)))
+        else:
+            self.register_buffer("value", torch.tensor(float(value)), persistent=False)
+
+    def forward(self) -> Tensor:
+        """Current temperature, a 0-dim tensor."""
+        if self.learnable:
+            return torch.exp(-self.log_scale.clamp(max=self.max_log_scale))
+        return self.value
+
+    def extra_repr(self) -> str:
+        return f"learnable={self.learnable}"

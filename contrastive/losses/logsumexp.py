@@ -1,0 +1,88 @@
+"""Row log-sum-exp of a similarity matrix, plain or chunked with linear memory.
+
+All softmax losses reduce to ``lse_i = log sum_{j != self(i)} exp(a_i . c_j)`` plus a
+term linear in the inputs. The plain form materialises the (n, m) logits; the
+chunked form computes them ``chunk_size`` rows at a time, saves only the inputs
+and the (n,) result, and recomputes each chunk in backward, so memory is
+O((n + m) D + chunk_size * m) instead of O(n m).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+
+def masked_logits(anchors: Tensor, candidates: Tensor, self_index: Tensor | None) -> Tensor:
+    """``anchors @ candidates.T`` with entry ``(i, self_index[i])`` set to -inf.
+
+    Args:
+        anchors: (n, D), already divided by the temperature.
+        candidates: (m, D).
+        self_index: (n,) column of each anchor's own copy among the candidates, or None.
+
+    Returns:
+        (n, m) logits.
+    """
+    logits = anchors @ candidates.T  # (n, m)
+    if self_index is None:
+        return logits
+    rows = torch.arange(anchors.shape[0], device=anchors.device)
+    return logits.index_put((rows, self_index), logits.new_tensor(float("-inf")))
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """Row log-sum-exp of ``masked_logits``, ``chunk_size`` rows at a time."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, anchors: Tensor, candidates: Tensor, self_index: Tensor | None, chunk_size: int
+    ) -> Tensor:
+        lse = anchors.new_empty(anchors.shape[0])  # (n,)
+        for start in range(0, anchors.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            index = None if self_index is None else self_index[rows]
+            lse[rows] = torch.logsumexp(masked_logits(anchors[rows], candidates, index), dim=1)
+        ctx.save_for_backward(anchors, candidates, self_index, lse)
+        ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
+        return lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        # d lse_i / d logits_ij = softmax_ij, so dL/dlogits = grad_i * softmax_ij (0 at self).
+        anchors, candidates, self_index, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        chunk_size: int = ctx.chunk_size  # type: ignore[attr-defined]
+        grad_anchors = torch.empty_like(anchors) if ctx.needs_input_grad[0] else None
+        grad_candidates = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
+        for start in range(0, anchors.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            index = None if self_index is None else self_index[rows]
+            logits = masked_logits(anchors[rows], candidates, index)  # (c, m)
+            weights = torch.exp(logits - lse[rows, None]) * grad[rows, None]  # (c, m)
+            if grad_anchors is not None:
+                grad_anchors[rows] = weights @ candidates
+            if grad_candidates is not None:
+                grad_candidates.addmm_(weights.T, anchors[rows])
+        return grad_anchors, grad_candidates, None, None
+
+
+def row_logsumexp(
+    anchors: Tensor, candidates: Tensor, self_index: Tensor | None = None, chunk_size: int | None = None
+) -> Tensor:
+    """``lse_i = log sum_{j != self_index[i]} exp(anchors_i . candidates_j)``.
+
+    Args:
+        anchors: (n, D), already divided by the temperature.
+        candidates: (m, D).
+        self_index: (n,) long, the excluded column of each row, or None.
+        chunk_size: None for the plain form (materialises (n, m)); an int for the
+            chunked form (same value and gradient, memory linear in n + m).
+
+    Returns:
+        (n,) log-sum-exp per anchor.
+    """
+    if chunk_size is None:
+        return torch.logsumexp(masked_logits(anchors, candidates, self_index), dim=1)
+    return _ChunkedLogSumExp.apply(anchors, candidates, self_index, chunk_size)

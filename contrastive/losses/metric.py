@@ -1,0 +1,164 @@
+"""Distance-based metric losses: triplet margin (with mining) and contrastive pair loss.
+
+Defaults: embeddings L2-normalised (``normalize=True``), plain Euclidean distance
+(``squared=False``), computed difference-wise (no ``|a|^2 + |b|^2 - 2ab``
+cancellation, exact zeros on the diagonal, zero gradient at zero distance).
+Half precision inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from contrastive.losses._common import check_margin, l2_normalize, upcast
+
+MINING = ("all", "batch_hard", "semi_hard")
+
+
+def check_triplet_args(margin: float, mining: str) -> None:
+    """Raise a ValueError for a negative margin or an unknown mining strategy."""
+    check_margin("margin", margin)
+    if mining not in MINING:
+        raise ValueError(f"mining must be one of {MINING}, got {mining!r}.")
+
+
+def check_pair_margins(pos_margin: float, neg_margin: float) -> None:
+    """Raise a ValueError unless ``0 <= pos_margin < neg_margin``."""
+    check_margin("pos_margin", pos_margin)
+    check_margin("neg_margin", neg_margin)
+    if not neg_margin > pos_margin:
+        raise ValueError(
+            f"neg_margin ({neg_margin}) must be larger than pos_margin ({pos_margin}); "
+            "otherwise a pair can be penalised whichever its label."
+        )
+
+
+def pairwise_distance(x: Tensor, squared: bool = False) -> Tensor:
+    """Euclidean distance matrix ``d_ij = ||x_i - x_j||`` (or its square).
+
+    The batch is divided by its max-abs entry (detached; distance is homogeneous)
+    so that huge or tiny inputs neither overflow nor underflow.
+
+    Args:
+        x: (n, D) float32/float64.
+        squared: return ``d_ij^2``.
+
+    Returns:
+        (n, n) distances, zero diagonal.
+    """
+    scale = x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+    y = x / scale  # (n, D)
+    d = torch.cdist(y, y, compute_mode="donot_use_mm_for_euclid_dist") * scale  # (n, n)
+    return d * d if squared else d
+
+
+def _distances_and_masks(
+    embeddings: Tensor, labels: Tensor, squared: bool, normalize: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Distances (n, n), positive mask (same label, i != j) and negative mask (other label)."""
+    if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
+        raise ValueError(
+            f"embeddings must be (n, D) and labels (n,), got {tuple(embeddings.shape)} and {tuple(labels.shape)}."
+        )
+    x = l2_normalize(embeddings) if normalize else upcast(embeddings)
+    d = pairwise_distance(x, squared)  # (n, n)
+    same = labels[:, None] == labels[None, :]  # (n, n)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return d, same & ~eye, ~same
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask``; a graph-connected 0 when the mask is empty."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def triplet_margin(
+    embeddings: Tensor,
+    labels: Tensor,
+    margin: float = 0.2,
+    mining: str = "batch_hard",
+    squared: bool = False,
+    normalize: bool = True,
+) -> Tensor:
+    """Triplet margin loss ``[d(a, p) - d(a, n) + margin]_+`` with in-batch mining.
+
+    Mining:
+        ``"all"``: every valid triplet (a, p, n); the mean is over the triplets
+            with a positive loss (pytorch-metric-learning's AvgNonZero), as
+            Hermans et al. 2017 found necessary for batch-all ("BA != 0"): easy
+            triplets would otherwise dilute the gradient as training progresses.
+        ``"batch_hard"``: per anchor, the farthest positive and the closest
+            negative (Hermans et al. 2017); mean over anchors having both.
+        ``"semi_hard"``: per anchor-positive pair, the closest negative that is
+            still farther than the positive, ``d(a,p) < d(a,n)`` (semi-hard when
+            also inside the margin; FaceNet, Schroff et al. 2015); when no
+            negative is farther, the farthest negative (as TensorFlow's
+            ``triplet_semihard_loss``). Mean over all anchor-positive pairs whose
+            anchor has a negative.
+
+    Args:
+        embeddings: (n, D).
+        labels: (n,) class labels.
+        margin: >= 0; 0.2 suits L2-normalised embeddings (distances in [0, 2]).
+        mining: "all", "batch_hard" or "semi_hard".
+        squared: use squared Euclidean distances.
+        normalize: L2-normalise the embeddings first (default True).
+
+    Returns:
+        Scalar loss (float32, float64 for float64 inputs); a graph-connected zero
+        when there is no valid triplet.
+    """
+    check_triplet_args(margin, mining)
+    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize)
+    if mining == "all":
+        per_triplet = torch.relu(d[:, :, None] - d[:, None, :] + margin)  # (a, p, n)
+        valid = positive[:, :, None] & negative[:, None, :]  # (a, p, n)
+        return _masked_mean(per_triplet, valid & (per_triplet > 0))
+    inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
+    if mining == "batch_hard":
+        hardest_positive = torch.where(positive, d, -inf).amax(dim=1)  # (a,)
+        hardest_negative = torch.where(negative, d, inf).amin(dim=1)  # (a,)
+        per_anchor = torch.relu(hardest_positive - hardest_negative + margin)  # (a,)
+        return _masked_mean(per_anchor, positive.any(dim=1) & negative.any(dim=1))
+    farther = negative[:, None, :] & (d[:, None, :] > d[:, :, None])  # (a, p, n)
+    closest_farther = torch.where(farther, d[:, None, :], inf).amin(dim=2)  # (a, p)
+    farthest = torch.where(negative, d, -inf).amax(dim=1, keepdim=True)  # (a, 1)
+    chosen = torch.where(farther.any(dim=2), closest_farther, farthest)  # (a, p)
+    per_pair = torch.relu(d - chosen + margin)  # (a, p)
+    return _masked_mean(per_pair, positive & negative.any(dim=1, keepdim=True))
+
+
+def contrastive_margin(
+    embeddings: Tensor,
+    labels: Tensor,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    squared: bool = False,
+    normalize: bool = True,
+) -> Tensor:
+    """Contrastive pair loss (Hadsell, Chopra & LeCun 2006) over all pairs in the batch.
+
+    ``L = mean_{(i,j) pos} 1/2 [d_ij - pos_margin]_+^2 + mean_{(i,j) neg} 1/2 [neg_margin - d_ij]_+^2``.
+    With ``pos_margin = 0`` the positive term is Hadsell's ``D^2 / 2``. Positive and
+    negative pairs are averaged separately (each absent set contributes 0): with
+    P classes x K samples there are (P-1)K negatives per (K-1) positives, and one
+    pooled mean would let the negatives drown the positives.
+
+    Args:
+        embeddings: (n, D).
+        labels: (n,) class labels.
+        pos_margin: >= 0, positives closer than this cost nothing (default 0).
+        neg_margin: > pos_margin, negatives are pushed past it (default 1.0,
+            for L2-normalised embeddings whose distances lie in [0, 2]).
+        squared: use squared Euclidean distances.
+        normalize: L2-normalise the embeddings first (default True).
+
+    Returns:
+        Scalar loss; a graph-connected zero when there are no pairs.
+    """
+    check_pair_margins(pos_margin, neg_margin)
+    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize)
+    pull = 0.5 * torch.relu(d - pos_margin) ** 2  # (n, n)
+    push = 0.5 * torch.relu(neg_margin - d) ** 2  # (n, n)
+    return _masked_mean(pull, positive) + _masked_mean(push, negative)
