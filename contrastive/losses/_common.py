@@ -106,7 +106,8 @@ class Temperature(nn.Module):
         if learnable:
             self.log_scale = nn.Parameter(torch.tensor(-math.log(value)))
         else:
-            self.register_buffer("value", torch.tensor(float(value)), persistent=False)
+            # float64 so that float64 inputs see T exactly; float32 inputs round it as a float would.
+            self.register_buffer("value", torch.tensor(float(value), dtype=torch.float64), persistent=False)
 
     def forward(self) -> Tensor:
         """Current temperature, a 0-dim tensor."""
