@@ -5,12 +5,27 @@ matplotlib, scikit-learn and numpy are imported inside the functions that need t
 """
 
 from contrastive.evaluation.knn import knn_predict, knn_top1
+from contrastive.evaluation.linear import linear_probe, predict_linear
 from contrastive.evaluation.neighbors import topk_neighbors
+from contrastive.evaluation.plots import (
+    confusion_matrix,
+    plot_confusion_matrix,
+    plot_embedding_2d,
+    plot_similarity_histograms,
+    plot_training_curves,
+)
 from contrastive.evaluation.retrieval import retrieval_metrics
 
 __all__ = [
+    "confusion_matrix",
     "knn_predict",
     "knn_top1",
+    "linear_probe",
+    "plot_confusion_matrix",
+    "plot_embedding_2d",
+    "plot_similarity_histograms",
+    "plot_training_curves",
+    "predict_linear",
     "retrieval_metrics",
     "topk_neighbors",
 ]
