@@ -1,0 +1,270 @@
+"""The Hydra entry points ``contrastive-train`` and ``contrastive-eval``.
+
+This is the only module that touches Hydra / OmegaConf: it turns a config into
+finished objects (data, networks, loss, augmentation, optimiser factory) and
+hands them to a pipeline and a Lightning ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from contrastive.data import DataError, Splits, TensorDataModule
+from contrastive.evaluation import knn_top1
+from contrastive.io import AtomicCheckpointIO, CheckpointError, load_checkpoint, write_json_atomic
+from contrastive.pipelines import NonFiniteLossError, Pipeline
+
+log = logging.getLogger("contrastive")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, InstantiationException)
+
+
+def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Turn user errors into one clear line on stderr and exit status 2 (no traceback)."""
+
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return fn(cfg)
+        except USER_ERRORS as e:
+            message = str(e).strip().splitlines()
+            print(f"error: {' '.join(m.strip() for m in message)}", file=sys.stderr)
+            sys.exit(2)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _resolvers() -> None:
+    def run_dir_of(checkpoint: str) -> str:
+        p = Path(checkpoint).expanduser().resolve()
+        return str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
+
+    for name, fn in {"run_dir_of": run_dir_of, "stem_of": lambda p: Path(p).stem}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
+    """The data set of ``data_cfg``, capped by ``subset`` / ``test_subset``."""
+    splits: Splits = instantiate(data_cfg.source)
+    return Splits(splits.train.subset(data_cfg.subset, seed), splits.test.subset(data_cfg.test_subset, seed))
+
+
+def build_pipeline(cfg: DictConfig) -> Pipeline:
+    """Instantiate every part of the run and pass the finished objects to the pipeline."""
+    model = cfg.model
+    parts: dict[str, Any] = {
+        "backbone": instantiate(model.backbone),
+        "projector": instantiate(model.projector),
+        "loss": instantiate(cfg.loss),
+        "augment": instantiate(cfg.aug),
+        "optimizer": instantiate(cfg.optimizer),
+        "scheduler": instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    }
+    return instantiate(cfg.pipeline, **parts)
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """``auto``: bf16 autocast when training on a GPU, fp32 otherwise."""
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if gpu else "32-true"
+
+
+class SaveRunConfig(Callback):
+    """Stores the resolved run config in every checkpoint, so a checkpoint is self-contained."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["contrastive_config"] = self.config
+
+
+def validate_train_config(cfg: DictConfig, splits: Splits) -> None:
+    """Reject invalid values before any training (unknown keys are rejected by Hydra's struct mode)."""
+    world = int(cfg.trainer.devices) if str(cfg.trainer.devices).isdigit() else 1
+    world *= int(cfg.trainer.num_nodes)
+    if cfg.data.batch_size < 2:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: contrastive losses need at least 2 samples")
+    if cfg.data.batch_size * world > len(splits.train):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} x {world} process(es) is larger than the training set "
+            f"({len(splits.train)} images): lower data.batch_size or raise data.subset"
+        )
+    if cfg.trainer.max_epochs is not None and cfg.trainer.max_epochs < 0:
+        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 0")
+    if cfg.data.num_classes != splits.num_classes:
+        raise ConfigError(
+            f"data.num_classes={cfg.data.num_classes} but the data set has {splits.num_classes} classes"
+        )
+
+
+def resume_path(resume: Any, run_dir: Path) -> str | None:
+    """``auto``: the run directory's ``last.ckpt`` if there is one; ``never``/null: none; else a path."""
+    if resume in (None, "never", False):
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(str(resume)).expanduser()
+    load_checkpoint(path)  # a clear error now rather than a half-loaded model later
+    return str(path)
+
+
+def probe_metrics(probe: Callable[..., dict], features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  num_classes: int, prefix: str = "") -> dict[str, float]:
+    """Linear probe on cached features; plain-named accuracies (percent)."""
+    (xtr, ytr), (xte, yte) = features["train"], features["test"]
+    out = probe(xtr, ytr, xte, yte, num_classes=num_classes)
+    return {f"{k}{prefix}": float(v) for k, v in out.items() if k in ("linear_top1", "linear_train_top1")}
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = build_splits(cfg.data, cfg.seed)
+    validate_train_config(cfg, splits)
+    datamodule = TensorDataModule(
+        splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed
+    )
+    pipeline = build_pipeline(cfg)
+    ckpt_path = resume_path(cfg.resume, run_dir)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks: list[Callback] = [
+        SaveRunConfig(config),  # type: ignore[arg-type]
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="epoch={epoch:04d}", auto_insert_metric_name=False,
+            save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_args, dict)
+    trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
+    trainer = pl.Trainer(
+        **trainer_args,
+        default_root_dir=run_dir,
+        callbacks=callbacks,
+        logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tb", version="")],
+        plugins=[AtomicCheckpointIO()],
+        check_val_every_n_epoch=cfg.eval.every_n_epochs,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+
+    # The same seed gives the same initial weights, so this is the untrained figure also on resume.
+    metrics: dict[str, float] = {}
+    probe = instantiate(cfg.probe)
+    untrained = trainer.validate(pipeline, datamodule=datamodule, verbose=False)
+    metrics["knn_top1_untrained"] = float(untrained[0]["val/knn_top1"])
+    if cfg.eval.final_probe:
+        metrics |= probe_metrics(probe, pipeline.last_features, cfg.data.num_classes, "_untrained")
+
+    trainer.fit(pipeline, datamodule=datamodule, ckpt_path=ckpt_path)
+    final = trainer.validate(pipeline, datamodule=datamodule, verbose=False)
+    metrics["knn_top1"] = float(final[0]["val/knn_top1"])
+    if cfg.eval.final_probe:
+        metrics |= probe_metrics(probe, pipeline.last_features, cfg.data.num_classes)
+    metrics["epochs"] = float(trainer.current_epoch)
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})
+        log.info("run directory: %s", run_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@_run_guarded
+def _train_main(cfg: DictConfig) -> float:
+    return _train(cfg)["knn_top1"]
+
+
+def train() -> None:
+    """``contrastive-train [overrides]``."""
+    _resolvers()
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    _train_main()
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    run_cfg = OmegaConf.create(ckpt["contrastive_config"])
+    if cfg.data_root is not None:
+        if "root" not in run_cfg.data:
+            raise ConfigError(f"data_root given, but the run's data set ({run_cfg.data.source._target_}) has no root")
+        run_cfg.data.root = cfg.data_root
+        run_cfg.data.source.root = cfg.data_root
+    for key in ("subset", "test_subset"):
+        if cfg[key] is not None:
+            run_cfg.data[key] = cfg[key]
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+
+    pipeline = build_pipeline(run_cfg)
+    try:
+        pipeline.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{cfg.checkpoint}: weights do not match the run's model: {e}") from None
+    pipeline.to(device).eval()
+    splits = build_splits(run_cfg.data, int(run_cfg.seed))
+
+    features = {}
+    for split, data in (("train", splits.train), ("test", splits.test)):
+        data = data.to(device)
+        feats = [pipeline.features(data.images[i : i + cfg.batch_size]) for i in range(0, len(data), cfg.batch_size)]
+        features[split] = (torch.cat(feats), data.labels)
+
+    (xtr, ytr), (xte, yte) = features["train"], features["test"]
+    metrics = {"knn_top1": knn_top1(xtr, ytr, xte, yte, splits.num_classes, cfg.knn_k, cfg.knn_temperature)}
+    if cfg.linear_probe:
+        metrics |= probe_metrics(instantiate(cfg.probe), features, splits.num_classes)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})
+    log.info("written to %s", out_dir / "metrics.json")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+@_run_guarded
+def _eval_main(cfg: DictConfig) -> None:
+    _evaluate(cfg)
+
+
+def evaluate() -> None:
+    """``contrastive-eval checkpoint=PATH [overrides]``."""
+    _resolvers()
+    _eval_main()

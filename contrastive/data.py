@@ -1,0 +1,335 @@
+"""Data sets held as uint8 tensors, batches drawn by index.
+
+Every data set is an :class:`ImageTensors`: all images as one ``uint8`` tensor
+``(N, C, H, W)`` and labels ``(N,)``. The data module puts the tensors on the
+training device once; batches are index gathers, so no DataLoader workers are
+needed and augmentation runs batched on that device (``contrastive.augment``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from contrastive.distributed import rank as dist_rank
+from contrastive.distributed import world_size as dist_world_size
+
+
+class DataError(RuntimeError):
+    """A data set is missing, empty or malformed; the message says what to do."""
+
+
+@dataclass
+class ImageTensors:
+    """A labelled image set held as tensors.
+
+    Attributes:
+        images: ``uint8`` (N, C, H, W).
+        labels: ``int64`` (N,), values in ``[0, num_classes)``.
+        num_classes: number of classes.
+        class_names: optional names, ``len == num_classes``.
+    """
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise DataError(
+                f"images must be a uint8 tensor (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.ndim != 1 or len(self.labels) != len(self.images):
+            raise DataError(
+                f"labels must be (N,) with N = {len(self.images)} images, got {tuple(self.labels.shape)}"
+            )
+        if len(self.images) == 0:
+            raise DataError("the data set is empty: it holds no images")
+        self.labels = self.labels.long()
+        bad = ((self.labels < 0) | (self.labels >= self.num_classes)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(
+                f"label {int(self.labels[i])} at index {i} is outside [0, {self.num_classes}); "
+                "check data.num_classes or the label file"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, n: int | None, seed: int = 0) -> ImageTensors:
+        """The first ``n`` images of a seeded permutation (all when ``n`` is None or >= N)."""
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise DataError(f"a subset must hold at least one image, got data.subset={n}")
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = idx.sort().values
+        return ImageTensors(self.images[idx], self.labels[idx], self.num_classes, self.class_names)
+
+    def select_classes(self, classes: list[int]) -> ImageTensors:
+        """Only the images of ``classes``, relabelled ``0..len(classes)-1`` in the given order."""
+        mapping = torch.full((self.num_classes,), -1, dtype=torch.long)
+        mapping[torch.as_tensor(list(classes))] = torch.arange(len(classes))
+        keep = mapping[self.labels] >= 0
+        names = [self.class_names[c] for c in classes] if self.class_names else []
+        return ImageTensors(self.images[keep], mapping[self.labels[keep]], len(classes), names)
+
+    def to(self, device: torch.device | str) -> ImageTensors:
+        return ImageTensors(self.images.to(device), self.labels.to(device), self.num_classes, self.class_names)
+
+
+@dataclass
+class Splits:
+    """Train and held-out (test) splits of one data set."""
+
+    train: ImageTensors
+    test: ImageTensors
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _torchvision_cifar(cls: type, root: Path, download: bool, folder: str, override: str) -> Splits:
+    """Load a torchvision CIFAR data set, accepting copies whose md5 sums differ."""
+    base = root / folder
+    if not base.is_dir():
+        if not download:
+            raise DataError(
+                f"{cls.__name__} not found: expected the folder {base}. Point {override} at the "
+                f"folder that contains {folder}/ (e.g. {override}=/path/to/data), or add "
+                "data.download=true to download it there."
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        cls(str(root), train=True, download=True)
+
+    class _Lenient(cls):  # type: ignore[misc, valid-type]
+        def _check_integrity(self) -> bool:  # md5 of a rebuilt copy differs from the archive's
+            files = [base / name for name, _ in self.train_list + self.test_list]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise DataError(f"{cls.__name__} under {base} is incomplete: missing {missing}")
+            if not super()._check_integrity():
+                warnings.warn(
+                    f"{base}: checksums differ from the official archive; using this copy as is",
+                    stacklevel=2,
+                )
+            return True
+
+        def _load_meta(self) -> None:  # the parent checks the meta file's md5 too
+            import pickle
+
+            with open(base / self.meta["filename"], "rb") as f:
+                meta = pickle.load(f, encoding="latin1")
+            self.classes = [str(c) for c in meta[self.meta["key"]]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    parts = []
+    for train in (True, False):
+        ds = _Lenient(str(root), train=train, download=False)
+        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        parts.append(ImageTensors(images, torch.as_tensor(ds.targets), len(ds.classes), list(ds.classes)))
+    return Splits(*parts)
+
+
+def cifar10(root: str = "./data", download: bool = False) -> Splits:
+    """CIFAR-10 from ``root/cifar-10-batches-py`` (torchvision's layout)."""
+    from torchvision.datasets import CIFAR10
+
+    return _torchvision_cifar(CIFAR10, Path(root).expanduser(), download, "cifar-10-batches-py", "data.root")
+
+
+def cifar100(root: str = "./data", download: bool = False) -> Splits:
+    """CIFAR-100 from ``root/cifar-100-python`` (torchvision's layout)."""
+    from torchvision.datasets import CIFAR100
+
+    return _torchvision_cifar(CIFAR100, Path(root).expanduser(), download, "cifar-100-python", "data.root")
+
+
+SHAPE_NAMES = [
+    "disk", "square", "diamond", "ring", "plus", "triangle", "x", "frame", "two-dots", "half-disk",
+]
+
+
+def _shape_masks(kind: Tensor, dx: Tensor, dy: Tensor, radius: Tensor) -> Tensor:
+    """Boolean masks (N, H, W) of shape ``kind`` centred at offsets ``dx, dy`` (N, H, W)."""
+    r = radius[:, None, None]
+    ax, ay = dx.abs(), dy.abs()
+    dist = (dx**2 + dy**2).sqrt()
+    cheb = torch.maximum(ax, ay)
+    masks = torch.stack(
+        [
+            dist < r,
+            cheb < 0.8 * r,
+            ax + ay < r,
+            (dist < r) & (dist > 0.55 * r),
+            ((ax < r / 3) & (ay < r)) | ((ay < r / 3) & (ax < r)),
+            (dy < 0.8 * r) & (ax < (dy + r) / 2),
+            (((dx - dy).abs() < r / 3) | ((dx + dy).abs() < r / 3)) & (cheb < 0.8 * r),
+            (cheb < 0.85 * r) & (cheb > 0.5 * r),
+            ((dx - r / 2) ** 2 + dy**2 < (r / 2.2) ** 2) | ((dx + r / 2) ** 2 + dy**2 < (r / 2.2) ** 2),
+            (dist < r) & (dy < 0),
+        ]
+    )  # (10, N, H, W)
+    return masks.gather(0, kind[None, :, None, None].expand(1, *dx.shape)).squeeze(0)
+
+
+def _make_shapes(n: int, size: int, generator: torch.Generator) -> ImageTensors:
+    g = generator
+    kind = torch.arange(n) % len(SHAPE_NAMES)
+    kind = kind[torch.randperm(n, generator=g)]
+    radius = size * (0.22 + 0.16 * torch.rand(n, generator=g))
+    centre = size / 2 + (torch.rand(n, 2, generator=g) - 0.5) * size * 0.3
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    dy = coords[None, :, None] - centre[:, 1, None, None]
+    dx = coords[None, None, :] - centre[:, 0, None, None]
+    dx, dy = torch.broadcast_tensors(dx, dy)
+    mask = _shape_masks(kind, dx, dy, radius)[:, None]  # (N, 1, H, W)
+    fg = torch.rand(n, 3, 1, 1, generator=g)
+    bg = torch.rand(n, 3, 1, 1, generator=g)
+    # keep foreground and background apart in brightness so every shape is visible
+    shift = torch.where(fg.mean(1, keepdim=True) > bg.mean(1, keepdim=True), 0.25, -0.25)
+    fg = (fg + shift).clamp(0, 1)
+    noise = 0.06 * torch.randn(n, 3, size, size, generator=g)
+    img = torch.where(mask, fg, bg) + noise
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageTensors(images, kind, len(SHAPE_NAMES), list(SHAPE_NAMES))
+
+
+def shapes(num_train: int = 2000, num_test: int = 1000, size: int = 32, seed: int = 0) -> Splits:
+    """The built-in data set: ten classes of coloured shapes, generated (no download).
+
+    Each image is one shape (disk, square, ring, ...) of random size, position and
+    colour on a random background with pixel noise; the class is the shape. Colour
+    and position are nuisances, so a network must learn shape to classify it:
+    a small stand-in for CIFAR that trains in a minute on a CPU.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return Splits(_make_shapes(num_train, size, g), _make_shapes(num_test, size, g))
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class IndexBatches:
+    """Batches of a uint8 image tensor drawn by index; an iterable Lightning accepts.
+
+    The permutation of epoch ``e`` comes from ``seed + e``, so it is the same on
+    every process and after a resume. With ``W`` processes each rank takes its own
+    contiguous slice of every global batch (no overlap, no DataLoader sampler).
+
+    Args:
+        data: the images and labels (on the device batches should be on).
+        batch_size: the per-process batch size.
+        shuffle: draw a fresh permutation per epoch (else the natural order).
+        drop_last: drop the last incomplete global batch.
+        seed: base seed of the permutations.
+        epoch_source: returns the current epoch (the trainer's), read at each
+            ``iter``; without it the epoch counts the completed passes.
+    """
+
+    def __init__(
+        self,
+        data: ImageTensors,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        epoch_source: Callable[[], int] | None = None,
+    ) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+        self.epoch_source = epoch_source
+        self.world, self.rank = dist_world_size(), dist_rank()
+        global_batch = batch_size * self.world
+        if drop_last and global_batch > len(data):
+            raise DataError(
+                f"the batch ({batch_size} x {self.world} processes) is larger than the data set "
+                f"({len(data)} images): lower data.batch_size or raise data.subset"
+            )
+
+    def __len__(self) -> int:
+        global_batch = self.batch_size * self.world
+        n = len(self.data)
+        if self.drop_last:
+            return n // global_batch
+        return math.ceil(n / global_batch)
+
+    def order(self) -> Tensor:
+        """Indices of this epoch, on the data's device."""
+        n = len(self.data)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            return torch.randperm(n, generator=g).to(self.data.images.device)
+        return torch.arange(n, device=self.data.images.device)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.epoch_source is not None:
+            self.epoch = self.epoch_source()
+        idx = self.order()
+        global_batch = self.batch_size * self.world
+        for b in range(len(self)):
+            chunk = idx[b * global_batch : (b + 1) * global_batch]
+            per = math.ceil(len(chunk) / self.world)
+            mine = chunk[self.rank * per : (self.rank + 1) * per]
+            yield self.data.images[mine], self.data.labels[mine]
+        if self.shuffle:
+            self.epoch += 1
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Serves :class:`Splits` from tensors on the training device.
+
+    ``train_dataloader`` yields shuffled uint8 batches for the pipeline's
+    augmentation; ``val_dataloader`` yields the train split (the kNN memory bank)
+    and the test split in order, unaugmented.
+    """
+
+    def __init__(
+        self,
+        splits: Splits,
+        batch_size: int,
+        eval_batch_size: int = 1024,
+        on_device: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.splits = splits
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.on_device = on_device
+        self.seed = seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.on_device and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            self.splits = Splits(self.splits.train.to(device), self.splits.test.to(device))
+
+    def train_dataloader(self) -> IndexBatches:
+        trainer = self.trainer
+        epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
+        return IndexBatches(self.splits.train, self.batch_size, True, True, self.seed, epoch_source)
+
+    def val_dataloader(self) -> list[IndexBatches]:
+        return [
+            IndexBatches(self.splits.train, self.eval_batch_size, False, False),
+            IndexBatches(self.splits.test, self.eval_batch_size, False, False),
+        ]

@@ -1,0 +1,6 @@
+"""Training pipelines: thin LightningModules built from finished parts."""
+
+from contrastive.pipelines.base import NonFiniteLossError, Pipeline, warmup_cosine
+from contrastive.pipelines.simclr import SimCLR
+
+__all__ = ["NonFiniteLossError", "Pipeline", "SimCLR", "warmup_cosine"]

@@ -1,0 +1,202 @@
+"""Lightning plumbing shared by the pipelines: optimisation, monitors, safety checks.
+
+A pipeline subclasses :class:`Pipeline` and writes ``training_step`` as
+"views -> encode -> loss -> log". Everything here receives finished objects
+(networks, loss, augmentation, optimiser factory), never a config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from contrastive.augment import Augment, normalize_uint8
+from contrastive.evaluation import knn_top1
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[..., LRScheduler]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf during training."""
+
+
+def warmup_cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 10.0,
+                  final_lr_fraction: float = 0.0) -> LambdaLR:
+    """Linear warm-up for ``warmup_epochs`` then cosine decay to ``final_lr_fraction`` (per step).
+
+    lr(t) = lr0 * t / W for t < W, else
+    lr0 * (f + (1 - f) * (1 + cos(pi * (t - W) / (T - W))) / 2).
+    """
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+class Pipeline(pl.LightningModule):
+    """Base of the SimCLR / MoCo / Siamese modules.
+
+    Args:
+        backbone: image -> features (B, F).
+        augment: uint8 batch -> augmented, normalised float batch (``contrastive.augment.Augment``).
+        optimizer: ``optimizer(params) -> Optimizer`` (a Hydra ``_partial_``).
+        scheduler: ``scheduler(optimizer, total_steps=, steps_per_epoch=) -> LRScheduler``, stepped per batch.
+        feature_dim: F, the backbone's output width.
+        num_classes: classes of the monitoring labels (kNN, online probe).
+        knn_k, knn_temperature: weighted kNN monitor (InstDisc: k=200, T=0.1).
+        online_probe: train a linear classifier on detached features alongside
+            (its gradient never reaches the backbone).
+        on_nonfinite: ``"raise"`` stops at a NaN/Inf loss, ``"skip"`` skips that step.
+        seed: seed of the augmentation generator (its state is checkpointed).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        augment: Augment,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        feature_dim: int = 512,
+        num_classes: int = 10,
+        knn_k: int = 200,
+        knn_temperature: float = 0.1,
+        online_probe: bool = True,
+        on_nonfinite: str = "raise",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self.backbone = backbone
+        self.augment = augment
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.num_classes = num_classes
+        self.knn_k = knn_k
+        self.knn_temperature = knn_temperature
+        self.on_nonfinite = on_nonfinite
+        self.online_head = nn.Linear(feature_dim, num_classes) if online_probe else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self._val_outputs: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.last_features: dict[str, tuple[Tensor, Tensor]] = {}
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ encoding
+    def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
+        """``n`` independently augmented views of a uint8 batch, channels-last on a GPU."""
+        out = [self.augment(images, self.generator) for _ in range(n)]
+        if images.is_cuda:
+            out = [v.contiguous(memory_format=torch.channels_last) for v in out]
+        return out
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Backbone features (B, F) of an unaugmented uint8 batch (eval-time input)."""
+        x = normalize_uint8(images, self.augment.mean, self.augment.std)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x).float()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features(images)
+
+    # ------------------------------------------------------------------ step plumbing
+    def online_probe_loss(self, features: Tensor, labels: Tensor) -> Tensor | None:
+        """Cross-entropy of the online linear probe on detached features; logs its accuracy."""
+        if self.online_head is None:
+            return None
+        logits = self.online_head(features.detach().float())
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean() * 100
+        self.log("train/online_probe_top1", acc, on_step=False, on_epoch=True)
+        return loss
+
+    def finish_step(self, terms: dict[str, Tensor], extra: Tensor | None = None) -> Tensor | None:
+        """Check and log the loss terms; returns what Lightning should minimise.
+
+        ``terms["loss"]`` is the objective; other entries are logged beside it.
+        ``extra`` (the online probe's loss) is added after the check.
+        """
+        bad = {k: v for k, v in terms.items() if not torch.isfinite(v).all()}
+        if bad:
+            names = ", ".join(f"{k}={v.item() if v.numel() == 1 else v}" for k, v in bad.items())
+            message = (
+                f"non-finite loss at epoch {self.current_epoch}, global step {self.global_step}: {names}. "
+                "Likely causes: temperature too low, learning rate too high, or fp16 overflow "
+                "(use trainer.precision=bf16-mixed or 32). The last good checkpoint is untouched."
+            )
+            if self.on_nonfinite == "raise":
+                raise NonFiniteLossError(message)
+            self.skipped_steps += 1
+            self.print(f"skipping step: {message}")
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return None
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.float(), prog_bar=name == "loss", on_step=True, on_epoch=True)
+        return terms["loss"] if extra is None else terms["loss"] + extra
+
+    # ------------------------------------------------------------------ kNN monitor
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        self._val_outputs.setdefault(dataloader_idx, []).append((self.features(images), labels))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = {}
+
+    def _gathered(self, idx: int) -> tuple[Tensor, Tensor]:
+        feats = torch.cat([f for f, _ in self._val_outputs[idx]])
+        labels = torch.cat([y for _, y in self._val_outputs[idx]])
+        return feats, labels
+
+    def on_validation_epoch_end(self) -> None:
+        if set(self._val_outputs) != {0, 1}:
+            return
+        bank, bank_labels = self._gathered(0)
+        test, test_labels = self._gathered(1)
+        top1 = knn_top1(bank, bank_labels, test, test_labels, self.num_classes, self.knn_k, self.knn_temperature)
+        self.log("val/knn_top1", top1, prog_bar=True, sync_dist=False, add_dataloader_idx=False)
+        self.last_features = {"train": (bank, bank_labels), "test": (test, test_labels)}
+        self._val_outputs = {}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on weights only: biases and normalisation parameters are exempt."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ------------------------------------------------------------------ state
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":
+            self.to(memory_format=torch.channels_last)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["augment_generator"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "augment_generator" in checkpoint:
+            self.generator.set_state(checkpoint["augment_generator"])

@@ -1,0 +1,78 @@
+"""Shared fixtures: the real Hydra configs, the CLI as a user runs it, small data sets."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CONTRASTIVE_SHARED_DATA", REPO.parent / "shared" / "data"))
+BIN = Path(sys.executable).parent
+
+
+def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+    """Compose a config shipped in ``contrastive.configs`` exactly as the CLI does."""
+    from contrastive.cli import _resolvers
+
+    _resolvers()
+    with initialize_config_module("contrastive.configs", version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [])
+
+
+def run_cli(script: str, *overrides: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``contrastive-train`` / ``contrastive-eval`` as a user would, in ``cwd``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [str(BIN / script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def write_fake_cifar10(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
+    """A tiny random CIFAR-10 in torchvision's pickle layout (md5 sums differ from the archive)."""
+    rng = np.random.default_rng(seed)
+    out = root / "cifar-10-batches-py"
+    out.mkdir(parents=True)
+    per = n_train // 5
+    for name, n in [(f"data_batch_{i}", per) for i in range(1, 6)] + [("test_batch", n_test)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
+        (out / name).write_bytes(pickle.dumps(batch))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (out / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return root
+
+
+@pytest.fixture
+def fake_cifar10() -> object:
+    """``fake_cifar10(root, n_train, n_test)`` writes a tiny random CIFAR-10 under ``root``."""
+    return write_fake_cifar10
+
+
+@pytest.fixture
+def cli() -> object:
+    """``cli(script, *overrides, cwd=...)`` runs a console script (see :func:`run_cli`)."""
+    return run_cli
+
+
+@pytest.fixture
+def config() -> object:
+    """``config(name, overrides)`` composes a shipped config (see :func:`compose_config`)."""
+    return compose_config
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared CIFAR-10 copy rebuilt in torchvision's layout (skipped where it is absent)."""
+    script = SHARED_DATA / "build_cifar10.py"
+    if not script.is_file():
+        pytest.skip(f"CIFAR-10 copy not found at {SHARED_DATA} (set CONTRASTIVE_SHARED_DATA)")
+    root = tmp_path_factory.mktemp("cifar")
+    subprocess.run([sys.executable, str(script), str(root)], check=True, capture_output=True)
+    return root

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from contrastive.data import DataError, ImageTensors, IndexBatches, Splits, cifar10, shapes
+
+
+def test_shapes_is_balanced_deterministic_uint8() -> None:
+    a, b = shapes(num_train=200, num_test=100, seed=3), shapes(num_train=200, num_test=100, seed=3)
+    assert a.train.images.dtype == torch.uint8 and a.train.images.shape == (200, 3, 32, 32)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert a.train.labels.bincount().tolist() == [20] * 10
+    assert not torch.equal(a.train.images, shapes(num_train=200, num_test=100, seed=4).train.images)
+
+
+def test_cifar10_missing_names_path_and_override(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        cifar10(str(tmp_path / "nowhere"))
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in msg
+    assert "data.root=" in msg and "data.download=true" in msg
+
+
+def test_cifar10_copy_with_other_checksums_loads_with_warning(tmp_path: Path, fake_cifar10) -> None:
+    fake_cifar10(tmp_path, n_train=50, n_test=20)
+    with pytest.warns(UserWarning, match="checksums differ"):
+        splits = cifar10(str(tmp_path))
+    assert splits.train.images.shape == (50, 3, 32, 32) and len(splits.test) == 20
+    assert splits.num_classes == 10 and splits.train.class_names[0] == "airplane"
+
+
+def test_cifar10_incomplete_folder(tmp_path: Path, fake_cifar10) -> None:
+    fake_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with warnings.catch_warnings(), pytest.raises(DataError, match="data_batch_3"):
+        warnings.simplefilter("ignore")
+        cifar10(str(tmp_path))
+
+
+def test_labels_out_of_range_name_the_index() -> None:
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(DataError, match="label 7 at index 2"):
+        ImageTensors(images, torch.tensor([0, 1, 7, 1]), num_classes=3)
+    with pytest.raises(DataError, match="uint8"):
+        ImageTensors(images.float(), torch.tensor([0, 1, 2, 1]), num_classes=3)
+
+
+def test_subset_is_seeded_and_capped() -> None:
+    data = shapes(num_train=100, num_test=10).train
+    s1, s2 = data.subset(30, seed=1), data.subset(30, seed=1)
+    assert len(s1) == 30 and torch.equal(s1.images, s2.images)
+    assert data.subset(None) is data and data.subset(1000) is data
+
+
+def test_index_batches_cover_epoch_and_reshuffle() -> None:
+    data = ImageTensors(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10) % 2, 2)
+    data.images[:, 0, 0, 0] = torch.arange(10, dtype=torch.uint8)
+    epochs = []
+    batches = IndexBatches(data, batch_size=3, shuffle=True, drop_last=True, seed=0)
+    for _ in range(2):
+        seen = torch.cat([x[:, 0, 0, 0] for x, _ in batches])
+        assert len(batches) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
+        epochs.append(seen)
+    assert not torch.equal(epochs[0], epochs[1])
+    again = IndexBatches(data, batch_size=3, shuffle=True, drop_last=True, seed=0)
+    assert torch.equal(torch.cat([x[:, 0, 0, 0] for x, _ in again]), epochs[0])
+    ordered = torch.cat([x[:, 0, 0, 0] for x, _ in IndexBatches(data, 4, shuffle=False, drop_last=False)])
+    assert ordered.tolist() == list(range(10))
+
+
+def test_index_batches_shard_without_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contrastive.data as data_mod
+
+    data = ImageTensors(torch.zeros(16, 1, 1, 1, dtype=torch.uint8), torch.zeros(16, dtype=torch.long), 1)
+    data.images[:, 0, 0, 0] = torch.arange(16, dtype=torch.uint8)
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 2)
+    shards = []
+    for r in range(2):
+        monkeypatch.setattr(data_mod, "dist_rank", lambda r=r: r)
+        shards.append(torch.cat([x.flatten() for x, _ in IndexBatches(data, 4, True, True, seed=5)]))
+    assert len(shards[0]) == len(shards[1]) == 8
+    assert sorted(torch.cat(shards).tolist()) == list(range(16))
+
+
+def test_batch_larger_than_data_is_refused() -> None:
+    data = shapes(num_train=20, num_test=10).train
+    with pytest.raises(DataError, match="larger than the data set"):
+        IndexBatches(data, batch_size=32, shuffle=True, drop_last=True)
+
+
+def test_select_classes_relabels() -> None:
+    s: Splits = shapes(num_train=100, num_test=10)
+    part = s.train.select_classes([5, 6, 7])
+    assert part.num_classes == 3 and set(part.labels.tolist()) == {0, 1, 2}
+    assert len(part) == 30 and part.class_names == ["triangle", "x", "frame"]
