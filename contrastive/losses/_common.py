@@ -26,7 +26,7 @@ def l2_normalize(x: Tensor) -> Tensor:
 
     The rows are first divided by their max-abs entry (detached, so the gradient is
     that of plain normalisation, which is scale invariant): norms of 1e30 or 1e-30
-    neither overflow nor underflow in float32. Zero rows stay zero.
+    neither overflow nor underflow in float32. Zero rows stay zero, with a finite gradient.
 
     Args:
         x: (n, D).
@@ -35,9 +35,19 @@ def l2_normalize(x: Tensor) -> Tensor:
         (n, D) unit rows (zero rows stay zero), dtype ``compute_dtype(x)``.
     """
     x = upcast(x)
-    tiny = torch.finfo(x.dtype).tiny
-    scale = x.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)  # (n, 1)
-    return F.normalize(x / scale, dim=1, eps=tiny)
+    # After the division every non-zero row has norm >= 1, so eps = 0.5 never touches
+    # them; a zero row gets the gradient of the identity (not F.normalize's 1/1e-12).
+    return F.normalize(x / max_abs_scale(x, dim=1), dim=1, eps=0.5)
+
+
+def max_abs_scale(x: Tensor, dim: int | None = None) -> Tensor:
+    """Detached max-abs of ``x`` (over ``dim``, kept; over all if None), 1 where it is 0.
+
+    Dividing by it brings any finite input to max-abs 1 without changing directions;
+    zero rows keep a scale of 1, so their gradient stays that of ``F.normalize``.
+    """
+    top = x.detach().abs().amax(dim=dim, keepdim=dim is not None)
+    return torch.where(top > 0, top, torch.ones_like(top))
 
 
 def zero_loss(*tensors: Tensor | float) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from contrastive.losses._common import check_margin, l2_normalize, upcast
+from contrastive.losses._common import check_margin, l2_normalize, max_abs_scale, upcast
 
 MINING = ("all", "batch_hard", "semi_hard")
 
@@ -47,7 +47,7 @@ def pairwise_distance(x: Tensor, squared: bool = False) -> Tensor:
     Returns:
         (n, n) distances, zero diagonal.
     """
-    scale = x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+    scale = max_abs_scale(x)
     y = x / scale  # (n, D)
     d = torch.cdist(y, y, compute_mode="donot_use_mm_for_euclid_dist") * scale  # (n, n)
     return d * d if squared else d
