@@ -14,6 +14,7 @@ from contrastive.evaluation.plots import (
     plot_similarity_histograms,
     plot_training_curves,
 )
+from contrastive.evaluation.report import read_run, summarize_runs
 from contrastive.evaluation.retrieval import retrieval_metrics
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "plot_similarity_histograms",
     "plot_training_curves",
     "predict_linear",
+    "read_run",
     "retrieval_metrics",
+    "summarize_runs",
     "topk_neighbors",
 ]

@@ -29,13 +29,14 @@ HISTOGRAM_SIZE = (6.5, 4.0)
 CONFUSION_SIZE = (7.0, 6.0)
 
 
-def _figure(size: tuple[float, float], dpi: int) -> Figure:
+def new_figure(size: tuple[float, float], dpi: int) -> Figure:
+    """A pyplot-free figure of ``size`` inches at ``dpi`` with constrained layout."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=size, dpi=dpi, layout="constrained")
 
 
-def _save(fig: Figure, out_path: str | Path) -> Path:
+def save_figure(fig: Figure, out_path: str | Path) -> Path:
     """Render ``fig`` to PNG bytes and write them atomically."""
     from contrastive.io import write_bytes_atomic
 
@@ -130,7 +131,7 @@ def plot_training_curves(metrics_csv_path: str | Path, out_path: str | Path, dpi
     if not panels:
         raise ValueError(f"{metrics_csv_path}: no loss, learning-rate or accuracy values to plot")
     width, height = CURVE_PANEL_SIZE
-    fig = _figure((width * len(panels), height), dpi)
+    fig = new_figure((width * len(panels), height), dpi)
     for ax, (title, columns) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for column in columns:
             xs, ys = zip(*series[column])
@@ -143,7 +144,7 @@ def plot_training_curves(metrics_csv_path: str | Path, out_path: str | Path, dpi
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_embedding_2d(
@@ -196,7 +197,7 @@ def plot_embedding_2d(
 
     classes = sorted(set(y.tolist()))
     colors = _class_colors(max(classes) + 1)
-    fig = _figure(EMBEDDING_SIZE, dpi)
+    fig = new_figure(EMBEDDING_SIZE, dpi)
     ax = fig.subplots()
     for c in classes:
         sel = (y == c).numpy()
@@ -207,7 +208,7 @@ def plot_embedding_2d(
     ax.set_title(f"{'t-SNE' if method == 'tsne' else 'PCA'} of {len(x)} features, {len(classes)} classes")
     ax.set_xticks([])
     ax.set_yticks([])
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def sample_pairs(labels: Tensor, max_pairs: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -278,7 +279,7 @@ def plot_similarity_histograms(
     """
     x = F.normalize(features.detach().float(), dim=1)
     positives, negatives = sample_pairs(labels.detach().cpu(), max_pairs, seed)
-    fig = _figure(HISTOGRAM_SIZE, dpi)
+    fig = new_figure(HISTOGRAM_SIZE, dpi)
     ax = fig.subplots()
     means = []
     for name, pairs, color in (("same label", positives, "tab:blue"), ("different label", negatives, "tab:orange")):
@@ -294,7 +295,7 @@ def plot_similarity_histograms(
     ax.set_ylabel("density")
     ax.set_title("mean: " + ", ".join(means) if means else "no pairs", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def confusion_matrix(true: Tensor, pred: Tensor, num_classes: int) -> Tensor:
@@ -341,7 +342,7 @@ def plot_confusion_matrix(
     """
     counts = confusion_matrix(true, pred, num_classes).double()  # (C, C)
     shown = 100 * counts / counts.sum(1, keepdim=True).clamp_min(1) if normalize else counts
-    fig = _figure(CONFUSION_SIZE, dpi)
+    fig = new_figure(CONFUSION_SIZE, dpi)
     ax = fig.subplots()
     image = ax.imshow(shown.numpy(), cmap="Blues", vmin=0, vmax=100 if normalize else None)
     fig.colorbar(image, ax=ax, label="% of true class" if normalize else "count", shrink=0.85)
@@ -361,4 +362,4 @@ def plot_confusion_matrix(
     ax.set_title(f"confusion matrix (top-1 {accuracy:.2f}%)")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
