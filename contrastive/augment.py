@@ -160,7 +160,8 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int | Sequence[int], antia
     row_index, row_weight = _resample_weights(top, box_h, height, out_h, antialias)
     col_index, col_weight = _resample_weights(left, box_w, width, out_w, antialias)
     rows = _resample_rows(images, row_index, row_weight)  # (B, C, out_h, W)
-    return _resample_rows(rows.transpose(2, 3), col_index, col_weight).transpose(2, 3)  # (B, C, out_h, out_w)
+    cols = _resample_rows(rows.transpose(2, 3), col_index, col_weight)  # (B, C, out_w, out_h)
+    return cols.transpose(2, 3).contiguous()  # (B, C, out_h, out_w)
 
 
 def hflip(images: Tensor, mask: Tensor) -> Tensor:
@@ -176,30 +177,29 @@ def rgb_to_grayscale(images: Tensor) -> Tensor:
     if images.shape[1] == 1:
         return images
     r, g, b = images.unbind(1)
-    return (r * LUMA[0] + g * LUMA[1] + b * LUMA[2]).unsqueeze(1)
+    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(1)
 
 
-def _blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    """``clamp(f x + (1 - f) o, 0, 1)`` with per-sample ``f`` (B,), as torchvision's ``_blend``."""
-    f = factor.view(-1, 1, 1, 1)
-    return (images * f + other * (1 - f)).clamp_(0, 1)
+def _blend_one(images: Tensor, factor: Tensor, op: int) -> Tensor:
+    """One blend op for the whole batch with per-sample ``factor`` (B,)."""
+    return _blend_steps(images, factor.view(-1, 1), torch.full_like(factor.view(-1, 1), op, dtype=torch.long))
 
 
 def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
     """``clamp(f x, 0, 1)`` per sample; ``factor`` (B,) >= 0."""
-    return _blend(images, torch.zeros_like(images[:, :1]), factor)
+    return _blend_one(images, factor, BRIGHTNESS)
 
 
 def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
     """``clamp(f x + (1 - f) mean(gray(x)), 0, 1)`` per sample; ``factor`` (B,) >= 0."""
-    return _blend(images, rgb_to_grayscale(images).mean((1, 2, 3), keepdim=True), factor)
+    return _blend_one(images, factor, CONTRAST)
 
 
 def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
     """``clamp(f x + (1 - f) gray(x), 0, 1)`` per sample; identity on one channel."""
     if images.shape[1] == 1:
         return images
-    return _blend(images, rgb_to_grayscale(images), factor)
+    return _blend_one(images, factor, SATURATION)
 
 
 def _rgb_to_hsv(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -219,7 +219,7 @@ def _rgb_to_hsv(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
     """(B, H, W) each -> (B, 3, H, W): channel ``n`` in (5, 3, 1) is ``v - v s clamp(min(k, 4 - k), 0, 1)``
     with ``k = (n + 6 h) mod 6`` (the closed form of the piecewise HSV map)."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=hue.device).view(1, 3, 1, 1)
+    n = 5 - 2 * torch.arange(3, device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(n + 6 * hue.unsqueeze(1), 6)  # (B, 3, H, W)
     ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
     v = value.unsqueeze(1)
@@ -243,9 +243,11 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor, hue: bool = Tru
     """torchvision's ``ColorJitter`` with per-sample factors and a per-sample order of the four ops.
 
     Step ``t`` applies op ``order[b, t]`` (0 brightness, 1 contrast, 2 saturation, 3 hue) to
-    sample ``b``. Brightness, contrast and saturation are one blend ``clamp(f x + (1 - f) o)``
-    towards ``o`` = 0, ``mean(gray)`` or ``gray``; factor 1 is the exact identity, which is how
-    a disabled op is expressed.
+    sample ``b``. Brightness, contrast and saturation are one blend
+    ``clamp(f x + (1 - f) o, 0, 1)`` towards ``o`` = 0, ``mean(gray)`` or ``gray``, where factor 1
+    is the exact identity. Every sample rotates its hue exactly once, so the batch runs the
+    blends before its hue step, one hue pass, then the blends after it (6 blend passes and
+    1 hue pass instead of 4 of each).
 
     Args:
         images: (B, C, H, W) float in [0, 1].
@@ -256,25 +258,37 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor, hue: bool = Tru
     Returns:
         (B, C, H, W).
     """
-    blend_factors = factors[:, :3]
+    blend = factors[:, :3]
     if images.shape[1] == 1:  # saturation is the identity on one channel
-        blend_factors = blend_factors.clone()
-        blend_factors[:, SATURATION] = 1.0
-    ones = torch.ones_like(factors[:, 0])
-    for step in range(4):
-        op = order[:, step]  # (B,)
-        is_blend = op < HUE
-        factor = torch.where(is_blend, blend_factors.gather(1, op.clamp(max=2)[:, None]).squeeze(1), ones)
+        blend = torch.cat([blend[:, :SATURATION], torch.ones_like(blend[:, SATURATION:])], dim=1)
+    step_factor = torch.where(order < HUE, blend.gather(1, order.clamp(max=SATURATION)), 1.0)  # (B, 4)
+    if not hue:
+        return _blend_steps(images, step_factor, order)
+    hue_step = (order == HUE).to(torch.int8).argmax(1, keepdim=True)  # (B, 1)
+    step = torch.arange(4, device=order.device)
+    images = _blend_steps(images, torch.where(step < hue_step, step_factor, 1.0)[:, :3], order[:, :3])
+    images = adjust_hue(images, factors[:, HUE])
+    return _blend_steps(images, torch.where(step > hue_step, step_factor, 1.0)[:, 1:], order[:, 1:])
+
+
+def _blend_steps(images: Tensor, factor: Tensor, op: Tensor) -> Tensor:
+    """Step ``t``: ``clamp(f x + (1 - f) [op = contrast] mean(gray) + (1 - f) [op = saturation] gray, 0, 1)``.
+
+    torchvision's ``_blend`` for brightness (towards 0), contrast and saturation, per sample.
+
+    Args:
+        images: (B, C, H, W).
+        factor: (B, T) blend factor per step (1 = identity).
+        op: (B, T) op per step.
+    """
+    rest = 1 - factor
+    to_mean = (rest * (op == CONTRAST)).view(*op.shape, 1, 1, 1).unbind(1)  # T x (B, 1, 1, 1)
+    to_gray = (rest * (op == SATURATION)).view(*op.shape, 1, 1, 1).unbind(1)
+    scale = factor.view(*op.shape, 1, 1, 1).unbind(1)
+    for t in range(op.shape[1]):
         gray = rgb_to_grayscale(images)  # (B, 1, H, W)
-        sel = op.view(-1, 1, 1, 1)
-        target = torch.where(
-            sel == CONTRAST,
-            gray.mean((1, 2, 3), keepdim=True),
-            torch.where(sel == SATURATION, gray, torch.zeros_like(gray)),
-        )
-        images = _blend(images, target, factor)
-        if hue:
-            images = apply_where(op == HUE, adjust_hue(images, factors[:, HUE]), images)
+        mixed = torch.addcmul(images * scale[t], gray.mean((1, 2, 3), keepdim=True), to_mean[t])
+        images = torch.addcmul(mixed, gray, to_gray[t]).clamp_(0, 1)
     return images
 
 
@@ -369,9 +383,10 @@ def sample_crop_boxes(
     """
     _check_generator(generator)
     (s_lo, s_hi), (r_lo, r_hi) = _pair("scale", scale, 0.0), _pair("ratio", ratio, 0.0)
-    area = height * width * (s_lo + (s_hi - s_lo) * torch.rand(batch, attempts, generator=generator, dtype=torch.float64))
+    u = torch.rand(2, batch, attempts, generator=generator, dtype=torch.float64)
+    area = height * width * (s_lo + (s_hi - s_lo) * u[0])  # (B, A)
     log_lo, log_hi = math.log(r_lo), math.log(r_hi)
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(batch, attempts, generator=generator, dtype=torch.float64))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])  # (B, A)
     w = torch.round(torch.sqrt(area * aspect))  # (B, A); round half to even, as Python's round
     h = torch.round(torch.sqrt(area / aspect))
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (B, A)
