@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -94,7 +95,7 @@ def retrieval_metrics(
     r_all = relevant_counts(query_labels, reference_labels, leave_one_out)  # (Q,)
 
     recall_ks = list(dict.fromkeys((1, *ks)))  # K=1 is precision@1 too
-    per_query = []  # (c, len(recall_ks) + 2) per chunk; summed once at the end so chunking cannot change a bit
+    per_query = []  # (c, len(recall_ks) + 2) per chunk
     for start in range(0, n_q, chunk_size):
         stop = min(start + chunk_size, n_q)
         valid = r_all[start:stop] > 0  # (c,)
@@ -112,8 +113,10 @@ def retrieval_metrics(
         map_r = (hits / rank * rel * (rank <= r[:, None])).sum(1) / r  # (c,)
         per_query.append(torch.stack([*recall, r_prec, map_r], dim=1))
 
-    count = sum(len(m) for m in per_query)
-    sums = torch.cat(per_query).sum(0).tolist() if per_query else [0.0] * (len(recall_ks) + 2)
+    # math.fsum is correctly rounded: the result cannot depend on chunking, order or device
+    columns = torch.cat(per_query).T.cpu().tolist() if per_query else [[] for _ in range(len(recall_ks) + 2)]
+    count = len(columns[0])
+    sums = [math.fsum(c) for c in columns]
     means = [100.0 * v / count if count else float("nan") for v in sums]
     out = {f"recall_at_{kk}": means[recall_ks.index(kk)] for kk in ks}
     out["precision_at_1"] = means[0]
