@@ -105,6 +105,17 @@ class SaveRunConfig(Callback):
         checkpoint["contrastive_config"] = self.config
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Refreshes ``last.ckpt`` every epoch; its own state key lets it sit beside the periodic one."""
+
+    def __init__(self, dirpath: Path) -> None:
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True)
+
+    @property
+    def state_key(self) -> str:
+        return "last-" + super().state_key
+
+
 def validate_train_config(cfg: DictConfig, splits: Splits) -> None:
     """Reject invalid values before any training (unknown keys are rejected by Hydra's struct mode)."""
     world = int(cfg.trainer.devices) if str(cfg.trainer.devices).isdigit() else 1
@@ -161,10 +172,11 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks: list[Callback] = [
         SaveRunConfig(config),  # type: ignore[arg-type]
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),
+        # save_on_train_epoch_end: at every epoch's end, not only after the (sparser) validations
+        LastCheckpoint(run_dir / "checkpoints"),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="epoch={epoch:04d}", auto_insert_metric_name=False,
-            save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs,
+            save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
         ),
         LearningRateMonitor(logging_interval="step"),
     ]

@@ -97,7 +97,8 @@ class Pipeline(pl.LightningModule):
     # ------------------------------------------------------------------ encoding
     def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
         """``n`` independently augmented views of a uint8 batch, channels-last on a GPU."""
-        out = [self.augment(images, self.generator) for _ in range(n)]
+        # one call on the n-fold batch: per-sample parameters, a fraction of the kernel launches
+        out = list(self.augment(images.repeat(n, 1, 1, 1), self.generator).chunk(n))
         if images.is_cuda:
             out = [v.contiguous(memory_format=torch.channels_last) for v in out]
         return out

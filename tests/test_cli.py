@@ -1,0 +1,116 @@
+"""The CLI as a user runs it: real configs, shrunk, on the CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHRINK = [
+    "data.source.num_train=200",
+    "data.source.num_test=100",
+    "data.batch_size=50",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "eval.every_n_epochs=2",
+    "checkpoint.every_n_epochs=1",
+    "probe.epochs=5",
+]
+
+
+def test_experiment_simclr_cifar10_holds_the_recipe(config) -> None:
+    cfg = config("train", ["experiment=simclr_cifar10"])
+    assert cfg.name == "simclr_cifar10"
+    assert cfg.data.source._target_ == "contrastive.data.cifar10" and cfg.data.batch_size == 512
+    assert cfg.model.backbone.name == "resnet18" and cfg.model.backbone.cifar_stem is True
+    assert cfg.loss._target_ == "contrastive.losses.NTXent" and cfg.loss.temperature == 0.5
+    assert cfg.optimizer.lr == pytest.approx(0.24) and cfg.trainer.max_epochs == 200
+    assert (cfg.aug.jitter_p, cfg.aug.gray_p, list(cfg.aug.scale)) == (0.8, 0.2, [0.08, 1.0])
+
+
+def test_default_config_is_simclr_on_builtin_data(config) -> None:
+    cfg = config("train")
+    assert cfg.data.source._target_ == "contrastive.data.shapes"
+    assert cfg.pipeline._target_ == "contrastive.pipelines.SimCLR"
+
+
+def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
+    out = cli("contrastive-train", *SHRINK, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "outputs" / "simclr_shapes"
+    (run_dir,) = [p for p in run.iterdir() if p.is_dir()]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("knn_top1", "knn_top1_untrained", "linear_top1", "linear_train_top1", "linear_top1_untrained"):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["epochs"] == 2
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "logs" / "metrics.csv").read_text().count("val/knn_top1") == 1
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["contrastive_config"]["name"] == "simclr_shapes"
+    # The same command with more epochs continues from last.ckpt instead of starting over.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch=0000.ckpt", "epoch=0001.ckpt", "last.ckpt"]
+    again = cli("contrastive-train", *[o.replace("max_epochs=2", "max_epochs=3") for o in SHRINK],
+                f"hydra.run.dir='{run_dir}'", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in again.stdout + again.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
+    out = cli("contrastive-train", *SHRINK, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ev = cli("contrastive-eval", f"checkpoint={tmp_path / 'run/checkpoints/last.ckpt'}", "probe.epochs=5",
+             cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())
+    assert set(metrics) >= {"knn_top1", "linear_top1", "linear_train_top1"}
+    train_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # the same checkpoint, features and kNN rule: the same figure as at the end of training
+    assert metrics["knn_top1"] == pytest.approx(train_metrics["knn_top1"], abs=1e-6)
+
+
+def test_missing_cifar_is_one_clear_line(cli, tmp_path: Path) -> None:
+    out = cli("contrastive-train", "data=cifar10", f"data.root={tmp_path / 'nope'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "error: " in out.stderr and "data.root=" in out.stderr and "data.download=true" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_misspelt_key_is_rejected(cli, tmp_path: Path) -> None:
+    out = cli("contrastive-train", "trainer.max_epoch=1", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "max_epoch" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def test_corrupt_checkpoint_is_refused(cli, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    out = cli("contrastive-eval", f"checkpoint={bad}", cwd=tmp_path)
+    assert out.returncode == 2 and "truncated or not a PyTorch file" in out.stderr
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    out = cli("contrastive-eval", f"checkpoint={foreign}", cwd=tmp_path)
+    assert out.returncode == 2 and "not a contrastive training checkpoint" in out.stderr
+
+
+@pytest.mark.slow
+def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: Path) -> None:
+    """The real experiment config on a CIFAR-10 subset, then contrastive-eval on its checkpoint."""
+    out = cli(
+        "contrastive-train", "experiment=simclr_cifar10", f"data.root={cifar10_root}", "data.subset=256",
+        "data.test_subset=128", "data.batch_size=64", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "probe.epochs=5", "hydra.run.dir=run", cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checksums differ" in out.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and 0 <= metrics["knn_top1"] <= 100
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ev = cli("contrastive-eval", f"checkpoint={ckpt}", "probe.epochs=5", f"data_root={cifar10_root}", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert 0 <= json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())["linear_top1"] <= 100
