@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastive.distributed import gather_with_grad, rank
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def no_autocast(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with autocast off, so that its fp32 matmuls stay fp32 under mixed precision."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

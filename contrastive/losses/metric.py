@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from contrastive.losses._common import check_margin, l2_normalize, max_abs_scale, upcast
+from contrastive.losses._common import check_margin, l2_normalize, max_abs_scale, no_autocast, upcast
 
 MINING = ("all", "batch_hard", "semi_hard")
 
@@ -73,6 +73,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
 
 
+@no_autocast
 def triplet_margin(
     embeddings: Tensor,
     labels: Tensor,
@@ -129,6 +130,7 @@ def triplet_margin(
     return _masked_mean(per_pair, positive & negative.any(dim=1, keepdim=True))
 
 
+@no_autocast
 def contrastive_margin(
     embeddings: Tensor,
     labels: Tensor,

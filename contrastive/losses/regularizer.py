@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive.losses._common import check_temperature, l2_normalize, upcast
+from contrastive.losses._common import check_temperature, l2_normalize, no_autocast, upcast
 
 KINDS = ("linear", "cosine")
 
@@ -56,6 +56,7 @@ class SoftmaxCERegularizer(nn.Module):
             self.neck.bias.requires_grad_(False)
         self.classifier = nn.Linear(embed_dim, num_classes, bias=kind == "linear" and not bnneck)
 
+    @no_autocast
     def logits(self, embeddings: Tensor) -> Tensor:
         """(n, D) embeddings -> (n, C) class logits, in the classifier's dtype (at least float32)."""
         features = self.neck(embeddings.to(self.classifier.weight.dtype))  # (n, D)

@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from contrastive.losses._common import check_chunk_size, check_temperature, global_rows, l2_normalize, zero_loss
+from contrastive.losses._common import (
+    check_chunk_size,
+    check_temperature,
+    global_rows,
+    l2_normalize,
+    no_autocast,
+    zero_loss,
+)
 from contrastive.losses.logsumexp import row_logsumexp
 
 
@@ -26,6 +33,7 @@ def _check_pair(a: Tensor, b: Tensor, names: str) -> None:
         raise ValueError(f"{names} must both be (N, D) with the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
 
 
+@no_autocast
 def nt_xent(
     z1: Tensor,
     z2: Tensor,
@@ -67,6 +75,7 @@ def nt_xent(
     return (lse - positive).mean()
 
 
+@no_autocast
 def info_nce(
     query: Tensor,
     key: Tensor,
@@ -114,6 +123,7 @@ def info_nce(
     return (lse - positive).mean()
 
 
+@no_autocast
 def sup_con(
     z: Tensor,
     labels: Tensor,

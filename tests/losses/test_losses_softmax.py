@@ -105,6 +105,16 @@ def test_low_precision_inputs_computed_in_fp32(dtype: torch.dtype) -> None:
         assert low.item() == pytest.approx(loss(z1, z2, neg).item(), rel=DTYPE_TOL_UNROUNDED[dtype])
 
 
+def test_autocast_does_not_lower_the_precision() -> None:
+    z1, z2 = randn(16, 32, seed=1, dtype=torch.float32), randn(16, 32, seed=2, dtype=torch.float32)
+    labels = torch.arange(32) % 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = [nt_xent(z1, z2, 0.1), info_nce(z1, z2, z2, 0.1), sup_con(torch.cat([z1, z2]), labels, 0.1)]
+    outside = [nt_xent(z1, z2, 0.1), info_nce(z1, z2, z2, 0.1), sup_con(torch.cat([z1, z2]), labels, 0.1)]
+    for a, b in zip(inside, outside):
+        assert a.dtype == torch.float32 and a.item() == b.item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_large_logits_stay_finite(dtype: torch.dtype) -> None:
     big = torch.finfo(dtype).max / 4  # fp16: 1.6e4, bf16: 8e37
