@@ -2,7 +2,9 @@
 
 Shared by the kNN classifier (:mod:`.knn`) and the retrieval metrics (:mod:`.retrieval`).
 The tie rule is the one a stable sort gives: among equal similarities the reference
-with the lower index ranks first, on every device, for every ``k``.
+with the lower index ranks first, on every device, for every ``k``. It applies to the
+*computed* similarities: a BLAS kernel may give two identical reference vectors dot
+products one last bit apart, which then rank by value, not by index.
 """
 
 from __future__ import annotations

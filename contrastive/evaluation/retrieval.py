@@ -58,8 +58,10 @@ def retrieval_metrics(
     pytorch-metric-learning does, and counted in ``num_excluded_queries``. If no query
     is left, every metric is ``nan``.
 
-    Ties in similarity are ranked lowest reference index first (a stable sort), so
-    results are deterministic and reproducible by a plain Python sort. ``K`` larger
+    Ties in (computed) similarity are ranked lowest reference index first (a stable
+    sort, see :mod:`.neighbors`), so results are deterministic and reproducible by a
+    plain Python sort; means are summed with ``math.fsum``, so they do not depend on
+    ``chunk_size`` or the device. ``K`` larger
     than the number of references is clamped. Only the top ``max(max R, max ks)`` of
     each chunk of queries is kept: memory is ``O(chunk_size * N)``, never ``Q x N``.
 

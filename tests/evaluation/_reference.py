@@ -6,6 +6,11 @@ import math
 
 import torch
 
+# Unit vectors whose pairwise dot products (0, +-0.5, +-1) are exact whatever the BLAS kernel does
+EXACT_POOL = torch.tensor(
+    [[1, 0, 0, 0], [0, 1, 0, 0], [0.5, 0.5, 0.5, 0.5], [0.5, -0.5, 0.5, -0.5], [-1, 0, 0, 0]], dtype=torch.float64
+)
+
 
 def ranked(query: list[float], refs: list[list[float]], skip: int | None, metric: str) -> list[int]:
     """Reference indices sorted by similarity (descending), ties by index (ascending)."""

@@ -8,7 +8,7 @@ from sklearn.metrics import accuracy_score
 
 from contrastive.evaluation import knn_predict, knn_top1
 
-from ._reference import knn_loop
+from ._reference import EXACT_POOL, knn_loop
 
 
 def _data(n: int, q: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -84,3 +84,12 @@ def test_rejects_bad_labels_and_loo_shape() -> None:
         knn_predict(x, torch.tensor([0, 1, 2, 3]), x, num_classes=3)
     with pytest.raises(ValueError):
         knn_predict(x, torch.tensor([0, 1, 0, 1]), x[:2], num_classes=2, exclude_self=True)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_matches_brute_force_with_many_exact_ties(weighted: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = EXACT_POOL[torch.randint(0, 5, (90,), generator=g)]  # similarities exact and mostly tied
+    y = torch.randint(0, 3, (90,), generator=g)
+    pred = knn_predict(x, y, x, 3, k=7, weighted=weighted, exclude_self=True, chunk_size=8)
+    assert pred.tolist() == knn_loop(x, y, x, 3, 7, 0.1, weighted, exclude_self=True)

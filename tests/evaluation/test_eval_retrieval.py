@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score
 
 from contrastive.evaluation import retrieval_metrics
 
-from ._reference import retrieval_loop
+from ._reference import EXACT_POOL, retrieval_loop
 
 KS = (1, 2, 4, 8)
 
@@ -121,3 +121,14 @@ def test_perfect_embedding_scores_100() -> None:
     x = torch.nn.functional.one_hot(y, 5).double() + 0.01 * torch.randn(20, 5, dtype=torch.float64)
     out = retrieval_metrics(x, y)
     assert all(out[key] == pytest.approx(100.0) for key in ("recall_at_1", "r_precision", "map_at_r"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_with_many_exact_ties(seed: int) -> None:
+    # every item is one of 5 unit vectors with dyadic entries, so every similarity is exact in any
+    # summation order and most are tied; the rule (lower index first) must pick the same neighbours
+    # as the loop's sorted((-sim, index))
+    g = torch.Generator().manual_seed(seed)
+    x = EXACT_POOL[torch.randint(0, 5, (70,), generator=g)]
+    y = torch.randint(0, 3, (70,), generator=g)
+    _assert_matches(retrieval_metrics(x, y, ks=(1, 5, 20), chunk_size=11), retrieval_loop(x, y, None, None, (1, 5, 20)))
