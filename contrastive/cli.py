@@ -280,3 +280,7 @@ def evaluate() -> None:
     """``contrastive-eval checkpoint=PATH [overrides]``."""
     _resolvers()
     _eval_main()
+
+
+if __name__ == "__main__":  # python -m contrastive.cli [overrides] == contrastive-train
+    train()

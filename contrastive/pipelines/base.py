@@ -8,6 +8,7 @@ A pipeline subclasses :class:`Pipeline` and writes ``training_step`` as
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -189,6 +190,19 @@ class Pipeline(pl.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ------------------------------------------------------------------ throughput
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start, self._epoch_images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, outputs: Any, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._epoch_images += len(batch[0])
+
+    def on_train_epoch_end(self) -> None:
+        """Logs source images per second of this process over the epoch (``train/images_per_s``)."""
+        seconds = time.perf_counter() - self._epoch_start
+        self.log("train/images_per_s", self._epoch_images / max(seconds, 1e-9), prog_bar=True)
+        self.log("train/epoch_seconds", seconds)
 
     # ------------------------------------------------------------------ state
     def on_fit_start(self) -> None:
