@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from contrastive.data import DataError, Splits, TensorDataModule
-from contrastive.evaluation import knn_top1
+from contrastive.evaluation import knn_top1, retrieval_metrics
 from contrastive.io import AtomicCheckpointIO, CheckpointError, load_checkpoint, write_json_atomic
 from contrastive.pipelines import NonFiniteLossError, Pipeline
 
@@ -70,7 +70,12 @@ def _resolvers() -> None:
 def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
     """The data set of ``data_cfg``, capped by ``subset`` / ``test_subset``."""
     splits: Splits = instantiate(data_cfg.source)
-    return Splits(splits.train.subset(data_cfg.subset, seed), splits.test.subset(data_cfg.test_subset, seed))
+    train, test = splits.train, splits.test
+    if data_cfg.train_classes is not None:
+        train = train.select_classes(list(data_cfg.train_classes))
+    if data_cfg.test_classes is not None:
+        test = test.select_classes(list(data_cfg.test_classes))
+    return Splits(train.subset(data_cfg.subset, seed), test.subset(data_cfg.test_subset, seed))
 
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:
@@ -147,12 +152,30 @@ def resume_path(resume: Any, run_dir: Path) -> str | None:
     return str(path)
 
 
-def probe_metrics(probe: Callable[..., dict], features: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  num_classes: int, prefix: str = "") -> dict[str, float]:
-    """Linear probe on cached features; plain-named accuracies (percent)."""
+def feature_metrics(
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    closed_set: bool,
+    knn_k: int,
+    knn_temperature: float,
+    probe: Callable[..., dict] | None,
+) -> dict[str, float]:
+    """Every figure of frozen features, under plain keys (percent).
+
+    Closed set (test classes = train classes): weighted kNN top-1 and, when ``probe``
+    is given, the linear probe's train/test top-1. Always: retrieval metrics of the
+    test split against itself (leave-one-out), the measure for unseen classes.
+    """
     (xtr, ytr), (xte, yte) = features["train"], features["test"]
-    out = probe(xtr, ytr, xte, yte, num_classes=num_classes)
-    return {f"{k}{prefix}": float(v) for k, v in out.items() if k in ("linear_top1", "linear_train_top1")}
+    out: dict[str, float] = {}
+    if closed_set:
+        out["knn_top1"] = knn_top1(xtr, ytr, xte, yte, num_classes, knn_k, knn_temperature)
+        if probe is not None:
+            result = probe(xtr, ytr, xte, yte, num_classes=num_classes)
+            out |= {k: float(result[k]) for k in ("linear_top1", "linear_train_top1")}
+    retrieval = retrieval_metrics(xte, yte)
+    out |= {k: float(v) for k, v in retrieval.items() if not k.startswith("num_")}
+    return out
 
 
 # --------------------------------------------------------------------------- train
@@ -164,7 +187,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     splits = build_splits(cfg.data, cfg.seed)
     validate_train_config(cfg, splits)
     datamodule = TensorDataModule(
-        splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed
+        splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed,
+        train_batches=instantiate(cfg.sampler),
     )
     pipeline = build_pipeline(cfg)
     ckpt_path = resume_path(cfg.resume, run_dir)
@@ -195,18 +219,17 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     )
 
     # The same seed gives the same initial weights, so this is the untrained figure also on resume.
-    metrics: dict[str, float] = {}
-    probe = instantiate(cfg.probe)
-    untrained = trainer.validate(pipeline, datamodule=datamodule, verbose=False)
-    metrics["knn_top1_untrained"] = float(untrained[0]["val/knn_top1"])
-    if cfg.eval.final_probe:
-        metrics |= probe_metrics(probe, pipeline.last_features, cfg.data.num_classes, "_untrained")
+    def measure() -> dict[str, float]:
+        trainer.validate(pipeline, datamodule=datamodule, verbose=False)
+        return feature_metrics(
+            pipeline.last_features, cfg.data.num_classes, closed_set, cfg.eval.knn_k, cfg.eval.knn_temperature,
+            instantiate(cfg.probe) if cfg.eval.final_probe else None,
+        )
 
+    closed_set = cfg.data.train_classes == cfg.data.test_classes
+    metrics = {f"{k}_untrained": v for k, v in measure().items()}
     trainer.fit(pipeline, datamodule=datamodule, ckpt_path=ckpt_path)
-    final = trainer.validate(pipeline, datamodule=datamodule, verbose=False)
-    metrics["knn_top1"] = float(final[0]["val/knn_top1"])
-    if cfg.eval.final_probe:
-        metrics |= probe_metrics(probe, pipeline.last_features, cfg.data.num_classes)
+    metrics |= measure()
     metrics["epochs"] = float(trainer.current_epoch)
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
@@ -217,8 +240,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @_run_guarded
-def _train_main(cfg: DictConfig) -> float:
-    return _train(cfg)["knn_top1"]
+def _train_main(cfg: DictConfig) -> float | None:
+    return _train(cfg).get("knn_top1")
 
 
 def train() -> None:
@@ -260,10 +283,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         feats = [pipeline.features(data.images[i : i + cfg.batch_size]) for i in range(0, len(data), cfg.batch_size)]
         features[split] = (torch.cat(feats), data.labels)
 
-    (xtr, ytr), (xte, yte) = features["train"], features["test"]
-    metrics = {"knn_top1": knn_top1(xtr, ytr, xte, yte, splits.num_classes, cfg.knn_k, cfg.knn_temperature)}
-    if cfg.linear_probe:
-        metrics |= probe_metrics(instantiate(cfg.probe), features, splits.num_classes)
+    closed_set = run_cfg.data.train_classes == run_cfg.data.test_classes
+    metrics = feature_metrics(features, splits.num_classes, closed_set, cfg.knn_k, cfg.knn_temperature,
+                              instantiate(cfg.probe) if cfg.linear_probe else None)
     write_json_atomic(out_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})
     log.info("written to %s", out_dir / "metrics.json")

@@ -12,7 +12,8 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from functools import partial
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -310,6 +311,7 @@ class TensorDataModule(pl.LightningDataModule):
         eval_batch_size: int = 1024,
         on_device: bool = True,
         seed: int = 0,
+        train_batches: Callable[..., Iterable[tuple[Tensor, Tensor]]] | None = None,
     ) -> None:
         super().__init__()
         self.splits = splits
@@ -317,16 +319,20 @@ class TensorDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.on_device = on_device
         self.seed = seed
+        # train_batches(data, batch_size=, seed=, epoch_source=) -> iterable of (images, labels)
+        self.train_batches = train_batches or partial(IndexBatches, shuffle=True, drop_last=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.on_device and self.trainer is not None:
             device = self.trainer.strategy.root_device
             self.splits = Splits(self.splits.train.to(device), self.splits.test.to(device))
 
-    def train_dataloader(self) -> IndexBatches:
+    def train_dataloader(self) -> Iterable[tuple[Tensor, Tensor]]:
         trainer = self.trainer
         epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
-        return IndexBatches(self.splits.train, self.batch_size, True, True, self.seed, epoch_source)
+        return self.train_batches(
+            self.splits.train, batch_size=self.batch_size, seed=self.seed, epoch_source=epoch_source
+        )
 
     def val_dataloader(self) -> list[IndexBatches]:
         return [

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
-from contrastive.evaluation import knn_top1
+from contrastive.evaluation import knn_top1, retrieval_metrics
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -57,7 +57,8 @@ class Pipeline(pl.LightningModule):
         scheduler: ``scheduler(optimizer, total_steps=, steps_per_epoch=) -> LRScheduler``, stepped per batch.
         feature_dim: F, the backbone's output width.
         num_classes: classes of the monitoring labels (kNN, online probe).
-        knn_k, knn_temperature: weighted kNN monitor (InstDisc: k=200, T=0.1).
+        knn_k, knn_temperature: weighted kNN monitor (InstDisc: k=200, T=0.1); ``knn_k=0``
+            monitors MAP@R among the test images instead (class-disjoint protocol).
         online_probe: train a linear classifier on detached features alongside
             (its gradient never reaches the backbone).
         on_nonfinite: ``"raise"`` stops at a NaN/Inf loss, ``"skip"`` skips that step.
@@ -168,8 +169,12 @@ class Pipeline(pl.LightningModule):
             return
         bank, bank_labels = self._gathered(0)
         test, test_labels = self._gathered(1)
-        top1 = knn_top1(bank, bank_labels, test, test_labels, self.num_classes, self.knn_k, self.knn_temperature)
-        self.log("val/knn_top1", top1, prog_bar=True, sync_dist=False, add_dataloader_idx=False)
+        if self.knn_k > 0:
+            top1 = knn_top1(bank, bank_labels, test, test_labels, self.num_classes, self.knn_k, self.knn_temperature)
+            self.log("val/knn_top1", top1, prog_bar=True, add_dataloader_idx=False)
+        else:  # test classes differ from the train classes: retrieval among the test images
+            map_at_r = retrieval_metrics(test, test_labels)["map_at_r"]
+            self.log("val/map_at_r", map_at_r, prog_bar=True, add_dataloader_idx=False)
         self.last_features = {"train": (bank, bank_labels), "test": (test, test_labels)}
         self._val_outputs = {}
 
