@@ -17,6 +17,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +26,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from contrastive.data import DataError, Splits, TensorDataModule
 from contrastive.evaluation import knn_top1, retrieval_metrics
-from contrastive.io import AtomicCheckpointIO, CheckpointError, load_checkpoint, write_json_atomic
+from contrastive.io import AtomicCheckpointIO, CheckpointError, load_checkpoint, save_torch_atomic, write_json_atomic
 from contrastive.pipelines import NonFiniteLossError, Pipeline
 
 log = logging.getLogger("contrastive")
@@ -54,12 +55,14 @@ def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
     return wrapper
 
 
-def _resolvers() -> None:
-    def run_dir_of(checkpoint: str) -> str:
-        p = Path(checkpoint).expanduser().resolve()
-        return str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
+def _run_dir_of(checkpoint: str) -> str:
+    """The run directory of a checkpoint: the parent of its ``checkpoints/`` folder."""
+    p = Path(checkpoint).expanduser().resolve()
+    return str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
 
-    for name, fn in {"run_dir_of": run_dir_of, "stem_of": lambda p: Path(p).stem}.items():
+
+def _resolvers() -> None:
+    for name, fn in {"run_dir_of": _run_dir_of, "stem_of": lambda p: Path(p).stem}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -119,6 +122,19 @@ class LastCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return "last-" + super().state_key
+
+
+class SweepSummary(HydraCallback):
+    """At the end of a multirun: ``summary.{csv,md,png}`` of every job's metrics in the sweep folder."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from contrastive.evaluation import summarize_runs
+
+        sweep = Path(config.hydra.sweep.dir)
+        runs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
+        if runs:
+            path = summarize_runs(runs, sweep)
+            log.info("sweep summary: %s", path)
 
 
 def validate_train_config(cfg: DictConfig, splits: Splits) -> None:
@@ -284,12 +300,56 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         features[split] = (torch.cat(feats), data.labels)
 
     closed_set = run_cfg.data.train_classes == run_cfg.data.test_classes
+    probe_out: dict[str, Any] = {}
+
+    def probe(*args: Any, **kwargs: Any) -> dict[str, Any]:  # keep the classifier for plots and export
+        probe_out.update(instantiate(cfg.probe)(*args, **kwargs))
+        return probe_out
+
     metrics = feature_metrics(features, splits.num_classes, closed_set, cfg.knn_k, cfg.knn_temperature,
-                              instantiate(cfg.probe) if cfg.linear_probe else None)
+                              probe if cfg.linear_probe else None)
     write_json_atomic(out_dir / "metrics.json", metrics)
+    if cfg.plots:
+        write_plots(out_dir, features, probe_out, splits, run_dir=Path(_run_dir_of(cfg.checkpoint)))
+    if cfg.export:
+        path = out_dir / "backbone_torchvision.pt"
+        save_torch_atomic(export_backbone(pipeline, probe_out.get("classifier")), path)
+        log.info("backbone state dict written to %s", path)
     log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})
     log.info("written to %s", out_dir / "metrics.json")
     return metrics
+
+
+def write_plots(out_dir: Path, features: dict[str, tuple[torch.Tensor, torch.Tensor]], probe_out: dict[str, Any],
+                splits: Splits, run_dir: Path) -> None:
+    """Training curves, 2-D embedding, similarity histograms and the probe's confusion matrix as PNGs."""
+    from contrastive.evaluation import (
+        plot_confusion_matrix, plot_embedding_2d, plot_similarity_histograms, plot_training_curves,
+    )
+
+    xte, yte = (t.cpu() for t in features["test"])
+    names = splits.test.class_names or None
+    curves = run_dir / "logs" / "metrics.csv"
+    if curves.is_file():
+        plot_training_curves(curves, out_dir / "training_curves.png")
+    plot_embedding_2d(xte, yte, out_dir / "embedding_tsne.png", class_names=names)
+    plot_similarity_histograms(xte, yte, out_dir / "similarity_histograms.png")
+    if "test_predictions" in probe_out:
+        plot_confusion_matrix(yte, probe_out["test_predictions"].cpu(), splits.test.num_classes,
+                              out_dir / "confusion_matrix.png", class_names=names)
+
+
+def export_backbone(pipeline: Pipeline, classifier: torch.nn.Linear | None) -> dict[str, torch.Tensor]:
+    """The backbone's weights under torchvision's names, plus ``fc`` from the linear probe if given.
+
+    A ResNet from ``contrastive.models.resnet`` then loads into
+    ``torchvision.models.resnet18(num_classes=C)`` (with the CIFAR stem) with ``strict=True``.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in pipeline.backbone.state_dict().items()}
+    if classifier is not None and isinstance(getattr(pipeline.backbone, "fc", None), torch.nn.Identity):
+        state["fc.weight"] = classifier.weight.detach().cpu().clone()
+        state["fc.bias"] = classifier.bias.detach().cpu().clone()
+    return state
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -68,9 +69,27 @@ def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
     assert ev.returncode == 0, ev.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())
     assert set(metrics) >= {"knn_top1", "linear_top1", "linear_train_top1"}
+    for png in ("training_curves", "embedding_tsne", "similarity_histograms", "confusion_matrix"):
+        assert (tmp_path / "run" / "eval_last" / f"{png}.png").stat().st_size > 5000, png
+    exported = torch.load(tmp_path / "run" / "eval_last" / "backbone_torchvision.pt")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert torch.equal(exported["0.weight"], ckpt["state_dict"]["backbone.0.weight"])
     train_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # the same checkpoint, features and kNN rule: the same figure as at the end of training
     assert metrics["knn_top1"] == pytest.approx(train_metrics["knn_top1"], abs=1e-6)
+
+
+def test_multirun_sweep_writes_summary(cli, tmp_path: Path) -> None:
+    out = cli("contrastive-train", "-m", "loss.temperature=0.2,0.5", *SHRINK, "trainer.max_epochs=1",
+              "eval.final_probe=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = tmp_path / "multirun" / "simclr_shapes"
+    with open(sweep / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(float(r["loss.temperature"]) for r in rows) == [0.2, 0.5]
+    knn = [json.loads(p.read_text())["knn_top1"] for p in sweep.glob("*/metrics.json")]
+    assert sorted(float(r["knn_top1"]) for r in rows) == pytest.approx(sorted(knn))
+    assert (sweep / "summary.md").is_file() and (sweep / "summary.png").stat().st_size > 5000
 
 
 def test_missing_cifar_is_one_clear_line(cli, tmp_path: Path) -> None:
@@ -114,3 +133,10 @@ def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: P
     ev = cli("contrastive-eval", f"checkpoint={ckpt}", "probe.epochs=5", f"data_root={cifar10_root}", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert 0 <= json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())["linear_top1"] <= 100
+    # the exported backbone + probe loads into plain torchvision (CIFAR stem) and classifies like the probe
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    net.load_state_dict(torch.load(tmp_path / "run" / "eval_last" / "backbone_torchvision.pt"), strict=True)
