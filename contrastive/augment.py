@@ -464,7 +464,7 @@ class AugmentParams:
     def to(self, device: torch.device | str) -> AugmentParams:
         """Move to ``device`` in one packed, asynchronous (pinned) copy; no host-device sync."""
         device = torch.device(device)
-        fields = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        fields = _fields(self)
         if all(t.device == device for t in fields):
             return self
         batch = fields[0].shape[0]
@@ -504,6 +504,8 @@ class Augment:
         mean: per-channel mean for normalisation.
         std: per-channel std for normalisation.
         antialias: antialias when a crop is larger than ``size`` (as torchvision's default).
+        cuda_graph: on a GPU, replay the augmentation as one CUDA graph per batch shape
+            (same result; removes the host's kernel-launch overhead from the training step).
     """
 
     def __init__(
@@ -522,6 +524,7 @@ class Augment:
         mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
         std: Sequence[float] = (0.2470, 0.2435, 0.2616),
         antialias: bool = True,
+        cuda_graph: bool = True,
     ) -> None:
         if int(size) != size or size < 1:
             raise ValueError(f"size must be a positive integer, got {size}")
@@ -554,9 +557,11 @@ class Augment:
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         self.antialias = bool(antialias)
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict[tuple, tuple[Tensor, AugmentParams, torch.cuda.CUDAGraph, Tensor]] = {}
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
     def sample(self, batch: int, height: int, width: int, generator: torch.Generator | None = None) -> AugmentParams:
@@ -595,7 +600,43 @@ class Augment:
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Augment a batch: (B, C, H, W) uint8 on any device -> (B, C, size, size) float32 there."""
         params = self.sample(images.shape[0], images.shape[-2], images.shape[-1], generator)
+        if self.cuda_graph and images.is_cuda and not torch.cuda.is_current_stream_capturing():
+            return self._replay(images, params.to(images.device))
         return self.apply(images, params.to(images.device))
+
+    def _replay(self, images: Tensor, params: AugmentParams) -> Tensor:
+        """``apply`` as one CUDA graph per input shape: ~100 kernel launches become one.
+
+        The augmentation is a fixed sequence of small kernels whose cost on a GPU is
+        the host's launch overhead, paid inside the training step; a graph replays them
+        all for the cost of one launch. Inputs are copied into the graph's static
+        buffers; the output is cloned so the next replay cannot overwrite it.
+        """
+        key = (tuple(images.shape), images.dtype, images.device)
+        if key not in self._graphs:
+            static_in = images.clone()
+            static_params = AugmentParams(*(t.clone() for t in _fields(params)))
+            side = torch.cuda.Stream(images.device)
+            side.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(side):  # warm-up outside the graph, as CUDA graphs require
+                for _ in range(2):
+                    self.apply(static_in, static_params)
+            torch.cuda.current_stream(images.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.apply(static_in, static_params)
+            self._graphs[key] = (static_in, static_params, graph, static_out)
+        static_in, static_params, graph, static_out = self._graphs[key]
+        static_in.copy_(images)
+        for dst, src in zip(_fields(static_params), _fields(params)):
+            dst.copy_(src)
+        graph.replay()
+        return static_out.clone()
+
+
+def _fields(params: AugmentParams) -> list[Tensor]:
+    """The parameter tensors themselves (``dataclasses.astuple`` would copy them)."""
+    return [getattr(params, f.name) for f in dataclasses.fields(params)]
 
 
 # -------------------------------------------------------------------- validation

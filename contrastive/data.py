@@ -161,6 +161,62 @@ def cifar100(root: str = "./data", download: bool = False) -> Splits:
     return _torchvision_cifar(CIFAR100, Path(root).expanduser(), download, "cifar-100-python", "data.root")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _decode_folder(folder: Path, size: int, class_names: list[str] | None) -> ImageTensors:
+    """Every image of ``folder/<class>/`` decoded, resized to ``size x size`` (RGB, uint8)."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import resize
+
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder} (expected {folder}/<class name>/<image files>)")
+    names = class_names or sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"{folder} holds no class folders: put the images in {folder}/<class name>/")
+    images, labels = [], []
+    for label, name in enumerate(names):
+        files = sorted(p for p in (folder / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for file in files:
+            try:
+                img = decode_image(str(file), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+            except Exception as e:
+                raise DataError(f"cannot read image {file}: {e}. Remove or replace the file.") from None
+            images.append(resize(img, [size, size], antialias=True))
+            labels.append(label)
+    if not images:
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    return ImageTensors(torch.stack(images), torch.tensor(labels), len(names), names)
+
+
+def image_folder(root: str, size: int = 32, train: str = "train", test: str = "test", cache: bool = True) -> Splits:
+    """Any labelled image set laid out as ``root/{train,test}/<class>/<image>``, decoded once.
+
+    Images are decoded, converted to RGB and resized to ``size x size`` once; the
+    uint8 tensors are cached in ``root/.contrastive_cache_<size>.pt`` (written
+    atomically) and reused while no image file is newer than the cache.
+    """
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(f"image folder not found: {base}. Point data.root at a folder holding {train}/ and {test}/.")
+    cache_file = base / f".contrastive_cache_{size}.pt"
+    if cache and cache_file.is_file():
+        newest = max((p.stat().st_mtime for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), default=0)
+        if newest <= cache_file.stat().st_mtime:
+            saved = torch.load(cache_file, weights_only=True)
+            return Splits(*(ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
+                            for s in (saved["train"], saved["test"])))
+    train_set = _decode_folder(base / train, size, None)
+    test_set = _decode_folder(base / test, size, train_set.class_names)
+    if cache:
+        from contrastive.io import save_torch_atomic
+
+        save_torch_atomic({"names": train_set.class_names,
+                           "train": {"images": train_set.images, "labels": train_set.labels},
+                           "test": {"images": test_set.images, "labels": test_set.labels}}, cache_file)
+    return Splits(train_set, test_set)
+
+
 SHAPE_NAMES = [
     "disk", "square", "diamond", "ring", "plus", "triangle", "x", "frame", "two-dots", "half-disk",
 ]

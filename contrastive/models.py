@@ -71,4 +71,4 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     t = [p for p in target.parameters()]
     s = [p.detach() for p in source.parameters()]
     torch._foreach_mul_(t, momentum)
-    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+    torch._foreach_add_(t, torch._foreach_mul(s, 1.0 - momentum))  # not alpha=: that may fuse into an FMA

@@ -489,3 +489,15 @@ def test_cpu_and_gpu_agree_for_the_same_seed_without_syncs():
     for name in AugmentParams.__dataclass_fields__:
         a, b = getattr(params, name), getattr(moved, name)
         assert b.device.type == "cuda" and b.dtype == a.dtype and torch.equal(b.cpu(), a), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_equals_eager() -> None:
+    """The graphed path gives the eager result for fresh parameters on every call."""
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    graphed, eager = Augment(cuda_graph=True), Augment(cuda_graph=False)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(3):  # capture, then two replays with new parameters and new images
+        out = graphed(images, g1)
+        assert torch.equal(out, eager(images, g2))
+        images = images.flip(0).contiguous()

@@ -97,3 +97,44 @@ def test_select_classes_relabels() -> None:
     part = s.train.select_classes([5, 6, 7])
     assert part.num_classes == 3 and set(part.labels.tolist()) == {0, 1, 2}
     assert len(part) == 30 and part.class_names == ["triangle", "x", "frame"]
+
+
+def _write_folder(root: Path, classes: dict[str, int], size: int = 20) -> None:
+    import torchvision
+
+    for split in ("train", "test"):
+        for i, (name, n) in enumerate(classes.items()):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for j in range(n):
+                img = torch.full((3, size, size + 4), 40 * i + j, dtype=torch.uint8)
+                torchvision.io.write_png(img, str(root / split / name / f"{j}.png"))
+
+
+def test_image_folder_decodes_resizes_and_caches(tmp_path: Path) -> None:
+    from contrastive.data import image_folder
+
+    _write_folder(tmp_path, {"cat": 3, "dog": 2})
+    splits = image_folder(str(tmp_path), size=16)
+    assert splits.train.images.shape == (5, 3, 16, 16) and splits.train.class_names == ["cat", "dog"]
+    assert splits.train.labels.tolist() == [0, 0, 0, 1, 1]
+    assert int(splits.train.images[3, 0, 5, 5]) == 40  # first dog image, constant value kept by resize
+    assert (tmp_path / ".contrastive_cache_16.pt").is_file()
+    again = image_folder(str(tmp_path), size=16)
+    assert torch.equal(again.train.images, splits.train.images)
+
+
+def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
+    from contrastive.data import image_folder
+
+    with pytest.raises(DataError, match="image folder not found"):
+        image_folder(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="no class folders"):
+        image_folder(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "train" / "cat").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        image_folder(str(tmp_path / "empty"))
+    _write_folder(tmp_path / "bad", {"cat": 2})
+    (tmp_path / "bad" / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="cannot read image .*broken.jpg"):
+        image_folder(str(tmp_path / "bad"), cache=False)

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
+from contrastive.distributed import world_size
 from contrastive.evaluation import knn_top1, retrieval_metrics
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -131,25 +132,53 @@ class Pipeline(pl.LightningModule):
         """Check and log the loss terms; returns what Lightning should minimise.
 
         ``terms["loss"]`` is the objective; other entries are logged beside it.
-        ``extra`` (the online probe's loss) is added after the check.
+        ``extra`` (the online probe's loss) is added after the check. With
+        ``on_nonfinite="raise"`` the check of step t is read at step t + 1 (or at the
+        epoch's end, before the checkpoint is written) from an asynchronous copy, so
+        the GPU never waits for the host; ``"skip"`` must decide now and syncs.
         """
-        bad = {k: v for k, v in terms.items() if not torch.isfinite(v).all()}
-        if bad:
-            names = ", ".join(f"{k}={v.item() if v.numel() == 1 else v}" for k, v in bad.items())
-            message = (
-                f"non-finite loss at epoch {self.current_epoch}, global step {self.global_step}: {names}. "
-                "Likely causes: temperature too low, learning rate too high, or fp16 overflow "
-                "(use trainer.precision=bf16-mixed or 32). The last good checkpoint is untouched."
-            )
-            if self.on_nonfinite == "raise":
-                raise NonFiniteLossError(message)
-            self.skipped_steps += 1
-            self.print(f"skipping step: {message}")
-            self.log("train/skipped_steps", float(self.skipped_steps))
-            return None
+        if self.on_nonfinite == "skip":
+            finite = torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()])
+            if not bool(finite.all()):
+                self.skipped_steps += 1
+                self.print(f"skipping step: {self._nonfinite_message(terms, finite, self.global_step)}")
+                self.log("train/skipped_steps", float(self.skipped_steps))
+                return None
+        else:
+            self.raise_if_nonfinite()
+            self._pending_check = self._finite_flags(terms)
         for name, value in terms.items():
             self.log(f"train/{name}", value.float(), prog_bar=name == "loss", on_step=True, on_epoch=True)
         return terms["loss"] if extra is None else terms["loss"] + extra
+
+    def _finite_flags(self, terms: dict[str, Tensor]) -> tuple[Tensor, Any, dict[str, Tensor], int]:
+        flags = torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()])
+        if not flags.is_cuda:
+            return flags, None, terms, self.global_step
+        host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event, {k: v.detach() for k, v in terms.items()}, self.global_step
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if the last checked step had a NaN/Inf term."""
+        pending, self._pending_check = getattr(self, "_pending_check", None), None
+        if pending is None:
+            return
+        flags, event, terms, step = pending
+        if event is not None:
+            event.synchronize()  # waits for that step's loss only, not for the work queued since
+        if not bool(flags.all()):
+            raise NonFiniteLossError(self._nonfinite_message(terms, flags, step))
+
+    def _nonfinite_message(self, terms: dict[str, Tensor], finite: Tensor, step: int) -> str:
+        bad = ", ".join(f"{k}={float(v.float().mean())}" for (k, v), ok in zip(terms.items(), finite.tolist()) if not ok)
+        return (
+            f"non-finite loss at epoch {self.current_epoch}, global step {step}: {bad}. "
+            "Likely causes: temperature too low, learning rate too high, or fp16 overflow "
+            "(use trainer.precision=bf16-mixed or 32). The last good checkpoint is untouched."
+        )
 
     # ------------------------------------------------------------------ kNN monitor
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -160,15 +189,38 @@ class Pipeline(pl.LightningModule):
         self._val_outputs = {}
 
     def _gathered(self, idx: int) -> tuple[Tensor, Tensor]:
-        feats = torch.cat([f for f, _ in self._val_outputs[idx]])
-        labels = torch.cat([y for _, y in self._val_outputs[idx]])
-        return feats, labels
+        """Features (N, F) and labels (N,) of dataloader ``idx`` over all processes, in global order.
+
+        With W processes the b-th global batch is the concatenation of every rank's
+        b-th local batch in rank order (how ``IndexBatches`` shards), so the result
+        is batch-major, rank-minor: exactly the rows one process would have seen.
+        Local batches may differ in size (the uneven last batch, even empty ones);
+        they are padded to a common length for ``all_gather`` and trimmed after.
+        """
+        outputs = self._val_outputs[idx]
+        feats = torch.cat([f for f, _ in outputs])  # (n_local, F)
+        labels = torch.cat([y for _, y in outputs])  # (n_local,)
+        if world_size() == 1:
+            return feats, labels
+        sizes = _all_gather_padded(torch.tensor([len(f) for f, _ in outputs], device=feats.device))  # (W, B)
+        rows = int(sizes.sum(1).max())
+        all_feats = _all_gather_padded(feats, rows).flatten(0, 1)  # (W*rows, F)
+        all_labels = _all_gather_padded(labels, rows).flatten(0, 1)  # (W*rows,)
+        starts = sizes.cumsum(1) - sizes  # (W, B): where batch b begins in rank r's rows
+        sizes, starts = sizes.tolist(), starts.tolist()
+        order = torch.cat([
+            torch.arange(sizes[r][b], device=feats.device) + r * rows + starts[r][b]
+            for b in range(len(sizes[0])) for r in range(len(sizes))
+        ])  # (N,)
+        return all_feats[order], all_labels[order]
 
     def on_validation_epoch_end(self) -> None:
         if set(self._val_outputs) != {0, 1}:
             return
         bank, bank_labels = self._gathered(0)
         test, test_labels = self._gathered(1)
+        # Every rank holds the full, ordered bank and test set, so every rank computes the
+        # same figure as one process would: no sync_dist (a mean of W equal floats can round).
         if self.knn_k > 0:
             top1 = knn_top1(bank, bank_labels, test, test_labels, self.num_classes, self.knn_k, self.knn_temperature)
             self.log("val/knn_top1", top1, prog_bar=True, add_dataloader_idx=False)
@@ -204,7 +256,8 @@ class Pipeline(pl.LightningModule):
         self._epoch_images += len(batch[0])
 
     def on_train_epoch_end(self) -> None:
-        """Logs source images per second of this process over the epoch (``train/images_per_s``)."""
+        """Checks the last step (before the checkpoint callbacks run); logs ``train/images_per_s``."""
+        self.raise_if_nonfinite()
         seconds = time.perf_counter() - self._epoch_start
         self.log("train/images_per_s", self._epoch_images / max(seconds, 1e-9), prog_bar=True)
         self.log("train/epoch_seconds", seconds)
@@ -220,3 +273,16 @@ class Pipeline(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "augment_generator" in checkpoint:
             self.generator.set_state(checkpoint["augment_generator"])
+
+
+def _all_gather_padded(x: Tensor, rows: int | None = None) -> Tensor:
+    """Stack ``x`` (n, ...) of every rank into (W, rows, ...), zero-padded along dim 0.
+
+    ``rows`` must be at least every rank's ``n`` (default: ``n``, equal on all ranks).
+    """
+    rows = len(x) if rows is None else rows
+    padded = x.new_zeros((rows, *x.shape[1:]))
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, padded)
+    return torch.stack(parts)

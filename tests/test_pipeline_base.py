@@ -1,0 +1,79 @@
+"""Pipeline plumbing: non-finite checks, schedule, EMA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from contrastive.augment import Augment
+from contrastive.models import ema_update, momentum_copy, resnet
+from contrastive.pipelines import NonFiniteLossError, SimCLR, warmup_cosine
+from contrastive.losses import NTXent
+
+
+def _pipeline(on_nonfinite: str) -> SimCLR:
+    return SimCLR(projector=nn.Linear(4, 2), loss=NTXent(), backbone=nn.Flatten(), augment=Augment(),
+                  optimizer=torch.optim.SGD, feature_dim=4, num_classes=2, on_nonfinite=on_nonfinite)
+
+
+def test_nonfinite_raise_names_step_and_term() -> None:
+    p = _pipeline("raise")
+    p.log = lambda *a, **k: None  # no trainer attached
+    ok = {"loss": torch.tensor(1.0), "ce": torch.tensor(0.5)}
+    bad = {"loss": torch.tensor(float("nan")), "ce": torch.tensor(0.5)}
+    assert p.finish_step(ok) is not None
+    p.finish_step(bad)  # checked at the next step (or at the epoch's end)
+    with pytest.raises(NonFiniteLossError, match=r"global step 0: loss=nan\. Likely causes: temperature"):
+        p.finish_step(ok)
+
+
+def test_nonfinite_skip_returns_none() -> None:
+    p = _pipeline("skip")
+    p.log = lambda *a, **k: None
+    p.print = lambda *a, **k: None
+    assert p.finish_step({"loss": torch.tensor(float("inf"))}) is None and p.skipped_steps == 1
+    assert p.finish_step({"loss": torch.tensor(2.0)}) == 2.0
+
+
+def test_bad_on_nonfinite_value() -> None:
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        _pipeline("ignore")
+
+
+def test_warmup_cosine_values() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=20, steps_per_epoch=2, warmup_epochs=2, final_lr_fraction=0.1)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    t = (10 - 4) / 16
+    assert lrs[10] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+
+
+def test_ema_update_is_the_formula_exactly() -> None:
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
+    target = momentum_copy(online)
+    assert all(not p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [0.9 * t + (1 - 0.9) * o for t, o in zip(target.parameters(), online.parameters())]
+    ema_update(target, online, 0.9)
+    for got, want in zip(target.parameters(), expected):
+        assert torch.equal(got, want)
+
+
+def test_resnet_cifar_stem() -> None:
+    net = resnet("resnet18", cifar_stem=True)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
