@@ -1,0 +1,143 @@
+"""The P x K sampler: batch composition, epoch coverage, determinism, sharding, errors."""
+
+from __future__ import annotations
+
+import math
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import contrastive.samplers as samplers_mod
+from contrastive.data import DataError, ImageTensors
+from contrastive.samplers import PKBatches, SamplerError, pk_epoch, schedule_classes
+
+# imbalanced on purpose: 7, 5, 12, 4, 9 and 0 (absent) samples; class 5 never appears
+COUNTS = [7, 5, 12, 4, 9, 0]
+
+
+def labelled(counts: list[int]) -> ImageTensors:
+    """Images whose single pixel value is the sample's index (so batches can be traced back)."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    n = len(labels)
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1)
+    return ImageTensors(images, labels, len(counts))
+
+
+def ids(images: torch.Tensor) -> list[int]:
+    return images.flatten().tolist()
+
+
+def assert_pk(labels: torch.Tensor, p: int, k: int) -> None:
+    """P blocks of K equal labels, P distinct labels."""
+    blocks = labels.view(p, k)
+    assert (blocks == blocks[:, :1]).all(), labels
+    assert len(set(blocks[:, 0].tolist())) == p, labels
+
+
+def test_every_batch_is_p_classes_by_k_and_every_sample_is_seen() -> None:
+    data = labelled(COUNTS)
+    batches = list(PKBatches(data, batch_size=6, classes_per_batch=2, samples_per_class=3, seed=1))
+    for images, labels in batches:
+        assert images.shape == (6, 1, 1, 1)
+        assert_pk(labels, 2, 3)
+        assert (data.labels[images.flatten().long()] == labels).all()  # labels travel with their images
+        assert len(set(ids(images))) == 6  # no image twice in a batch
+    assert set(sum((ids(x) for x, _ in batches), [])) == set(range(len(data)))
+    # rows: ceil(n/3) = 3, 2, 4, 2, 3 -> 14 rows, 2 per batch -> 7 batches (the largest class needs only 4)
+    assert len(batches) == len(PKBatches(data, 6, 2, 3)) == 7
+
+
+def test_epoch_length_is_set_by_the_largest_class_when_it_dominates() -> None:
+    data = labelled([30, 3, 3])  # rows 10, 1, 1: one batch per row of class 0, the others refilled
+    batches = list(PKBatches(data, batch_size=6, classes_per_batch=2, samples_per_class=3))
+    assert len(batches) == 10
+    assert all((y == 0).any() for _, y in batches)
+    assert set(sum((ids(x) for x, _ in batches), [])) == set(range(36))
+
+
+def test_same_seed_same_batches_other_epoch_other_batches() -> None:
+    data = labelled(COUNTS)
+
+    def epoch(seed: int, e: int) -> list[list[int]]:
+        return [ids(x) for x, _ in PKBatches(data, 6, 2, 3, seed=seed, epoch_source=lambda: e)]
+
+    assert epoch(3, 0) == epoch(3, 0)
+    assert epoch(3, 0) != epoch(3, 1)
+    assert epoch(3, 0) != epoch(4, 0)
+    # epoch e is drawn from seed + e: a resumed run at epoch 1 sees what an uninterrupted one sees
+    sampler = PKBatches(data, 6, 2, 3, seed=3)
+    list(sampler)
+    assert [ids(x) for x, _ in sampler] == epoch(3, 1)
+
+
+def test_two_ranks_split_each_global_batch_without_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = labelled(COUNTS)
+    monkeypatch.setattr(samplers_mod, "dist_world_size", lambda: 2)
+    per_rank = []
+    for r in range(2):
+        monkeypatch.setattr(samplers_mod, "dist_rank", lambda r=r: r)
+        per_rank.append(list(PKBatches(data, batch_size=4, classes_per_batch=2, samples_per_class=2, seed=7)))
+    assert len(per_rank[0]) == len(per_rank[1]) > 0
+    seen: set[int] = set()
+    for (x0, y0), (x1, y1) in zip(*per_rank):
+        assert_pk(y0, 2, 2)
+        assert_pk(y1, 2, 2)
+        assert not set(y0.tolist()) & set(y1.tolist())  # W * P distinct classes per global batch
+        assert not set(ids(x0)) & set(ids(x1))
+        seen |= set(ids(x0)) | set(ids(x1))
+    assert seen == set(range(len(data)))
+    # the global batch of the two ranks is the single-process batch with P = 4, split by classes
+    monkeypatch.setattr(samplers_mod, "dist_world_size", lambda: 1)
+    monkeypatch.setattr(samplers_mod, "dist_rank", lambda: 0)
+    single = list(PKBatches(data, batch_size=8, classes_per_batch=4, samples_per_class=2, seed=7))
+    assert [ids(x) for x, _ in single] == [ids(x0) + ids(x1) for (x0, _), (x1, _) in zip(*per_rank)]
+
+
+def test_bad_settings_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = labelled(COUNTS)
+    with pytest.raises(ValueError) as err:
+        PKBatches(data, batch_size=64, classes_per_batch=8, samples_per_class=4)
+    assert all(s in str(err.value) for s in ("sampler.classes_per_batch", "sampler.samples_per_class",
+                                            "data.batch_size"))
+    assert isinstance(err.value, DataError)  # the CLI prints DataErrors as one line, exit status 2
+    with pytest.raises(SamplerError, match="has 5"):  # 5 classes present, 6 asked for
+        PKBatches(data, batch_size=12, classes_per_batch=6, samples_per_class=2)
+    with pytest.raises(SamplerError, match="class 1: 5, class 3: 4"):
+        PKBatches(data, batch_size=12, classes_per_batch=2, samples_per_class=6)
+    with pytest.raises(SamplerError, match=">= 2"):
+        PKBatches(data, batch_size=5, classes_per_batch=5, samples_per_class=1)
+    monkeypatch.setattr(samplers_mod, "dist_world_size", lambda: 2)
+    with pytest.raises(SamplerError, match="2 process"):
+        PKBatches(data, batch_size=6, classes_per_batch=3, samples_per_class=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 25), min_size=2, max_size=9),
+    k=st.integers(2, 4),
+    slots=st.integers(2, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_pk_epoch_covers_every_sample_in_the_promised_number_of_batches(
+    counts: list[int], k: int, slots: int, seed: int
+) -> None:
+    counts = [c if c == 0 or c >= k else k for c in counts]
+    if sum(c > 0 for c in counts) < slots:
+        return
+    labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)])
+    batches = pk_epoch(labels, slots, k, torch.Generator().manual_seed(seed))  # (L, slots, k)
+    rows = [math.ceil(n / k) for n in counts]
+    assert batches.shape == (max(math.ceil(sum(rows) / slots), max(rows)), slots, k)
+    classes = labels[batches]
+    assert (classes == classes[..., :1]).all()
+    assert all(len(set(b.tolist())) == slots for b in classes[..., 0])
+    assert all(len(set(b.flatten().tolist())) == slots * k for b in batches)
+    assert set(batches.flatten().tolist()) == set(range(len(labels)))
+
+
+def test_schedule_takes_the_fullest_classes_first() -> None:
+    classes, fresh = schedule_classes(torch.tensor([3, 1, 1, 0]), 2, torch.Generator().manual_seed(0))
+    assert classes.shape == (3, 2)
+    assert (classes == 0).any(dim=1).all()  # class 0 (3 rows) is in every batch
+    assert fresh.sum() == 5 and not (classes == 3).any()  # 5 rows, one filler slot; the empty class never
