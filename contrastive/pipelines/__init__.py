@@ -2,5 +2,6 @@
 
 from contrastive.pipelines.base import NonFiniteLossError, Pipeline, warmup_cosine
 from contrastive.pipelines.simclr import SimCLR
+from contrastive.pipelines.siamese import Siamese
 
 __all__ = ["NonFiniteLossError", "Pipeline", "SimCLR", "warmup_cosine"]

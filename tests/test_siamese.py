@@ -1,0 +1,159 @@
+"""Siamese metric learning: configs, the pipeline's loss wiring, and end-to-end CLI runs on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from contrastive.cli import build_pipeline
+from contrastive.losses import ContrastiveMargin, SoftmaxCERegularizer, TripletMargin, triplet_margin
+
+# siamese_cifar10's recipe on the built-in shapes data and the small CNN, shrunk to run in ~30 s
+SHRINK = [
+    "data=shapes",
+    "model=convnet",
+    "data.source.num_train=500",
+    "data.source.num_test=200",
+    "data.batch_size=50",
+    "sampler.classes_per_batch=5",
+    "sampler.samples_per_class=10",
+    "trainer.max_epochs=4",
+    "trainer.enable_progress_bar=false",
+    "eval.every_n_epochs=4",
+    "probe.epochs=5",
+    "scheduler=constant",
+    "optimizer.lr=3e-3",
+]
+RETRIEVAL = ("precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8")
+
+
+def logged_columns(run: Path) -> set[str]:
+    """The names in the run's ``logs/metrics.csv``, without Lightning's ``_step`` / ``_epoch`` suffixes."""
+    with open(run / "logs" / "metrics.csv") as f:
+        return {c.removesuffix("_step").removesuffix("_epoch") for c in next(csv.reader(f))}
+
+
+def train(cli, tmp_path: Path, *overrides: str) -> tuple[dict[str, float], set[str]]:
+    out = cli("contrastive-train", *overrides, "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    return json.loads((run / "metrics.json").read_text()), logged_columns(run)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_experiment_siamese_cifar10_holds_the_recipe(config) -> None:
+    cfg = config("train", ["experiment=siamese_cifar10"])
+    assert cfg.name == "siamese_cifar10" and cfg.pipeline._target_ == "contrastive.pipelines.Siamese"
+    assert cfg.data.source._target_ == "contrastive.data.cifar10" and cfg.model.backbone.name == "resnet18"
+    assert (cfg.model.projector.num_layers, cfg.model.projector.out_dim) == (1, 128)  # linear 512 -> 128
+    assert cfg.sampler._target_ == "contrastive.samplers.PKBatches"
+    assert cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class == cfg.data.batch_size
+    assert (cfg.loss._target_, cfg.loss.mining) == ("contrastive.losses.TripletMargin", "batch_hard")
+    assert cfg.regularizer.head is None and cfg.pipeline.regularizer is None
+    assert (list(cfg.aug.scale), cfg.aug.gray_p) == ([0.5, 1.0], 0.0)
+
+
+def test_regularizer_is_one_override_and_its_weight_another(config) -> None:
+    cfg = config("train", ["experiment=siamese_cifar10", "regularizer=softmax_ce", "regularizer.weight=0.5"])
+    head = cfg.pipeline.regularizer
+    assert head._target_ == "contrastive.losses.SoftmaxCERegularizer" and head.kind == "linear"
+    assert (head.embed_dim, head.num_classes, cfg.pipeline.regularizer_weight) == (128, 10, 0.5)
+    cos = config("train", ["experiment=siamese_cifar10_disjoint", "regularizer=cosine_softmax_ce"])
+    assert (cos.pipeline.regularizer.kind, cos.pipeline.regularizer.num_classes) == ("cosine", 5)
+
+
+def test_disjoint_experiment_trains_on_five_classes_and_monitors_map_at_r(config) -> None:
+    cfg = config("train", ["experiment=siamese_cifar10_disjoint"])
+    assert list(cfg.data.train_classes) == [0, 1, 2, 3, 4] and list(cfg.data.test_classes) == [5, 6, 7, 8, 9]
+    assert cfg.data.num_classes == 5 and cfg.eval.knn_k == 0 and cfg.pipeline.knn_k == 0
+    assert cfg.sampler.classes_per_batch <= 5
+    assert cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class == cfg.data.batch_size
+
+
+@pytest.mark.parametrize(("override", "cls"), [("loss=triplet", TripletMargin),
+                                               ("loss=contrastive_margin", ContrastiveMargin)])
+def test_loss_option_swaps_the_metric_loss(config, override: str, cls: type) -> None:
+    pipeline = build_pipeline(config("train", ["experiment=siamese_shapes", override]))
+    assert isinstance(pipeline.loss.metric_loss, cls) and pipeline.loss.regularizer is None
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def test_loss_is_metric_plus_weighted_ce_and_the_classifier_is_optimised(config) -> None:
+    cfg = config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=0.5"])
+    pipeline = build_pipeline(cfg)
+    head = pipeline.loss.regularizer
+    assert isinstance(head, SoftmaxCERegularizer)
+    optimised = {id(p) for group in pipeline.parameter_groups() for p in group["params"]}
+    assert id(head.classifier.weight) in optimised and id(head.classifier.bias) in optimised
+
+    torch.manual_seed(0)
+    e, y = torch.randn(12, 64, dtype=torch.float64), torch.arange(12) % 3
+    head.double()
+    terms = pipeline.loss(e, y)
+    assert set(terms) == {"loss", "metric", "ce", "ce_acc"}
+    logits = e @ head.classifier.weight.T + head.classifier.bias
+    expected = triplet_margin(e, y, 0.2, "batch_hard") + 0.5 * F.cross_entropy(logits, y)
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-12)
+    assert terms["ce_acc"].item() == pytest.approx((logits.argmax(1) == y).double().mean().item())
+
+
+def test_features_are_the_embedding(config) -> None:
+    pipeline = build_pipeline(config("train", ["experiment=siamese_shapes"])).eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    feats = pipeline.features(images)
+    assert feats.shape == (6, 64) and not feats.requires_grad
+    from contrastive.augment import normalize_uint8
+
+    x = normalize_uint8(images, pipeline.augment.mean, pipeline.augment.std)
+    with torch.no_grad():
+        assert torch.equal(feats, pipeline.projector(pipeline.backbone(x)))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_softmax_ce_regularizer_is_one_cli_override(cli, tmp_path: Path) -> None:
+    metrics, columns = train(cli, tmp_path, "experiment=siamese_cifar10", *SHRINK,
+                             "regularizer=softmax_ce", "regularizer.weight=0.5")
+    assert {"train/ce", "train/ce_acc", "train/metric", "train/loss"} <= columns
+    for key in ("knn_top1", "linear_top1", *RETRIEVAL):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["map_at_r"] > metrics["map_at_r_untrained"] + 1.0
+    assert metrics["precision_at_1"] > metrics["precision_at_1_untrained"] + 5.0
+
+
+def test_without_the_override_no_ce_is_logged(cli, tmp_path: Path) -> None:
+    tiny = [o for o in SHRINK if "num_train" not in o and "max_epochs" not in o]
+    _, columns = train(cli, tmp_path, "experiment=siamese_cifar10", *tiny, "data.source.num_train=200",
+                       "trainer.max_epochs=1", "eval.final_probe=false")
+    assert {"train/metric", "train/loss"} <= columns
+    assert not any(c.startswith("train/ce") for c in columns)
+
+
+@pytest.mark.slow
+def test_class_disjoint_retrieval_beats_the_untrained_network(cli, tmp_path: Path) -> None:
+    metrics, columns = train(cli, tmp_path, "experiment=siamese_cifar10_disjoint", *SHRINK)
+    assert "val/map_at_r" in columns and "val/knn_top1" not in columns
+    assert not {"knn_top1", "linear_top1"} & set(metrics)  # no classifier across disjoint classes
+    assert set(RETRIEVAL) <= set(metrics)
+    assert metrics["map_at_r"] > metrics["map_at_r_untrained"] + 1.0
+    assert metrics["precision_at_1"] > metrics["precision_at_1_untrained"] + 5.0
+
+
+@pytest.mark.slow
+def test_batch_size_that_is_not_p_times_k_is_one_clear_line(cli, tmp_path: Path) -> None:
+    out = cli("contrastive-train", "experiment=siamese_shapes", *SHRINK, "data.batch_size=40", "hydra.run.dir=run",
+              cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "Traceback" not in out.stderr
+    assert all(s in line for s in ("sampler.classes_per_batch", "sampler.samples_per_class", "data.batch_size=40"))
