@@ -1,7 +1,8 @@
 """Training pipelines: thin LightningModules built from finished parts."""
 
 from contrastive.pipelines.base import NonFiniteLossError, Pipeline, warmup_cosine
+from contrastive.pipelines.moco import MoCo
 from contrastive.pipelines.simclr import SimCLR
 from contrastive.pipelines.siamese import Siamese
 
-__all__ = ["NonFiniteLossError", "Pipeline", "SimCLR", "warmup_cosine"]
+__all__ = ["MoCo", "NonFiniteLossError", "Pipeline", "SimCLR", "warmup_cosine"]

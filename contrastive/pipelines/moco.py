@@ -1,0 +1,207 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020): a momentum key encoder and a queue of negatives.
+
+One step: update the key encoder ``xi <- m xi + (1 - m) theta``, encode the query view
+with the trained encoder and the key view with the key encoder, InfoNCE of each query
+against its key and the K queued keys, then enqueue the new keys. The loss stays pure:
+the queue changes only after the loss has been computed (and checked).
+
+Batch statistics must not leak the positive. MoCo's shuffle-BN computes the key
+encoder's BN statistics on G GPUs after shuffling the keys across them, so a query
+and its key are normalised with statistics of different sample sets. One device does
+the same with :class:`SplitBatchNorm` (statistics per group of B/G samples, as each GPU
+would) in both encoders plus a random permutation of the key batch before the key
+encoder (undone after it), as the MoCo authors' CIFAR-10 demo does. A fixed shift of
+the groups would *not* do: the key groups would then hold exactly the images of a
+query group, and the statistics would leak again.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from contrastive.distributed import world_size
+from contrastive.losses import l2_normalize
+from contrastive.models import ema_update, momentum_copy
+from contrastive.pipelines.base import Pipeline
+from contrastive.queue import KeyQueue, all_gather_no_grad
+
+
+def momentum_at(step: int, total_steps: int, base: float, cosine: bool) -> float:
+    """EMA momentum at ``step``: ``m0`` constant, or raised to 1 on a cosine (BYOL).
+
+    ``m_t = 1 - (1 - m0) * (cos(pi t / T) + 1) / 2``, so ``m_0 = m0`` and ``m_T = 1``.
+    """
+    if not cosine:
+        return base
+    progress = min(step / max(total_steps, 1), 1.0)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are computed per group of the batch.
+
+    Sample i belongs to group ``i mod G`` (then ``(N, C, *S) -> (N/G, G*C, *S)`` is a
+    view of a contiguous batch and one ``batch_norm`` call does all groups). Each group
+    is normalised with its own mean and biased variance, as G processes with B/G
+    samples each would be. Running statistics move towards the mean over groups of the
+    group means and unbiased variances. Eval mode uses the running statistics (plain BN).
+    Inputs (N, C) and (N, C, *S) alike; N must be a multiple of G.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        self.num_splits = num_splits
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an (N, C, ...) input, got {x.dim()}-D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.num_splits
+        if g == 1 or not (self.training or not self.track_running_stats):
+            return super().forward(x)
+        n, c = x.shape[:2]
+        if n % g:
+            raise ValueError(f"SplitBatchNorm: batch {n} is not a multiple of num_splits={g} (pipeline.bn_splits)")
+        factor = 0.0
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        mean = var = None
+        if self.running_mean is not None and self.running_var is not None:
+            mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)  # (G*C,), updated in place below
+        weight = self.weight.repeat(g) if self.weight is not None else None
+        bias = self.bias.repeat(g) if self.bias is not None else None
+        y = F.batch_norm(x.reshape(n // g, g * c, *x.shape[2:]), mean, var, weight, bias, True, factor, self.eps)
+        if self.training and mean is not None and var is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(g, c).mean(0))
+                self.running_var.copy_(var.view(g, c).mean(0))
+        return y.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+def convert_to_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm (1d/2d/3d) in ``module`` by a :class:`SplitBatchNorm` with the same state.
+
+    Children are replaced in place; the (possibly new) root is returned.
+    ``num_splits=1`` returns ``module`` unchanged (plain BN computes the same).
+    """
+    if num_splits == 1:
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SplitBatchNorm):
+        split = SplitBatchNorm(module.num_features, num_splits, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        split.load_state_dict(module.state_dict())
+        state = [*module.parameters(), *module.buffers()]
+        return split.to(state[0].device) if state else split
+    for name, child in module.named_children():
+        setattr(module, name, convert_to_split_bn(child, num_splits))
+    return module
+
+
+class MoCo(Pipeline):
+    """MoCo v2: query encoder ``g(f(.))``, key encoder its EMA, InfoNCE against a queue.
+
+    Args:
+        backbone: f, (B, C, H, W) -> (B, F); its BN layers become :class:`SplitBatchNorm`.
+        projector: g, (B, F) -> (B, D), the head (MoCo's CIFAR demo: one linear layer to 128).
+        loss: ``loss(query, key, negatives) -> scalar``, ``contrastive.losses.InfoNCE`` (MoCo form).
+        queue_size: K, the number of queued negative keys; any K >= keys per step
+            (the queue wraps around, K need not be a multiple of the batch).
+        momentum: m0 of the key encoder's EMA.
+        momentum_cosine: raise m from m0 to 1 on a cosine over training (BYOL); off in MoCo.
+        symmetric: both views serve as query: ``(L(q1, k2) + L(q2, k1)) / 2``, and
+            ``cat(k1, k2)`` is enqueued (2B keys per step). The MoCo demo *sums* the two
+            terms; with SGD that equals our mean at twice the lr and half the weight decay.
+        bn_splits: G, the groups of the batch that BN statistics are computed over
+            (shuffle-BN on one device); 1 = statistics of the whole batch.
+        **base: the :class:`Pipeline` arguments (augment, optimizer, ...).
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, loss: nn.Module,  # type: ignore[no-untyped-def]
+                 queue_size: int = 4096, momentum: float = 0.99, momentum_cosine: bool = False,
+                 symmetric: bool = False, bn_splits: int = 8, **base) -> None:
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"pipeline.momentum={momentum} must be in [0, 1]")
+        if getattr(loss, "symmetric", False):
+            raise ValueError("loss.symmetric=true is InfoNCE's in-batch (CLIP) form; use pipeline.symmetric for MoCo")
+        super().__init__(backbone=convert_to_split_bn(backbone, bn_splits), **base)
+        self.projector = convert_to_split_bn(projector, bn_splits)
+        self.loss = loss
+        self.key_backbone = momentum_copy(self.backbone)  # frozen: requires_grad False, in the checkpoint
+        self.key_projector = momentum_copy(self.projector)
+        self.queue = KeyQueue(queue_size, self._out_dim())
+        self.momentum, self.momentum_cosine = momentum, momentum_cosine
+        self.symmetric, self.bn_splits = symmetric, bn_splits
+
+    def _out_dim(self) -> int:
+        """D, the projector's output width (the key dimension)."""
+        linears = [m for m in self.projector.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("the projector needs a final nn.Linear to infer the key dimension")
+        return linears[-1].out_features
+
+    # ------------------------------------------------------------------ parts of a step
+    def current_momentum(self) -> float:
+        """m of this step (``global_step`` of ``estimated_stepping_batches``)."""
+        if not self.momentum_cosine or self._trainer is None:
+            return self.momentum
+        return momentum_at(self.global_step, int(self.trainer.estimated_stepping_batches), self.momentum, True)
+
+    @torch.no_grad()
+    def keys(self, x: Tensor) -> Tensor:
+        """Key-encoder embeddings (B, D) of a view, the batch shuffled across the BN groups.
+
+        TODO(DDP): under several processes true shuffle-BN permutes the key batch across
+        ranks (all_gather, a shared permutation, scatter back); here each rank shuffles
+        only its own batch over its own ``bn_splits`` groups.
+        """
+        if self.bn_splits == 1:
+            return self.key_projector(self.key_backbone(x))
+        # the checkpointed augmentation generator draws it, so resume is exact
+        perm = torch.randperm(len(x), generator=self.generator).to(x.device)  # (B,)
+        k = self.key_projector(self.key_backbone(x[perm]))  # row j is the key of x[perm[j]]
+        return torch.empty_like(k).index_copy_(0, perm, k)  # row i is the key of x[i]
+
+    def check_queue(self, keys_per_step: int) -> None:
+        """K must hold at least one step's keys, else the negatives are a fragment of one batch."""
+        if keys_per_step > self.queue.size:
+            raise ValueError(
+                f"pipeline.queue_size={self.queue.size} is smaller than the keys enqueued per step "
+                f"({keys_per_step} = data.batch_size x processes{' x 2 (symmetric)' if self.symmetric else ''}): "
+                "raise pipeline.queue_size or lower data.batch_size"
+            )
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        images, labels = batch
+        self.check_queue(len(images) * world_size() * (2 if self.symmetric else 1))
+        m = self.current_momentum()
+        ema_update(self.key_backbone, self.backbone, m)  # before the keys, as MoCo
+        ema_update(self.key_projector, self.projector, m)
+        v1, v2 = self.views(images)
+        negatives = self.queue()  # (K, D)
+        h1 = self.backbone(v1)  # (B, F); separate passes: BN groups of B/G, as the demo
+        k2 = self.keys(v2)  # (B, D)
+        loss = self.loss(self.projector(h1), k2, negatives)
+        if self.symmetric:
+            h2 = self.backbone(v2)
+            k1 = self.keys(v1)
+            loss = 0.5 * (loss + self.loss(self.projector(h2), k1, negatives))
+            new_keys, h, y = torch.cat([k1, k2]), torch.cat([h1, h2]), labels.repeat(2)  # (2B, D), (2B, F), (2B,)
+        else:
+            new_keys, h, y = k2, h1, labels
+        self.log("train/momentum", m, on_step=True, on_epoch=False)
+        out = self.finish_step({"loss": loss}, self.online_probe_loss(h, y))
+        if out is not None:  # a skipped (non-finite) step enqueues nothing
+            self.queue.enqueue(all_gather_no_grad(l2_normalize(new_keys.float())))
+        return out
