@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from contrastive.data import DataError, Splits, TensorDataModule
@@ -113,15 +113,19 @@ class SaveRunConfig(Callback):
         checkpoint["contrastive_config"] = self.config
 
 
-class LastCheckpoint(ModelCheckpoint):
-    """Refreshes ``last.ckpt`` every epoch; its own state key lets it sit beside the periodic one."""
+class LastCheckpoint(Checkpoint):
+    """Writes ``last.ckpt`` at the end of every training epoch.
 
-    def __init__(self, dirpath: Path) -> None:
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True)
+    (``ModelCheckpoint(save_last=True)`` writes it only when it also saves a
+    periodic checkpoint.) As a ``Checkpoint`` it runs after the LightningModule's
+    ``on_train_epoch_end``, i.e. after the last step's non-finite check.
+    """
 
-    @property
-    def state_key(self) -> str:
-        return "last-" + super().state_key
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
 
 
 class SweepSummary(HydraCallback):
@@ -137,22 +141,45 @@ class SweepSummary(HydraCallback):
             log.info("sweep summary: %s", path)
 
 
-def validate_train_config(cfg: DictConfig, splits: Splits) -> None:
-    """Reject invalid values before any training (unknown keys are rejected by Hydra's struct mode)."""
-    world = int(cfg.trainer.devices) if str(cfg.trainer.devices).isdigit() else 1
-    world *= int(cfg.trainer.num_nodes)
-    if cfg.data.batch_size < 2:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: contrastive losses need at least 2 samples")
+def _check(cfg: DictConfig, key: str, kinds: tuple[type, ...], ok: Callable[[Any], bool], what: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+        raise ConfigError(f"{key}={value!r} is invalid: it must be {what}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject wrong types and invalid values before anything is built.
+
+    Unknown keys are rejected earlier by Hydra's struct mode; hyper-parameters of
+    losses, augmentations and pipelines are checked by their constructors.
+    """
+    positive_int = (int,), lambda v: v >= 1, "a positive integer"
+    _check(cfg, "data.batch_size", (int,), lambda v: v >= 2, "an integer >= 2 (a contrastive batch needs pairs)")
+    _check(cfg, "data.eval_batch_size", *positive_int)
+    _check(cfg, "trainer.max_epochs", (int,), lambda v: v >= 0, "a non-negative integer")
+    _check(cfg, "eval.every_n_epochs", *positive_int)
+    _check(cfg, "checkpoint.every_n_epochs", *positive_int)
+    _check(cfg, "seed", (int,), lambda v: True, "an integer")
+    _check(cfg, "data.num_classes", *positive_int)
+    if OmegaConf.select(cfg, "optimizer.lr") is not None:
+        _check(cfg, "optimizer.lr", (int, float), lambda v: v > 0, "a positive number")
+    for key in ("data.subset", "data.test_subset"):
+        if OmegaConf.select(cfg, key) is not None:
+            _check(cfg, key, *positive_int)
+
+
+def check_against_data(cfg: DictConfig, splits: Splits) -> None:
+    """Checks that need the data set: batch vs set size, class count."""
+    devices = cfg.trainer.devices
+    world = (int(devices) if str(devices).isdigit() else 1) * int(cfg.trainer.num_nodes)
     if cfg.data.batch_size * world > len(splits.train):
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} x {world} process(es) is larger than the training set "
             f"({len(splits.train)} images): lower data.batch_size or raise data.subset"
         )
-    if cfg.trainer.max_epochs is not None and cfg.trainer.max_epochs < 0:
-        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 0")
     if cfg.data.num_classes != splits.num_classes:
         raise ConfigError(
-            f"data.num_classes={cfg.data.num_classes} but the data set has {splits.num_classes} classes"
+            f"data.num_classes={cfg.data.num_classes} but the training split has {splits.num_classes} classes"
         )
 
 
@@ -199,9 +226,10 @@ def feature_metrics(
 
 def _train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = build_splits(cfg.data, cfg.seed)
-    validate_train_config(cfg, splits)
+    check_against_data(cfg, splits)
     datamodule = TensorDataModule(
         splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed,
         train_batches=instantiate(cfg.sampler),
@@ -213,7 +241,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     callbacks: list[Callback] = [
         SaveRunConfig(config),  # type: ignore[arg-type]
         # save_on_train_epoch_end: at every epoch's end, not only after the (sparser) validations
-        LastCheckpoint(run_dir / "checkpoints"),
+        LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="epoch={epoch:04d}", auto_insert_metric_name=False,
             save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs, save_on_train_epoch_end=True,

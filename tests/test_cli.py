@@ -51,7 +51,7 @@ def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
     assert (run_dir / "logs" / "metrics.csv").read_text().count("val/knn_top1") == 1
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["epoch"] == 2 and ckpt["contrastive_config"]["name"] == "simclr_shapes"
+    assert ckpt["global_step"] == 2 * 4 and ckpt["contrastive_config"]["name"] == "simclr_shapes"
     # The same command with more epochs continues from last.ckpt instead of starting over.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch=0000.ckpt", "epoch=0001.ckpt", "last.ckpt"]
     again = cli("contrastive-train", *[o.replace("max_epochs=2", "max_epochs=3") for o in SHRINK],
