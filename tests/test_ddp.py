@@ -1,0 +1,301 @@
+"""Two gloo processes on the CPU give what one process gives on the global batch.
+
+Each worker is a real Lightning ``Trainer(strategy="ddp", devices=2)`` started the way
+torchrun starts one (``LOCAL_RANK`` etc. in the environment), so DDP's gradient
+averaging, ``IndexBatches``' sharding and the pipeline's gathering are all the real ones.
+The reference is the same ``Trainer`` with one device, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+
+from contrastive.augment import Augment, normalize_uint8
+from contrastive.data import Splits, TensorDataModule, shapes
+from contrastive.distributed import gather_with_grad
+from contrastive.losses import NTXent
+from contrastive.models import convnet, mlp
+from contrastive.pipelines import SimCLR
+
+WORLD = 2
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(r: int, fn: Callable[[Path], Any], port: int, out_dir: str) -> None:
+    # what torchrun / SLURM set; Lightning then joins instead of launching children
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(r),
+                      LOCAL_RANK=str(r), NODE_RANK="0")
+    torch.set_num_threads(1)
+    torch.save(fn(Path(out_dir)), os.path.join(out_dir, f"rank{r}.pt"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _on_two_ranks(fn: Callable[[Path], Any], tmp_path: Path) -> list[Any]:
+    """``fn(tmp_path)`` on 2 gloo ranks (picklable, module level); its results, in rank order."""
+    mp.start_processes(_worker, args=(fn, _free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _everything_on_this_rank(tmp_path: Path) -> dict[str, Any]:
+    # one spawn for every check: starting a process (importing Lightning) is the slow part
+    return {"step": _one_step(WORLD), "validate": _validate(WORLD), "resume": _fit_then_resume(WORLD, tmp_path)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The results of :func:`_everything_on_this_rank` on rank 0 and rank 1."""
+    return _on_two_ranks(_everything_on_this_rank, tmp_path_factory.mktemp("ddp"))
+
+
+def _trainer(devices: int, **kwargs: Any) -> pl.Trainer:
+    args = dict(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, use_distributed_sampler=False,
+    )
+    return pl.Trainer(**(args | kwargs))
+
+
+# --------------------------------------------------------------------------- training step
+
+PER_RANK = 6  # training images per process and step
+
+
+class _MirrorViews(SimCLR):
+    """SimCLR whose two views are the image and its mirror image.
+
+    The random augmentation is replaced so that the comparison isolates what DDP
+    changes (sharding, gathering, gradient averaging) from the augmentation RNG.
+    """
+
+    def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
+        x = normalize_uint8(images, self.augment.mean, self.augment.std).to(self.dtype)
+        return [x, x.flip(-1)]
+
+
+def _simclr_without_bn(momentum: float = 0.0) -> SimCLR:
+    """The SimCLR pipeline with a BN-free backbone and head.
+
+    Per-process BatchNorm statistics differ from global ones (and SyncBatchNorm is
+    GPU-only), so exactness on the CPU is shown without BN; ``trainer=ddp`` turns
+    on SyncBatchNorm on GPUs for the same reason.
+    """
+    torch.manual_seed(0)
+    backbone = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    return _MirrorViews(
+        projector=mlp(16, 32, 8, batchnorm=False),
+        loss=NTXent(temperature=0.3, learnable=True, gather=True),  # the temperature is a parameter too
+        backbone=backbone, augment=Augment(size=16), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=momentum),
+        feature_dim=16, num_classes=10, knn_k=5,
+        online_probe=False,  # online_probe_loss casts to float32, which a float64 run cannot take
+    )
+
+
+class _Capture(pl.Callback):
+    """The training loss and the (DDP-averaged) gradient of every parameter at the first step."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
+        self.grads = {n: p.grad.detach().clone() for n, p in module.named_parameters()}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.loss = outputs["loss"].detach().clone()
+
+
+def _one_step(devices: int) -> tuple[Tensor, dict[str, Tensor]]:
+    splits = shapes(num_train=WORLD * PER_RANK, num_test=4, size=16, seed=1)
+    datamodule = TensorDataModule(splits, batch_size=PER_RANK * WORLD // devices, eval_batch_size=8, seed=3)
+    capture = _Capture()
+    _trainer(devices, max_steps=1, limit_val_batches=0, precision="64-true", callbacks=[capture]).fit(
+        _simclr_without_bn(), datamodule=datamodule)
+    return capture.loss, capture.grads
+
+
+def test_gather_true_is_the_identity_in_one_process() -> None:
+    """nt_xent.yaml sets gather: true; without a process group it changes nothing, bitwise."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    assert gather_with_grad(z1) is z1
+    values = []
+    for gather in (False, True):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = NTXent(0.5, gather=gather)(a, b)
+        loss.backward()
+        values.append((loss.detach(), a.grad, b.grad))
+    for x, y in zip(*values):
+        assert torch.equal(x, y)
+
+
+def test_simclr_step_on_two_processes_equals_one_process(two_ranks: list[dict[str, Any]]) -> None:
+    """Loss and every parameter's gradient (float64) after one SimCLR step through the Trainer."""
+    ref_loss, ref_grads = _one_step(1)  # one process, global batch of 12
+    assert len(ref_grads) == 9 and all(g.abs().sum() > 0 for g in ref_grads.values())
+    results = [out["step"] for out in two_ranks]
+    # each rank's loss is over its own anchors; DDP averages gradients, so the global
+    # objective is the mean of the ranks' losses
+    mean_loss = sum(loss for loss, _ in results) / WORLD
+    torch.testing.assert_close(mean_loss, ref_loss, rtol=1e-10, atol=0)
+    assert not torch.equal(results[0][0], results[1][0])  # the ranks did see different data
+    for _, grads in results:
+        assert grads.keys() == ref_grads.keys()
+        for name, ref in ref_grads.items():
+            torch.testing.assert_close(grads[name], ref, rtol=1e-10, atol=1e-15, msg=name)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+# 2 ranks x 16: the bank's last global batch has 1 image (rank 1's is empty), the test
+# set's has 5 (3 + 2), so both the uneven and the empty case are exercised.
+NUM_BANK, NUM_TEST, EVAL_BATCH = 97, 101, 16
+
+
+def _validate(devices: int) -> dict[str, Any]:
+    splits = shapes(num_train=NUM_BANK, num_test=NUM_TEST, size=16, seed=2)
+    torch.manual_seed(0)
+    pipeline = SimCLR(
+        projector=mlp(32, 32, 8), loss=NTXent(gather=True), backbone=convnet(width=8), augment=Augment(size=16),
+        optimizer=partial(torch.optim.SGD, lr=0.1), feature_dim=32, num_classes=10, knn_k=7,
+    )
+    datamodule = TensorDataModule(splits, batch_size=8, eval_batch_size=EVAL_BATCH)
+    trainer = _trainer(devices)
+    out: dict[str, Any] = {}
+    for knn_k, key in ((7, "val/knn_top1"), (0, "val/map_at_r")):  # closed set, then retrieval
+        pipeline.knn_k = knn_k
+        trainer.validate(pipeline, datamodule=datamodule, verbose=False)
+        out[key] = float(trainer.callback_metrics[key])
+    out["features"] = pipeline.last_features
+    out["labels"] = {"train": splits.train.labels, "test": splits.test.labels}
+    return out
+
+
+def test_validation_on_two_processes_equals_one_process(two_ranks: list[dict[str, Any]]) -> None:
+    """kNN top-1, MAP@R and ``last_features`` (order included) equal the single-process ones."""
+    ref = _validate(1)
+    assert len(ref["features"]["train"][0]) == NUM_BANK and len(ref["features"]["test"][0]) == NUM_TEST
+    for out in (r["validate"] for r in two_ranks):
+        assert out["val/knn_top1"] == ref["val/knn_top1"]
+        assert out["val/map_at_r"] == ref["val/map_at_r"]
+        for split in ("train", "test"):
+            feats, labels = out["features"][split]
+            assert torch.equal(labels, out["labels"][split])  # the data set's order
+            assert torch.equal(feats, ref["features"][split][0])
+            assert torch.equal(labels, ref["features"][split][1])
+
+
+# --------------------------------------------------------------------------- checkpoint and resume
+
+
+class _RestoredState(pl.Callback):
+    """What this rank holds when the resumed training starts."""
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # the checkpoint's order
+        self.state = {
+            "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+            "momentum": [optimizer.state[p]["momentum_buffer"].clone() for p in params],
+            "weights": {k: v.clone() for k, v in module.state_dict().items()},
+            "generator": module.generator.get_state(),
+        }
+
+
+def _fit_then_resume(devices: int, tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    """One epoch (2 steps, SGD with momentum) saving last.ckpt, then a fresh Trainer resuming from it."""
+    splits = shapes(num_train=2 * PER_RANK * WORLD, num_test=4, size=16, seed=1)
+    datamodule = TensorDataModule(splits, batch_size=PER_RANK * WORLD // devices, eval_batch_size=8, seed=3)
+    directory = tmp_path / f"checkpoints_{devices}"
+    last = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_epochs=1,
+                           save_on_train_epoch_end=True)
+    _trainer(devices, max_epochs=1, limit_val_batches=0, precision="64-true", enable_checkpointing=True,
+             callbacks=[last]).fit(_simclr_without_bn(momentum=0.9), datamodule=datamodule)
+    restored = _RestoredState()
+    # Lightning loads the weights before "64-true" converts the module: a float32 module would
+    # round them on the way in, so the module is float64 already
+    _trainer(devices, max_epochs=2, limit_val_batches=0, precision="64-true", callbacks=[restored]).fit(
+        _simclr_without_bn(momentum=0.9).double(), datamodule=datamodule, ckpt_path=directory / "last.ckpt")
+    return restored.state, directory
+
+
+def test_resume_restores_every_rank(two_ranks: list[dict[str, Any]]) -> None:
+    """Rank 0 wrote one last.ckpt; on resume each rank holds its step, weights, optimizer
+    momentum and augmentation RNG (a rank that skipped the restore has no momentum)."""
+    directory = two_ranks[0]["resume"][1]
+    assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt"]
+    ckpt = torch.load(directory / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    momentum = [s["momentum_buffer"] for _, s in sorted(ckpt["optimizer_states"][0]["state"].items())]
+    for state, _ in (out["resume"] for out in two_ranks):
+        assert (state["epoch"], state["global_step"]) == (1, 2)
+        assert state["weights"].keys() == ckpt["state_dict"].keys()
+        for name, value in ckpt["state_dict"].items():
+            assert torch.equal(state["weights"][name], value), name
+        assert len(state["momentum"]) == len(momentum) == 9
+        for restored, saved in zip(state["momentum"], momentum):
+            assert torch.equal(restored, saved)
+        assert torch.equal(state["generator"], ckpt["augment_generator"])
+
+
+# --------------------------------------------------------------------------- the CLI under DDP
+
+SHRINK = [
+    "data.source.num_train=200", "data.source.num_test=100", "data.batch_size=25", "trainer.enable_progress_bar=false",
+    "probe.epochs=5", "eval.every_n_epochs=1", "hydra.run.dir=run",
+]
+
+
+def test_cli_trains_and_resumes_on_two_cpu_processes(cli, tmp_path: Path) -> None:
+    """``contrastive-train trainer=ddp_cpu``: Lightning re-runs the console script for rank 1
+    in the same Hydra run directory; rank 0 alone writes metrics.json and checkpoints."""
+    out = cli("contrastive-train", "trainer=ddp_cpu", "trainer.max_epochs=1", *SHRINK, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "Starting with 2 processes" in log and log.count("metrics: {") == 1
+    run = tmp_path / "run"
+    first = json.loads((run / "metrics.json").read_text())
+    assert first["epochs"] == 1
+    assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran in the same run directory
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4  # 200 images, 25 per process x 2 processes: 4 steps
+    assert ckpt["contrastive_config"]["trainer"]["devices"] == 2
+
+    again = cli("contrastive-train", "trainer=ddp_cpu", "trainer.max_epochs=2", *SHRINK, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "Restored all states from the checkpoint" in log and log.count("metrics: {") == 1
+    second = json.loads((run / "metrics.json").read_text())
+    assert second["epochs"] == 2
+    # the untrained figures are measured with the seed's initial weights on every run
+    assert {k: v for k, v in second.items() if k.endswith("_untrained")} == {
+        k: v for k, v in first.items() if k.endswith("_untrained")}
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 8  # epoch 2 on top of the restored 4 steps
+    metrics_csv = (run / "logs" / "metrics.csv").read_text()
+    assert metrics_csv.count("val/knn_top1") == 1  # one header: one logger (rank 0)
