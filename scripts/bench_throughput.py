@@ -4,7 +4,8 @@ In ONE process on ONE device, the same model (ResNet-18, CIFAR stem, 2-layer hea
 loss (NT-Xent) and optimiser step are fed three ways:
 
   (a) ours: uint8 data set on the device, index batches, batched augmentation there
-      (``contrastive.augment.Augment``), bf16 autocast + channels_last on a GPU;
+      (``contrastive.augment.Augment``, replayed as a CUDA graph), bf16 autocast + channels_last
+      on a GPU; (a0) the same with the augmentation run eagerly;
   (b) baseline: torchvision.transforms.v2 SimCLR transforms in a DataLoader with all
       CPU cores as workers (pinned memory, non-blocking copies), as the other toolkits do;
   (c) ceiling: two pre-made views already on the device (model + loss + step only).
@@ -74,8 +75,8 @@ def timed(batches: Iterator[tuple[Tensor, Tensor]], step: Callable[[Tensor, Tens
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def ours(data: ImageTensors, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    aug = Augment(size=32, mean=MEAN, std=STD)
+def ours(data: ImageTensors, batch_size: int, device: torch.device, graph: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+    aug = Augment(size=32, mean=MEAN, std=STD, cuda_graph=graph)
     gen = torch.Generator().manual_seed(0)
     on_device = data.to(device)
     while True:
@@ -148,6 +149,7 @@ def main() -> None:
     for name, source in [
         ("(c) ceiling: views pre-made on device", lambda: ceiling(args.batch_size, device)),
         ("(a) ours: device-resident data + batched aug", lambda: ours(data, args.batch_size, device)),
+        ("(a0) ours without the CUDA graph (eager aug)", lambda: ours(data, args.batch_size, device, False)),
         (f"(b) torchvision v2 + DataLoader({args.workers} workers)",
          lambda: baseline(data, args.batch_size, device, args.workers)),
     ]:
@@ -157,7 +159,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         ips = timed(source(), make_step(net, opt, device), args.steps, args.warmup, args.batch_size, device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        rows[name[:3]] = ips
+        rows[name.split()[0]] = ips
         print(f"{name:52s} {ips:10.0f} images/s   peak {peak:6.2f} GiB", flush=True)
     print(f"a/b = {rows['(a)'] / rows['(b)']:.2f}   a/c = {rows['(a)'] / rows['(c)']:.2f}   "
           f"(device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
