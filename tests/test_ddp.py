@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from contrastive.augment import Augment, normalize_uint8
 from contrastive.data import Splits, TensorDataModule, shapes
 from contrastive.distributed import gather_with_grad
-from contrastive.losses import NTXent
+from contrastive.losses import InfoNCE, NTXent
 from contrastive.models import convnet, mlp
-from contrastive.pipelines import SimCLR
+from contrastive.pipelines import MoCo, SimCLR
 
 WORLD = 2
 
@@ -62,7 +62,8 @@ def _on_two_ranks(fn: Callable[[Path], Any], tmp_path: Path) -> list[Any]:
 
 def _everything_on_this_rank(tmp_path: Path) -> dict[str, Any]:
     # one spawn for every check: starting a process (importing Lightning) is the slow part
-    return {"step": _one_step(WORLD), "validate": _validate(WORLD), "resume": _fit_then_resume(WORLD, tmp_path)}
+    return {"step": _one_step(WORLD), "validate": _validate(WORLD), "resume": _fit_then_resume(WORLD, tmp_path),
+            "moco": _moco_steps(WORLD)}
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +261,41 @@ def test_resume_restores_every_rank(two_ranks: list[dict[str, Any]]) -> None:
         for restored, saved in zip(state["momentum"], momentum):
             assert torch.equal(restored, saved)
         assert torch.equal(state["generator"], ckpt["augment_generator"])
+
+
+# --------------------------------------------------------------------------- MoCo's queue
+
+
+class _MirrorMoCo(MoCo):
+    """MoCo with the fixed views of :class:`_MirrorViews` (the augmentation RNG set aside)."""
+
+    views = _MirrorViews.views
+
+
+def _moco_steps(devices: int) -> dict[str, Tensor]:
+    """Three MoCo steps (8 keys per step into a queue of 20, so it wraps); the queue and the weights."""
+    splits = shapes(num_train=3 * 4 * WORLD, num_test=4, size=16, seed=4)
+    datamodule = TensorDataModule(splits, batch_size=4 * WORLD // devices, eval_batch_size=8, seed=5)
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    moco = _MirrorMoCo(
+        backbone=backbone, projector=nn.Linear(8, 6), loss=InfoNCE(temperature=0.2), queue_size=20,
+        momentum=0.9, bn_splits=1, augment=Augment(size=16), optimizer=partial(torch.optim.SGD, lr=0.5),
+        feature_dim=8, num_classes=10, online_probe=False,
+    ).double()
+    _trainer(devices, max_steps=3, limit_val_batches=0, precision="64-true").fit(moco, datamodule=datamodule)
+    return {k: v.clone() for k, v in moco.state_dict().items()}
+
+
+def test_moco_queue_is_the_same_on_every_rank_and_as_one_process(two_ranks: list[dict[str, Any]]) -> None:
+    """Keys are gathered before the enqueue: after 3 steps (a wrap-around) every rank holds the
+    queue, pointer, query and key encoders that one process holds on the global batch."""
+    ref = _moco_steps(1)
+    assert int(ref["queue.ptr"]) == 3 * 4 * WORLD % 20
+    rank0, rank1 = (out["moco"] for out in two_ranks)
+    for name, value in ref.items():
+        assert torch.equal(rank0[name], rank1[name]), name  # identical across ranks, bitwise
+        torch.testing.assert_close(rank0[name], value, rtol=1e-10, atol=1e-12, msg=name)
 
 
 # --------------------------------------------------------------------------- the CLI under DDP
