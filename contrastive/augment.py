@@ -597,9 +597,21 @@ class Augment:
             x = apply_where(params.solarize, solarize(x), x)
         return normalize(x, self.mean, self.std)
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Augment a batch: (B, C, H, W) uint8 on any device -> (B, C, size, size) float32 there."""
-        params = self.sample(images.shape[0], images.shape[-2], images.shape[-1], generator)
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None, rows: Tensor | None = None,
+        of: int | None = None,
+    ) -> Tensor:
+        """Augment a batch: (B, C, H, W) uint8 on any device -> (B, C, size, size) float32 there.
+
+        ``rows`` (B,) and ``of``: draw the parameters of a batch of ``of`` samples and use
+        rows ``rows`` of them, i.e. one process's share of the global batch under DDP, so
+        W processes together augment exactly as one process holding the global batch.
+        """
+        if rows is None:
+            params = self.sample(images.shape[0], images.shape[-2], images.shape[-1], generator)
+        else:
+            full = self.sample(int(of or 0), images.shape[-2], images.shape[-1], generator)
+            params = AugmentParams(*(t[rows] for t in _fields(full)))
         if self.cuda_graph and images.is_cuda and not torch.cuda.is_current_stream_capturing():
             return self._replay(images, params.to(images.device))
         return self.apply(images, params.to(images.device))

@@ -115,7 +115,6 @@ def _simclr_without_bn(momentum: float = 0.0) -> SimCLR:
         loss=NTXent(temperature=0.3, learnable=True, gather=True),  # the temperature is a parameter too
         backbone=backbone, augment=Augment(size=16), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=momentum),
         feature_dim=16, num_classes=10, knn_k=5,
-        online_probe=False,  # online_probe_loss casts to float32, which a float64 run cannot take
     )
 
 

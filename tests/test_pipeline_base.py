@@ -77,3 +77,17 @@ def test_resnet_cifar_stem() -> None:
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, nn.Identity)
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_views_under_two_ranks_are_the_rows_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank draws the global batch's parameters and applies its own rows."""
+    import contrastive.pipelines.base as base
+
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    whole = _pipeline("raise").views(images)  # one process, global batch of 8
+    for r in range(2):
+        monkeypatch.setattr(base, "world_size", lambda: 2)
+        monkeypatch.setattr(base, "rank", lambda r=r: r)
+        mine = _pipeline("raise").views(images[4 * r : 4 * r + 4])  # same seed: generators in step
+        for v in range(2):
+            assert torch.equal(mine[v], whole[v][4 * r : 4 * r + 4])

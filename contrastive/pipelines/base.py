@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
-from contrastive.distributed import world_size
+from contrastive.distributed import rank, world_size
 from contrastive.evaluation import knn_top1, retrieval_metrics
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -100,8 +100,14 @@ class Pipeline(pl.LightningModule):
     # ------------------------------------------------------------------ encoding
     def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
         """``n`` independently augmented views of a uint8 batch, channels-last on a GPU."""
-        # one call on the n-fold batch: per-sample parameters, a fraction of the kernel launches
-        out = list(self.augment(images.repeat(n, 1, 1, 1), self.generator).chunk(n))
+        # One call on the n-fold batch: per-sample parameters, a fraction of the kernel launches.
+        # Under W processes (generators in step on every rank, equal batches): the parameters of
+        # the global n-fold batch and this rank's rows of each view, as one process would draw them.
+        b, w, r = len(images), world_size(), rank()
+        rows = None
+        if w > 1:
+            rows = torch.cat([torch.arange(v * b * w + r * b, v * b * w + (r + 1) * b) for v in range(n)])
+        out = list(self.augment(images.repeat(n, 1, 1, 1), self.generator, rows=rows, of=n * b * w).chunk(n))
         if images.is_cuda:
             out = [v.contiguous(memory_format=torch.channels_last) for v in out]
         return out
@@ -122,7 +128,7 @@ class Pipeline(pl.LightningModule):
         """Cross-entropy of the online linear probe on detached features; logs its accuracy."""
         if self.online_head is None:
             return None
-        logits = self.online_head(features.detach().float())
+        logits = self.online_head(features.detach().to(self.online_head.weight.dtype))
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean() * 100
         self.log("train/online_probe_top1", acc, on_step=False, on_epoch=True)
