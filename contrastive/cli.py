@@ -181,6 +181,18 @@ def check_against_data(cfg: DictConfig, splits: Splits) -> None:
         raise ConfigError(
             f"data.num_classes={cfg.data.num_classes} but the training split has {splits.num_classes} classes"
         )
+    queue = OmegaConf.select(cfg, "pipeline.queue_size")
+    keys = cfg.data.batch_size * world * (2 if OmegaConf.select(cfg, "pipeline.symmetric") else 1)
+    if queue is not None and queue < keys:
+        raise ConfigError(
+            f"pipeline.queue_size={queue} is smaller than the keys enqueued per step ({keys} = data.batch_size "
+            "x processes, x 2 when pipeline.symmetric): raise pipeline.queue_size or lower data.batch_size"
+        )
+    bn_splits = OmegaConf.select(cfg, "pipeline.bn_splits") or 1
+    if cfg.data.batch_size % bn_splits:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not a multiple of pipeline.bn_splits={bn_splits}"
+        )
 
 
 def resume_path(resume: Any, run_dir: Path) -> str | None:

@@ -69,10 +69,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
         ("eval.every_n_epochs=0", "eval.every_n_epochs"),
         ("data.num_classes=7", "data.num_classes=7"),
         ("optimizer.lr=-1", "optimizer.lr"),
+        ("experiment=moco_shapes pipeline.queue_size=100", "pipeline.queue_size=100"),
     ],
 )
 def test_bad_values_are_refused_before_training(cli, tmp_path: Path, override: str, message: str) -> None:
-    out = cli("contrastive-train", override, cwd=tmp_path)
+    out = cli("contrastive-train", *override.split(), cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]

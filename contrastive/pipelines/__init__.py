@@ -5,4 +5,4 @@ from contrastive.pipelines.moco import MoCo
 from contrastive.pipelines.simclr import SimCLR
 from contrastive.pipelines.siamese import Siamese
 
-__all__ = ["MoCo", "NonFiniteLossError", "Pipeline", "SimCLR", "warmup_cosine"]
+__all__ = ["MoCo", "NonFiniteLossError", "Pipeline", "SimCLR", "Siamese", "warmup_cosine"]
