@@ -256,12 +256,15 @@ def _make_shapes(n: int, size: int, generator: torch.Generator) -> ImageTensors:
     dx = coords[None, None, :] - centre[:, 0, None, None]
     dx, dy = torch.broadcast_tensors(dx, dy)
     mask = _shape_masks(kind, dx, dy, radius)[:, None]  # (N, 1, H, W)
-    fg = torch.rand(n, 3, 1, 1, generator=g)
-    bg = torch.rand(n, 3, 1, 1, generator=g)
-    # keep foreground and background apart in brightness so every shape is visible
-    shift = torch.where(fg.mean(1, keepdim=True) > bg.mean(1, keepdim=True), 0.25, -0.25)
-    fg = (fg + shift).clamp(0, 1)
-    noise = 0.06 * torch.randn(n, 3, size, size, generator=g)
+    # Colours from a small palette, dark on light or light on dark: many images share a
+    # colour pair, so colour cannot tell instances apart and contrastive training must use shape.
+    dark = torch.tensor([[0.1, 0.1, 0.5], [0.5, 0.1, 0.1], [0.1, 0.4, 0.1], [0.2, 0.2, 0.2]])
+    light = torch.tensor([[0.95, 0.85, 0.3], [0.5, 0.85, 0.95], [0.95, 0.6, 0.8], [0.85, 0.85, 0.85]])
+    pick = torch.randint(0, 4, (2, n), generator=g)
+    dark_fg = torch.rand(n, generator=g) < 0.5
+    fg = torch.where(dark_fg[:, None], dark[pick[0]], light[pick[0]])[:, :, None, None]
+    bg = torch.where(dark_fg[:, None], light[pick[1]], dark[pick[1]])[:, :, None, None]
+    noise = 0.04 * torch.randn(n, 3, size, size, generator=g)
     img = torch.where(mask, fg, bg) + noise
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return ImageTensors(images, kind, len(SHAPE_NAMES), list(SHAPE_NAMES))
@@ -270,10 +273,10 @@ def _make_shapes(n: int, size: int, generator: torch.Generator) -> ImageTensors:
 def shapes(num_train: int = 2000, num_test: int = 1000, size: int = 32, seed: int = 0) -> Splits:
     """The built-in data set: ten classes of coloured shapes, generated (no download).
 
-    Each image is one shape (disk, square, ring, ...) of random size, position and
-    colour on a random background with pixel noise; the class is the shape. Colour
-    and position are nuisances, so a network must learn shape to classify it:
-    a small stand-in for CIFAR that trains in a minute on a CPU.
+    Each image is one shape (disk, square, ring, ...) of random size and position in
+    one of a few colours on a contrasting background with pixel noise; the class is
+    the shape. Colour and position are nuisances, so a network must learn shape to
+    classify it: a small stand-in for CIFAR that trains in a minute or two on a CPU.
     """
     g = torch.Generator().manual_seed(seed)
     return Splits(_make_shapes(num_train, size, g), _make_shapes(num_test, size, g))
