@@ -7,6 +7,7 @@ hands them to a pipeline and a Lightning ``Trainer``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import warnings
@@ -61,8 +62,17 @@ def _run_dir_of(checkpoint: str) -> str:
     return str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
 
 
+def _short_name(name: str, limit: int = 120) -> str:
+    """A folder name from the overrides, cut and suffixed with a hash when too long for a file name."""
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name.encode()[: limit - 11].decode(errors='ignore')}_{digest}"
+
+
 def _resolvers() -> None:
-    for name, fn in {"run_dir_of": _run_dir_of, "stem_of": lambda p: Path(p).stem}.items():
+    resolvers = {"run_dir_of": _run_dir_of, "stem_of": lambda p: Path(p).stem, "short_name": _short_name}
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -242,9 +252,11 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = build_splits(cfg.data, cfg.seed)
     check_against_data(cfg, splits)
+    train_batches = instantiate(cfg.sampler)
+    train_batches(splits.train, batch_size=cfg.data.batch_size, seed=cfg.seed)  # bad settings fail before any work
     datamodule = TensorDataModule(
         splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed,
-        train_batches=instantiate(cfg.sampler),
+        train_batches=train_batches,
     )
     pipeline = build_pipeline(cfg)
     ckpt_path = resume_path(cfg.resume, run_dir)

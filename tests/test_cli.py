@@ -140,3 +140,16 @@ def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: P
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     net.maxpool = torch.nn.Identity()
     net.load_state_dict(torch.load(tmp_path / "run" / "eval_last" / "backbone_torchvision.pt"), strict=True)
+
+
+def test_many_overrides_give_a_short_run_dir(cli, tmp_path: Path) -> None:
+    many = [f"data.source.num_train={200 + i}" for i in range(1)] + [
+        "data.source.num_test=100", "data.batch_size=50", "trainer.max_epochs=0", "trainer.enable_progress_bar=false",
+        "eval.final_probe=false", "eval.knn_k=200", "eval.knn_temperature=0.1", "checkpoint.every_n_epochs=7",
+        "optimizer.momentum=0.9", "optimizer.weight_decay=0.0005", "scheduler.warmup_epochs=10",
+        "loss.temperature=0.5", "aug.flip_p=0.5", "aug.gray_p=0.2", "aug.jitter_p=0.8",
+    ]
+    out = cli("contrastive-train", *many, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = (tmp_path / "outputs" / "simclr_shapes").iterdir()
+    assert len(run.name) <= 120 and (run / "metrics.json").is_file()
