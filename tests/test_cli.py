@@ -153,3 +153,14 @@ def test_many_overrides_give_a_short_run_dir(cli, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     (run,) = (tmp_path / "outputs" / "simclr_shapes").iterdir()
     assert len(run.name) <= 120 and (run / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_builtin_default_beats_untrained_by_10_points(cli, tmp_path: Path) -> None:
+    """`contrastive-train` with no arguments, exactly as the README's first command runs it."""
+    out = cli("contrastive-train", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "outputs" / "simclr_shapes" / "metrics.json").read_text())
+    assert metrics["epochs"] == 25
+    assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 10, metrics
+    assert metrics["linear_top1"] > metrics["linear_top1_untrained"], metrics
