@@ -156,7 +156,7 @@ def test_gather_true_is_the_identity_in_one_process() -> None:
 def test_simclr_step_on_two_processes_equals_one_process(two_ranks: list[dict[str, Any]]) -> None:
     """Loss and every parameter's gradient (float64) after one SimCLR step through the Trainer."""
     ref_loss, ref_grads = _one_step(1)  # one process, global batch of 12
-    assert len(ref_grads) == 9 and all(g.abs().sum() > 0 for g in ref_grads.values())
+    assert len(ref_grads) == 11 and all(g.abs().sum() > 0 for g in ref_grads.values())
     results = [out["step"] for out in two_ranks]
     # each rank's loss is over its own anchors; DDP averages gradients, so the global
     # objective is the mean of the ranks' losses
@@ -256,7 +256,7 @@ def test_resume_restores_every_rank(two_ranks: list[dict[str, Any]]) -> None:
         assert state["weights"].keys() == ckpt["state_dict"].keys()
         for name, value in ckpt["state_dict"].items():
             assert torch.equal(state["weights"][name], value), name
-        assert len(state["momentum"]) == len(momentum) == 9
+        assert len(state["momentum"]) == len(momentum) == 11
         for restored, saved in zip(state["momentum"], momentum):
             assert torch.equal(restored, saved)
         assert torch.equal(state["generator"], ckpt["augment_generator"])
