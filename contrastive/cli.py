@@ -394,11 +394,16 @@ def write_plots(out_dir: Path, features: dict[str, tuple[torch.Tensor, torch.Ten
 def export_backbone(pipeline: Pipeline, classifier: torch.nn.Linear | None) -> dict[str, torch.Tensor]:
     """The backbone's weights under torchvision's names, plus ``fc`` from the linear probe if given.
 
+    ``fc`` is added only where the probe saw backbone features (not for pipelines whose
+    evaluation features are an embedding head's output, such as Siamese).
+
     A ResNet from ``contrastive.models.resnet`` then loads into
     ``torchvision.models.resnet18(num_classes=C)`` (with the CIFAR stem) with ``strict=True``.
     """
     state = {k: v.detach().cpu().clone() for k, v in pipeline.backbone.state_dict().items()}
-    if classifier is not None and isinstance(getattr(pipeline.backbone, "fc", None), torch.nn.Identity):
+    probes_backbone = type(pipeline).features is Pipeline.features  # not an embedding head (Siamese)
+    headless = isinstance(getattr(pipeline.backbone, "fc", None), torch.nn.Identity)
+    if probes_backbone and headless and classifier is not None:
         state["fc.weight"] = classifier.weight.detach().cpu().clone()
         state["fc.bias"] = classifier.bias.detach().cpu().clone()
     return state
