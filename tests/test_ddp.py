@@ -50,6 +50,7 @@ def _worker(r: int, fn: Callable[[Path], Any], port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.save(fn(Path(out_dir)), os.path.join(out_dir, f"rank{r}.pt"))
     if dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while its peer still talks (SIGABRT otherwise)
         dist.destroy_process_group()
 
 

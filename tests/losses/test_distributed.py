@@ -72,6 +72,7 @@ def _worker(r: int, port: int, out_dir: str) -> None:
         gathered = gather_with_grad(torch.full((2,), float(r)))
         torch.save((r, results, world_size(), rank(), gathered), os.path.join(out_dir, f"rank{r}.pt"))
     finally:
+        dist.barrier()  # no rank tears gloo down while its peer still talks (SIGABRT otherwise)
         dist.destroy_process_group()
 
 
