@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from contrastive.augment import Augment, normalize_uint8
-from contrastive.data import Splits, TensorDataModule, shapes
+from contrastive.data import TensorDataModule, shapes
 from contrastive.distributed import gather_with_grad
 from contrastive.losses import InfoNCE, NTXent
 from contrastive.models import convnet, mlp
