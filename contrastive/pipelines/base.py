@@ -96,6 +96,7 @@ class Pipeline(pl.LightningModule):
         self._val_outputs: dict[int, list[tuple[Tensor, Tensor]]] = {}
         self.last_features: dict[str, tuple[Tensor, Tensor]] = {}
         self.skipped_steps = 0
+        self._pending_check: tuple[Tensor, Any, dict[str, Tensor], int] | None = None  # see finish_step
 
     # ------------------------------------------------------------------ encoding
     def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
@@ -169,7 +170,7 @@ class Pipeline(pl.LightningModule):
 
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`NonFiniteLossError` if the last checked step had a NaN/Inf term."""
-        pending, self._pending_check = getattr(self, "_pending_check", None), None
+        pending, self._pending_check = self._pending_check, None
         if pending is None:
             return
         flags, event, terms, step = pending
