@@ -64,7 +64,7 @@ def _on_two_ranks(fn: Callable[[Path], Any], tmp_path: Path) -> list[Any]:
 def _everything_on_this_rank(tmp_path: Path) -> dict[str, Any]:
     # one spawn for every check: starting a process (importing Lightning) is the slow part
     return {"step": _one_step(WORLD), "validate": _validate(WORLD), "resume": _fit_then_resume(WORLD, tmp_path),
-            "moco": _moco_steps(WORLD)}
+            "moco": _moco_steps(WORLD), "shuffle_bn": _shuffle_bn_keys()}
 
 
 @pytest.fixture(scope="module")
@@ -289,13 +289,81 @@ def _moco_steps(devices: int) -> dict[str, Tensor]:
 
 def test_moco_queue_is_the_same_on_every_rank_and_as_one_process(two_ranks: list[dict[str, Any]]) -> None:
     """Keys are gathered before the enqueue: after 3 steps (a wrap-around) every rank holds the
-    queue, pointer, query and key encoders that one process holds on the global batch."""
+    queue, pointer, query and key encoders that one process holds on the global batch. The keys
+    are shuffled across the ranks (one process, ``bn_splits=1``, does not shuffle); without BN
+    each key depends on its own image only, so this also checks the un-shuffle."""
     ref = _moco_steps(1)
     assert int(ref["queue.ptr"]) == 3 * 4 * WORLD % 20
     rank0, rank1 = (out["moco"] for out in two_ranks)
     for name, value in ref.items():
         assert torch.equal(rank0[name], rank1[name]), name  # identical across ranks, bitwise
         torch.testing.assert_close(rank0[name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------- MoCo's shuffle-BN across ranks
+
+KEYS_PER_RANK, KEY_SPLITS = 8, 2
+
+
+def _bn_moco() -> MoCo:
+    """A float64 MoCo in train mode whose key encoder has BN (split in ``KEY_SPLITS`` groups) in both parts."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten())
+    projector = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 6))
+    return MoCo(
+        backbone=backbone, projector=projector, loss=InfoNCE(temperature=0.2), queue_size=32, bn_splits=KEY_SPLITS,
+        augment=Augment(size=8), optimizer=partial(torch.optim.SGD, lr=0.1), feature_dim=8, online_probe=False,
+    ).double().train()
+
+
+def _key_views() -> Tensor:
+    """The global batch of key views (W*B, 3, 8, 8), float64, rank r holding rows [rB, (r+1)B)."""
+    g = torch.Generator().manual_seed(6)
+    return torch.randn(WORLD * KEYS_PER_RANK, 3, 8, 8, generator=g, dtype=torch.float64)
+
+
+def _shuffle_bn_keys() -> dict[str, Tensor]:
+    """This rank's keys (B, D) of its rows of :func:`_key_views`, and the generator's state after."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    r, moco = dist.get_rank(), _bn_moco()
+    keys = moco.keys(_key_views()[r * KEYS_PER_RANK : (r + 1) * KEYS_PER_RANK])
+    return {"keys": keys, "generator": moco.generator.get_state()}
+
+
+@torch.no_grad()
+def _chunked_reference(moco: MoCo, x: Tensor) -> tuple[Tensor, Tensor]:
+    """One process: permute the global batch, key-encode each of the W per-rank chunks
+    separately (train-mode BN per chunk), concatenate, un-permute. Keys (W*B, D) and the permutation."""
+    perm = torch.randperm(len(x), generator=moco.generator)  # what every rank draws
+    shuffled = torch.cat([moco.key_projector(moco.key_backbone(chunk)) for chunk in x[perm].chunk(WORLD)])
+    keys = torch.empty_like(shuffled)
+    keys[perm] = shuffled
+    return keys, perm
+
+
+def test_shuffle_bn_across_ranks_equals_one_process_encoding_the_chunks(two_ranks: list[dict[str, Any]]) -> None:
+    """The ranks' keys, in rank order, are one process's keys of the global batch under the same
+    global permutation and BN grouping; every rank's generator ends where that process's does."""
+    moco = _bn_moco()
+    ref, perm = _chunked_reference(moco, _key_views())
+    for chunk in perm.chunk(WORLD):  # each rank's slice holds images of both ranks: the mix is global
+        assert set((chunk // KEYS_PER_RANK).tolist()) == set(range(WORLD))
+    keys = torch.cat([out["shuffle_bn"]["keys"] for out in two_ranks])
+    assert keys.shape == ref.shape == (WORLD * KEYS_PER_RANK, 6) and keys.dtype == torch.float64
+    torch.testing.assert_close(keys, ref, rtol=1e-10, atol=1e-12)
+    for out in two_ranks:
+        assert torch.equal(out["shuffle_bn"]["generator"], moco.generator.get_state())
+
+
+def test_shuffle_bn_statistics_come_from_other_ranks_images(two_ranks: list[dict[str, Any]]) -> None:
+    """A rank that shuffled only its own batch (the former behaviour, one process on its rows)
+    gets other keys: BN statistics over its own images, not a mix of both ranks'."""
+    x = _key_views()
+    for r, out in enumerate(two_ranks):
+        local = _bn_moco().keys(x[r * KEYS_PER_RANK : (r + 1) * KEYS_PER_RANK])  # (B, D)
+        assert (out["shuffle_bn"]["keys"] - local).abs().max() > 1e-2
 
 
 # --------------------------------------------------------------------------- the CLI under DDP

@@ -12,7 +12,9 @@ the same with :class:`SplitBatchNorm` (statistics per group of B/G samples, as e
 would) in both encoders plus a random permutation of the key batch before the key
 encoder (undone after it), as the MoCo authors' CIFAR-10 demo does. A fixed shift of
 the groups would *not* do: the key groups would then hold exactly the images of a
-query group, and the statistics would leak again.
+query group, and the statistics would leak again. Under W processes the permutation is
+global (MoCo's ``batch_shuffle_ddp``): each rank encodes a random B-row slice of the
+W*B keys, still in ``bn_splits`` groups per rank (W * bn_splits groups in all).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive.distributed import world_size
+from contrastive.distributed import rank, world_size
 from contrastive.losses import l2_normalize
 from contrastive.models import ema_update, momentum_copy
 from contrastive.pipelines.base import Pipeline
@@ -122,8 +124,9 @@ class MoCo(Pipeline):
         symmetric: both views serve as query: ``(L(q1, k2) + L(q2, k1)) / 2``, and
             ``cat(k1, k2)`` is enqueued (2B keys per step). The MoCo demo *sums* the two
             terms; with SGD that equals our mean at twice the lr and half the weight decay.
-        bn_splits: G, the groups of the batch that BN statistics are computed over
-            (shuffle-BN on one device); 1 = statistics of the whole batch.
+        bn_splits: G, the groups of each process's batch that BN statistics are computed
+            over (shuffle-BN on one device); 1 = statistics of the whole (per-process) batch.
+            The keys are shuffled whenever G > 1 or there are several processes.
         **base: the :class:`Pipeline` arguments (augment, optimizer, ...).
     """
 
@@ -159,18 +162,28 @@ class MoCo(Pipeline):
 
     @torch.no_grad()
     def keys(self, x: Tensor) -> Tensor:
-        """Key-encoder embeddings (B, D) of a view, the batch shuffled across the BN groups.
+        """Key-encoder embeddings (B, D) of a view, the keys shuffled across the BN groups (shuffle-BN).
 
-        TODO(DDP): under several processes true shuffle-BN permutes the key batch across
-        ranks (all_gather, a shared permutation, scatter back); here each rank shuffles
-        only its own batch over its own ``bn_splits`` groups.
+        One process: the batch is permuted, encoded (BN statistics per ``bn_splits`` group)
+        and un-permuted. W processes (B rows on each, as MoCo's ``batch_shuffle_ddp``):
+        the W*B key views are gathered, permuted by one global permutation, each rank
+        encodes its B-row slice of the permuted batch (``bn_splits`` groups of it), the
+        keys are gathered, un-permuted, and this rank's rows returned. Its BN statistics
+        thus mix images of every rank, so a query and its key share none. No shuffle at
+        all only with W = 1 and ``bn_splits=1``.
         """
-        if self.bn_splits == 1:
+        w, r, b = world_size(), rank(), len(x)
+        if w == 1 and self.bn_splits == 1:
             return self.key_projector(self.key_backbone(x))
-        # the checkpointed augmentation generator draws it, so resume is exact
-        perm = torch.randperm(len(x), generator=self.generator).to(x.device)  # (B,)
-        k = self.key_projector(self.key_backbone(x[perm]))  # row j is the key of x[perm[j]]
-        return torch.empty_like(k).index_copy_(0, perm, k)  # row i is the key of x[i]
+        # The checkpointed augmentation generator draws it, so resume is exact. Every rank's
+        # generator is in the same state (same seed, same draws: ``Pipeline.views``), so every
+        # rank draws this same permutation without a broadcast (with bn_splits > 1 also the one
+        # that one process holding the global batch draws: the generators stay in step).
+        perm = torch.randperm(w * b, generator=self.generator).to(x.device)  # (W*B,)
+        mine = perm[r * b : (r + 1) * b]  # (B,) the global rows this rank encodes
+        k = self.key_projector(self.key_backbone(all_gather_no_grad(x)[mine]))  # row j: key of global row mine[j]
+        k = all_gather_no_grad(k)  # (W*B, D), row j is the key of global row perm[j]
+        return torch.empty_like(k).index_copy_(0, perm, k)[r * b : (r + 1) * b]  # row i: key of x[i]
 
     def check_queue(self, keys_per_step: int) -> None:
         """K must hold at least one step's keys, else the negatives are a fragment of one batch."""
