@@ -436,3 +436,14 @@ def test_moco_cifar10_few_steps(cli, cifar10_root: Path, tmp_path: Path) -> None
     assert metrics["epochs"] == 1 and 0 <= metrics["knn_top1"] <= 100 and 0 <= metrics["linear_top1"] <= 100
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert int(ckpt["state_dict"]["queue.ptr"]) == (4 * 64) % 256
+
+
+@pytest.mark.slow
+def test_moco_shapes_demo_learns(cli, tmp_path: Path) -> None:
+    """The CPU demo as shipped: MoCo must beat the untrained network's kNN by 10 points."""
+    out = cli("contrastive-train", "experiment=moco_shapes", "trainer.enable_progress_bar=false", "hydra.run.dir=run",
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs"] == 25
+    assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 10, metrics

@@ -69,7 +69,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
         ("eval.every_n_epochs=0", "eval.every_n_epochs"),
         ("data.num_classes=7", "data.num_classes=7"),
         ("optimizer.lr=-1", "optimizer.lr"),
-        ("experiment=moco_shapes pipeline.queue_size=100", "pipeline.queue_size=100"),
+        ("experiment=moco_shapes pipeline.queue_size=32", "pipeline.queue_size=32"),
     ],
 )
 def test_bad_values_are_refused_before_training(cli, tmp_path: Path, override: str, message: str) -> None:
