@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,15 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     subprocess.run([sys.executable, str(script), str(root)], check=True, capture_output=True)
     return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> object:
+    """``free_port()`` gives a free TCP port on 127.0.0.1 for a gloo process group."""
+    return _free_port

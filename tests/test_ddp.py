@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -37,11 +36,6 @@ WORLD = 2
 # --------------------------------------------------------------------------- harness
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(r: int, fn: Callable[[Path], Any], port: int, out_dir: str) -> None:
     # what torchrun / SLURM set; Lightning then joins instead of launching children
@@ -54,9 +48,9 @@ def _worker(r: int, fn: Callable[[Path], Any], port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _on_two_ranks(fn: Callable[[Path], Any], tmp_path: Path) -> list[Any]:
+def _on_two_ranks(fn: Callable[[Path], Any], tmp_path: Path, port: int) -> list[Any]:
     """``fn(tmp_path)`` on 2 gloo ranks (picklable, module level); its results, in rank order."""
-    mp.start_processes(_worker, args=(fn, _free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+    mp.start_processes(_worker, args=(fn, port, str(tmp_path)), nprocs=WORLD, join=True,
                        start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -68,9 +62,9 @@ def _everything_on_this_rank(tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def two_ranks(tmp_path_factory: pytest.TempPathFactory, free_port) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """The results of :func:`_everything_on_this_rank` on rank 0 and rank 1."""
-    return _on_two_ranks(_everything_on_this_rank, tmp_path_factory.mktemp("ddp"))
+    return _on_two_ranks(_everything_on_this_rank, tmp_path_factory.mktemp("ddp"), free_port())
 
 
 def _trainer(devices: int, **kwargs: Any) -> pl.Trainer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -76,18 +75,13 @@ def _worker(r: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_gather_is_identity_without_process_group() -> None:
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_with_grad(x) is x and world_size() == 1 and rank() == 0
 
 
-def test_two_processes_equal_one_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_two_processes_equal_one_process(tmp_path, free_port) -> None:  # type: ignore[no-untyped-def]
     data = _data()
     # the reference: one process, global batch; labels for cat([z1_all, z2_all]) must be
     # reordered to match, which _local_labels does per rank
@@ -99,7 +93,7 @@ def test_two_processes_equal_one_process(tmp_path) -> None:  # type: ignore[no-u
         loss.backward()
         reference[name] = (loss.detach(), [p.grad for p in net.parameters()])
 
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
     reports = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for r, results, size, reported_rank, gathered in reports:
         assert (size, reported_rank) == (WORLD, r)
