@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import hydra
 import pytorch_lightning as pl
@@ -27,7 +27,14 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from contrastive.data import DataError, Splits, TensorDataModule
 from contrastive.evaluation import knn_top1, retrieval_metrics
-from contrastive.io import AtomicCheckpointIO, CheckpointError, load_checkpoint, save_torch_atomic, write_json_atomic
+from contrastive.io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_checkpoint_file,
+    load_checkpoint,
+    save_torch_atomic,
+    write_json_atomic,
+)
 from contrastive.pipelines import NonFiniteLossError, Pipeline
 
 log = logging.getLogger("contrastive")
@@ -40,6 +47,13 @@ class ConfigError(ValueError):
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, InstantiationException)
 
 
+def _exit_with(error: Exception) -> NoReturn:
+    """Print ``error`` as one line on stderr and exit with status 2."""
+    message = str(error).strip().splitlines()
+    print(f"error: {' '.join(m.strip() for m in message)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn user errors into one clear line on stderr and exit status 2 (no traceback)."""
 
@@ -47,9 +61,7 @@ def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         try:
             return fn(cfg)
         except USER_ERRORS as e:
-            message = str(e).strip().splitlines()
-            print(f"error: {' '.join(m.strip() for m in message)}", file=sys.stderr)
-            sys.exit(2)
+            _exit_with(e)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -418,6 +430,14 @@ def _eval_main(cfg: DictConfig) -> None:
 def evaluate() -> None:
     """``contrastive-eval checkpoint=PATH [overrides]``."""
     _resolvers()
+    # Hydra creates the output folder (beside the checkpoint) before the job runs: check the
+    # path first, so that a typo leaves no empty eval_* folder (or parent folders) behind.
+    for arg in sys.argv[1:]:
+        if arg.startswith("checkpoint="):
+            try:
+                check_checkpoint_file(arg.split("=", 1)[1])
+            except CheckpointError as e:
+                _exit_with(e)
     _eval_main()
 
 

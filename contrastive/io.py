@@ -69,15 +69,24 @@ def save_torch_atomic(obj: Any, path: str | Path) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
+def check_checkpoint_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is a file, else a :class:`CheckpointError` naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint not found: {path}; pass checkpoint=RUN_DIR/checkpoints/last.ckpt "
+            "(or an epoch*.ckpt) of a contrastive-train run"
+        )
+    return path
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a Lightning checkpoint written by ``contrastive``, or raise :class:`CheckpointError`.
 
     The checkpoint must hold ``state_dict`` and the run's ``config`` (added by the
     CLI); anything else is called foreign rather than half-loaded.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated zip, pickle error, not a torch file

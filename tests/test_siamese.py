@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.cli import build_pipeline
-from contrastive.losses import ContrastiveMargin, SoftmaxCERegularizer, TripletMargin, triplet_margin
+from contrastive.losses import ContrastiveMargin, SoftmaxCERegularizer, SupCon, TripletMargin, sup_con, triplet_margin
 
 # siamese_cifar10's recipe on the built-in shapes data and the small CNN, shrunk to run in ~30 s
 SHRINK = [
@@ -77,8 +77,19 @@ def test_disjoint_experiment_trains_on_five_classes_and_monitors_map_at_r(config
     assert cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class == cfg.data.batch_size
 
 
+def test_experiment_supcon_cifar10_holds_the_recipe(config) -> None:
+    cfg = config("train", ["experiment=supcon_cifar10"])
+    assert cfg.name == "supcon_cifar10" and cfg.pipeline._target_ == "contrastive.pipelines.Siamese"
+    assert (cfg.loss._target_, cfg.loss.temperature, cfg.loss.gather) == ("contrastive.losses.SupCon", 0.1, True)
+    assert (cfg.pipeline.num_views, cfg.pipeline.eval_features) == (2, "backbone")
+    assert cfg.sampler._target_ == "contrastive.data.IndexBatches" and cfg.data.batch_size == 512
+    assert (list(cfg.aug.scale), cfg.aug.gray_p, cfg.aug.jitter_p) == ([0.08, 1.0], 0.2, 0.8)  # SimCLR's
+    assert cfg.model.backbone.name == "resnet18" and cfg.optimizer.lr == pytest.approx(0.25)
+
+
 @pytest.mark.parametrize(("override", "cls"), [("loss=triplet", TripletMargin),
-                                               ("loss=contrastive_margin", ContrastiveMargin)])
+                                               ("loss=contrastive_margin", ContrastiveMargin),
+                                               ("loss=sup_con", SupCon)])
 def test_loss_option_swaps_the_metric_loss(config, override: str, cls: type) -> None:
     pipeline = build_pipeline(config("train", ["experiment=siamese_shapes", override]))
     assert isinstance(pipeline.loss.metric_loss, cls) and pipeline.loss.regularizer is None
@@ -118,6 +129,36 @@ def test_features_are_the_embedding(config) -> None:
         assert torch.equal(feats, pipeline.projector(pipeline.backbone(x)))
 
 
+def test_two_views_stack_the_batch_with_repeated_labels(config) -> None:
+    """num_views=2: the loss sees (2B, D) embeddings, view-major, and the labels twice."""
+    pipeline = build_pipeline(config("train", ["experiment=supcon_cifar10", "data=shapes", "model=convnet"]))
+    seen = {}
+    metric = pipeline.loss.metric_loss
+
+    class Spy(torch.nn.Module):
+        def forward(self, e: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            seen.update(e=e, y=y)
+            return metric(e, y)
+
+    pipeline.loss.metric_loss = Spy()
+    pipeline.log = lambda *a, **k: None  # outside a Trainer
+    images, labels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = pipeline.training_step((images, labels), 0)
+    assert seen["e"].shape == (12, 64) and torch.equal(seen["y"], labels.repeat(2))
+    assert loss.requires_grad and torch.isfinite(loss)
+    # class labels as positives (SupCon), not instance indices (multi-view SimCLR): the values differ
+    e = seen["e"].detach().double()
+    assert metric(e, seen["y"]).item() == pytest.approx(sup_con(e, seen["y"], 0.1).item(), rel=1e-12)
+    assert metric(e, seen["y"]).item() != pytest.approx(sup_con(e, torch.arange(12) % 6, 0.1).item(), rel=1e-6)
+
+
+def test_backbone_eval_features(config) -> None:
+    pipeline = build_pipeline(config("train", ["experiment=supcon_cifar10", "data=shapes", "model=convnet"])).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(pipeline.features(images), super(type(pipeline), pipeline).features(images))
+    assert pipeline.features(images).shape == (4, 128)  # the convnet's width, not the 64-d head
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -147,6 +188,21 @@ def test_class_disjoint_retrieval_beats_the_untrained_network(cli, tmp_path: Pat
     assert set(RETRIEVAL) <= set(metrics)
     assert metrics["map_at_r"] > metrics["map_at_r_untrained"] + 1.0
     assert metrics["precision_at_1"] > metrics["precision_at_1_untrained"] + 5.0
+
+
+@pytest.mark.slow
+def test_supcon_experiment_beats_the_untrained_network(cli, tmp_path: Path) -> None:
+    """supcon_cifar10's recipe (two views, SupCon, random batches) on the shapes data with the
+    default run's crops (20%: CIFAR's 8% cuts the shape away), 5 epochs, about 20 s.
+    Measured: kNN 24.7 -> 54.8, probe 53.4 -> 61.2."""
+    metrics, columns = train(
+        cli, tmp_path, "experiment=supcon_cifar10", "data=shapes", "model=convnet", "data.batch_size=64",
+        "trainer.max_epochs=5", "trainer.enable_progress_bar=false", "eval.every_n_epochs=5", "probe.epochs=5",
+        "aug.scale=[0.2,1.0]", "optimizer.lr=0.3", "scheduler.warmup_epochs=1",
+    )
+    assert {"train/metric", "train/loss", "val/knn_top1"} <= columns
+    assert metrics["knn_top1"] > metrics["knn_top1_untrained"] + 15.0
+    assert metrics["linear_top1"] > metrics["linear_top1_untrained"] + 3.0
 
 
 @pytest.mark.slow

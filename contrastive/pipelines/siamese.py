@@ -1,5 +1,6 @@
-"""Siamese metric learning: an embedding network trained on P x K batches with a metric loss,
-optionally regularised by a softmax cross-entropy classifier on the embedding."""
+"""Siamese metric learning: an embedding network trained on labelled batches with a metric loss
+(triplet, pair or supervised contrastive), optionally regularised by a softmax cross-entropy
+classifier on the embedding."""
 
 from __future__ import annotations
 
@@ -13,21 +14,29 @@ from contrastive.pipelines.base import Pipeline
 class Siamese(Pipeline):
     """``e = g(f(aug(x)))``, ``loss = metric(e, y) + weight * CE(classifier(e), y)``.
 
-    One augmented view per image: a P x K batch already holds K - 1 positives per
-    anchor, and two views of one image would only add the easiest positive at twice
-    the cost. The classifier of the regulariser is a submodule (``self.loss``), so
-    the optimiser trains it with the network.
+    One augmented view per image by default: a P x K batch already holds K - 1
+    positives per anchor, and two views of one image would only add the easiest
+    positive at twice the cost. ``num_views=2`` is SupCon's recipe (Khosla et al.
+    2020): each image twice, the embeddings stacked ``(V*B, D)`` with the labels
+    repeated, so the loss sees the other view as one more positive. The classifier
+    of the regulariser is a submodule (``self.loss``), so the optimiser trains it
+    with the network.
 
-    Retrieval, kNN and the linear probe use the embedding ``e`` (:meth:`features`),
+    Retrieval, kNN and the linear probe use the embedding ``e`` (:meth:`features`) by default,
     the space the metric loss shapes (Musgrave et al. 2020 evaluate it too); the
     metrics rank by cosine similarity, which orders neighbours as the loss's
     Euclidean distance of L2-normalised embeddings does.
 
     Args:
         projector: embedding head g, (B, F) -> (B, D).
-        loss: metric loss ``(embeddings, labels) -> scalar`` (``TripletMargin``, ``ContrastiveMargin``).
+        loss: metric loss ``(embeddings, labels) -> scalar`` (``TripletMargin``, ``ContrastiveMargin``,
+            ``SupCon``).
         regularizer: a ``SoftmaxCERegularizer`` on the embedding, or None.
         regularizer_weight: >= 0, the weight of its cross-entropy.
+        num_views: augmented views per image, >= 1.
+        eval_features: what :meth:`features` returns for kNN, retrieval and the probe:
+            ``"embedding"`` (the metric space, default) or ``"backbone"`` (the encoder's
+            output, as SupCon's linear evaluation).
         **base: the :class:`Pipeline` arguments (backbone, augment, optimizer, ...).
     """
 
@@ -37,20 +46,29 @@ class Siamese(Pipeline):
         loss: nn.Module,
         regularizer: SoftmaxCERegularizer | None = None,
         regularizer_weight: float = 1.0,
+        num_views: int = 1,
+        eval_features: str = "embedding",
         **base,
     ) -> None:
+        if not (isinstance(num_views, int) and num_views >= 1):
+            raise ValueError(f"num_views must be a positive integer, got {num_views!r}.")
+        if eval_features not in ("embedding", "backbone"):
+            raise ValueError(f"eval_features must be 'embedding' or 'backbone', got {eval_features!r}.")
         super().__init__(**base)
         self.projector = projector
         self.loss = RegularizedMetricLoss(loss, regularizer, regularizer_weight)
+        self.num_views = num_views
+        self.eval_features = eval_features
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        images, labels = batch  # (B, C, H, W) uint8, B = P x K
-        (x,) = self.views(images, n=1)
-        h = self.backbone(x)  # (B, F)
+        images, labels = batch  # (B, C, H, W) uint8, B = P x K (or any labelled batch)
+        h = self.backbone(torch.cat(self.views(images, n=self.num_views)))  # (V*B, F), one pass
+        labels = labels.repeat(self.num_views)  # (V*B,), view-major like h
         terms = self.loss(self.projector(h), labels)  # loss, metric [, ce, ce_acc]
         return self.finish_step(terms, self.online_probe_loss(h, labels))
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        """Embeddings (B, D) of an unaugmented uint8 batch: what retrieval ranks."""
-        return self.projector(super().features(images)).float()
+        """Embeddings (B, D), or backbone features (B, F), of an unaugmented uint8 batch."""
+        h = super().features(images)
+        return h if self.eval_features == "backbone" else self.projector(h).float()
