@@ -56,6 +56,7 @@ def test_experiment_siamese_cifar10_holds_the_recipe(config) -> None:
     assert cfg.sampler._target_ == "contrastive.samplers.PKBatches"
     assert cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class == cfg.data.batch_size
     assert (cfg.loss._target_, cfg.loss.mining) == ("contrastive.losses.TripletMargin", "batch_hard")
+    assert cfg.loss.gather is True  # mined over all processes' embeddings under DDP
     assert cfg.regularizer.head is None and cfg.pipeline.regularizer is None
     assert (list(cfg.aug.scale), cfg.aug.gray_p) == ([0.5, 1.0], 0.0)
 

@@ -4,6 +4,11 @@ Defaults: embeddings L2-normalised (``normalize=True``), plain Euclidean distanc
 (``squared=False``), computed difference-wise (no ``|a|^2 + |b|^2 - 2ab``
 cancellation, exact zeros on the diagonal, zero gradient at zero distance).
 Half precision inputs are computed in float32.
+
+Distributed (``gather=True``): each rank mines for its LOCAL anchors among the
+GATHERED embeddings and labels of all ranks, and divides its sum by the global
+number of terms over world size (one all-reduce of a count), so that DDP's
+gradient averaging gives exactly the single-process loss of the global batch.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from contrastive.losses._common import check_margin, l2_normalize, max_abs_scale, no_autocast, upcast
+from contrastive.distributed import all_reduce_sum, world_size
+from contrastive.losses._common import check_margin, global_rows, l2_normalize, max_abs_scale, no_autocast, upcast
 
 MINING = ("all", "batch_hard", "semi_hard")
 
@@ -34,43 +40,55 @@ def check_pair_margins(pos_margin: float, neg_margin: float) -> None:
         )
 
 
-def pairwise_distance(x: Tensor, squared: bool = False) -> Tensor:
-    """Euclidean distance matrix ``d_ij = ||x_i - x_j||`` (or its square).
+def pairwise_distance(x: Tensor, y: Tensor | None = None, *, squared: bool = False) -> Tensor:
+    """Euclidean distance matrix ``d_ij = ||x_i - y_j||`` (or its square); ``y = x`` if None.
 
-    The batch is divided by its max-abs entry (detached; distance is homogeneous)
+    Both are divided by their joint max-abs entry (detached; distance is homogeneous)
     so that huge or tiny inputs neither overflow nor underflow.
 
     Args:
         x: (n, D) float32/float64.
+        y: (m, D) or None.
         squared: return ``d_ij^2``.
 
     Returns:
-        (n, n) distances, zero diagonal.
+        (n, m) distances; zero diagonal when ``y`` is None.
     """
-    scale = max_abs_scale(x)
-    y = x / scale  # (n, D)
-    d = torch.cdist(y, y, compute_mode="donot_use_mm_for_euclid_dist") * scale  # (n, n)
+    y = x if y is None else y
+    scale = torch.maximum(max_abs_scale(x), max_abs_scale(y))
+    d = torch.cdist(x / scale, y / scale, compute_mode="donot_use_mm_for_euclid_dist") * scale  # (n, m)
     return d * d if squared else d
 
 
 def _distances_and_masks(
-    embeddings: Tensor, labels: Tensor, squared: bool, normalize: bool
+    embeddings: Tensor, labels: Tensor, squared: bool, normalize: bool, gather: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Distances (n, n), positive mask (same label, i != j) and negative mask (other label)."""
+    """Distances of the local anchors to all candidates (n, Wn), positive mask (same label,
+    not itself) and negative mask (other label); W = 1 without ``gather``."""
     if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
         raise ValueError(
             f"embeddings must be (n, D) and labels (n,), got {tuple(embeddings.shape)} and {tuple(labels.shape)}."
         )
-    x = l2_normalize(embeddings) if normalize else upcast(embeddings)
-    d = pairwise_distance(x, squared)  # (n, n)
-    same = labels[:, None] == labels[None, :]  # (n, n)
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return d, same & ~eye, ~same
+    x = l2_normalize(embeddings) if normalize else upcast(embeddings)  # (n, D)
+    candidates, offset = global_rows(x, gather)  # (Wn, D)
+    all_labels, _ = global_rows(labels, gather)  # (Wn,)
+    d = pairwise_distance(x, candidates, squared=squared)  # (n, Wn)
+    same = labels[:, None] == all_labels[None, :]  # (n, Wn)
+    columns = torch.arange(len(all_labels), device=labels.device)
+    itself = columns[None, :] == torch.arange(offset, offset + len(labels), device=labels.device)[:, None]
+    return d, same & ~itself, ~same
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask``; a graph-connected 0 when the mask is empty."""
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+def _masked_mean(values: Tensor, mask: Tensor, gather: bool) -> Tensor:
+    """Mean of ``values`` where ``mask``; a graph-connected 0 when the mask is empty.
+
+    With ``gather``: this rank's sum times W over the count of all ranks, whose mean
+    over ranks is the mean over the global batch.
+    """
+    count, world = mask.sum(), 1
+    if gather:
+        count, world = all_reduce_sum(count), world_size()
+    return torch.where(mask, values, 0.0).sum() * world / count.clamp_min(1)
 
 
 @no_autocast
@@ -81,6 +99,8 @@ def triplet_margin(
     mining: str = "batch_hard",
     squared: bool = False,
     normalize: bool = True,
+    *,
+    gather: bool = False,
 ) -> Tensor:
     """Triplet margin loss ``[d(a, p) - d(a, n) + margin]_+`` with in-batch mining.
 
@@ -105,29 +125,31 @@ def triplet_margin(
         mining: "all", "batch_hard" or "semi_hard".
         squared: use squared Euclidean distances.
         normalize: L2-normalise the embeddings first (default True).
+        gather: under torch.distributed, mine the local anchors' positives and
+            negatives among all ranks' embeddings (see the module docstring).
 
     Returns:
         Scalar loss (float32, float64 for float64 inputs); a graph-connected zero
         when there is no valid triplet.
     """
     check_triplet_args(margin, mining)
-    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize)
+    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize, gather)
     if mining == "all":
         per_triplet = torch.relu(d[:, :, None] - d[:, None, :] + margin)  # (a, p, n)
         valid = positive[:, :, None] & negative[:, None, :]  # (a, p, n)
-        return _masked_mean(per_triplet, valid & (per_triplet > 0))
+        return _masked_mean(per_triplet, valid & (per_triplet > 0), gather)
     inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
     if mining == "batch_hard":
         hardest_positive = torch.where(positive, d, -inf).amax(dim=1)  # (a,)
         hardest_negative = torch.where(negative, d, inf).amin(dim=1)  # (a,)
         per_anchor = torch.relu(hardest_positive - hardest_negative + margin)  # (a,)
-        return _masked_mean(per_anchor, positive.any(dim=1) & negative.any(dim=1))
+        return _masked_mean(per_anchor, positive.any(dim=1) & negative.any(dim=1), gather)
     farther = negative[:, None, :] & (d[:, None, :] > d[:, :, None])  # (a, p, n)
     closest_farther = torch.where(farther, d[:, None, :], inf).amin(dim=2)  # (a, p)
     farthest = torch.where(negative, d, -inf).amax(dim=1, keepdim=True)  # (a, 1)
     chosen = torch.where(farther.any(dim=2), closest_farther, farthest)  # (a, p)
     per_pair = torch.relu(d - chosen + margin)  # (a, p)
-    return _masked_mean(per_pair, positive & negative.any(dim=1, keepdim=True))
+    return _masked_mean(per_pair, positive & negative.any(dim=1, keepdim=True), gather)
 
 
 @no_autocast
@@ -138,6 +160,8 @@ def contrastive_margin(
     neg_margin: float = 1.0,
     squared: bool = False,
     normalize: bool = True,
+    *,
+    gather: bool = False,
 ) -> Tensor:
     """Contrastive pair loss (Hadsell, Chopra & LeCun 2006) over all pairs in the batch.
 
@@ -155,12 +179,13 @@ def contrastive_margin(
             for L2-normalised embeddings whose distances lie in [0, 2]).
         squared: use squared Euclidean distances.
         normalize: L2-normalise the embeddings first (default True).
+        gather: under torch.distributed, pairs of the local rows with all ranks' rows.
 
     Returns:
         Scalar loss; a graph-connected zero when there are no pairs.
     """
     check_pair_margins(pos_margin, neg_margin)
-    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize)
-    pull = 0.5 * torch.relu(d - pos_margin) ** 2  # (n, n)
-    push = 0.5 * torch.relu(neg_margin - d) ** 2  # (n, n)
-    return _masked_mean(pull, positive) + _masked_mean(push, negative)
+    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize, gather)
+    pull = 0.5 * torch.relu(d - pos_margin) ** 2  # (n, Wn)
+    push = 0.5 * torch.relu(neg_margin - d) ** 2  # (n, Wn)
+    return _masked_mean(pull, positive, gather) + _masked_mean(push, negative, gather)

@@ -84,31 +84,50 @@ class TripletMargin(nn.Module):
     """Triplet margin loss with mining; see :func:`triplet_margin`. ``forward(embeddings, labels)``."""
 
     def __init__(
-        self, margin: float = 0.2, mining: str = "batch_hard", squared: bool = False, normalize: bool = True
+        self,
+        margin: float = 0.2,
+        mining: str = "batch_hard",
+        squared: bool = False,
+        normalize: bool = True,
+        gather: bool = False,
     ) -> None:
         super().__init__()
         check_triplet_args(margin, mining)
         self.margin, self.mining, self.squared, self.normalize = margin, mining, squared, normalize
+        self.gather = gather
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return triplet_margin(embeddings, labels, self.margin, self.mining, self.squared, self.normalize)
+        return triplet_margin(
+            embeddings, labels, self.margin, self.mining, self.squared, self.normalize, gather=self.gather
+        )
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, mining={self.mining!r}, squared={self.squared}, normalize={self.normalize}"
+        return (
+            f"margin={self.margin}, mining={self.mining!r}, squared={self.squared}, normalize={self.normalize}, "
+            f"gather={self.gather}"
+        )
 
 
 class ContrastiveMargin(nn.Module):
     """Hadsell et al. 2006 pair loss; see :func:`contrastive_margin`. ``forward(embeddings, labels)``."""
 
     def __init__(
-        self, pos_margin: float = 0.0, neg_margin: float = 1.0, squared: bool = False, normalize: bool = True
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        squared: bool = False,
+        normalize: bool = True,
+        gather: bool = False,
     ) -> None:
         super().__init__()
         check_pair_margins(pos_margin, neg_margin)
         self.pos_margin, self.neg_margin, self.squared, self.normalize = pos_margin, neg_margin, squared, normalize
+        self.gather = gather
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return contrastive_margin(embeddings, labels, self.pos_margin, self.neg_margin, self.squared, self.normalize)
+        return contrastive_margin(
+            embeddings, labels, self.pos_margin, self.neg_margin, self.squared, self.normalize, gather=self.gather
+        )
 
     def extra_repr(self) -> str:
-        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, squared={self.squared}"
+        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, squared={self.squared}, gather={self.gather}"

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive.distributed import gather_with_grad, rank, world_size
-from contrastive.losses import info_nce, nt_xent, sup_con
+from contrastive.losses import contrastive_margin, info_nce, nt_xent, sup_con, triplet_margin
 
 WORLD = 2
 N, D_IN, D_OUT = 6, 5, 4  # per-rank rows
@@ -37,6 +37,16 @@ def _losses(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, labels: torch.Te
         "info_nce_queue": info_nce(z1, z2, queue, 0.1, gather=gather),
         "sup_con": sup_con(torch.cat([z1, z2]), labels, 0.1, gather=gather),
         "sup_con_chunked": sup_con(torch.cat([z1, z2]), labels, 0.1, gather=gather, chunk_size=4),
+        # metric losses: margins large enough that most terms are active; "all" averages the
+        # non-zero triplets, a count that differs between ranks
+        **{
+            f"triplet_{mining}": triplet_margin(torch.cat([z1, z2]), labels, 0.5, mining, gather=gather)
+            for mining in ("all", "batch_hard", "semi_hard")
+        },
+        "triplet_raw_squared": triplet_margin(
+            torch.cat([z1, z2]), labels, 1.0, "batch_hard", squared=True, normalize=False, gather=gather
+        ),
+        "contrastive_margin": contrastive_margin(torch.cat([z1, z2]), labels, 0.2, 1.2, gather=gather),
     }
 
 

@@ -121,3 +121,20 @@ def test_modules_and_validation() -> None:
         ContrastiveMargin(pos_margin=1.0, neg_margin=0.5)
     with pytest.raises(ValueError, match="labels"):
         triplet_margin(x, y[:3])
+
+
+@pytest.mark.parametrize("loss", [TripletMargin(0.5, "all", gather=True), TripletMargin(0.5, "semi_hard", gather=True),
+                                  ContrastiveMargin(0.1, 1.0, gather=True)])
+def test_gather_is_the_identity_in_one_process(loss: torch.nn.Module) -> None:
+    """The configs set gather: true; without a process group the value and gradient are bitwise unchanged."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10, 4, generator=g, dtype=F64), torch.randint(0, 3, (10,), generator=g)
+    results = []
+    for gather in (True, False):
+        loss.gather = gather
+        e = x.clone().requires_grad_()
+        value = loss(e, y)
+        value.backward()
+        results.append((value.detach(), e.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][0] > 0
