@@ -124,13 +124,14 @@ class _Capture(pl.Callback):
         self.loss = outputs["loss"].detach().clone()
 
 
-def _one_step(devices: int) -> tuple[Tensor, dict[str, Tensor]]:
+def _one_step(devices: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """This process's loss and gradients, and the epoch loss Lightning logged (synced over processes)."""
     splits = shapes(num_train=WORLD * PER_RANK, num_test=4, size=16, seed=1)
     datamodule = TensorDataModule(splits, batch_size=PER_RANK * WORLD // devices, eval_batch_size=8, seed=3)
     capture = _Capture()
-    _trainer(devices, max_steps=1, limit_val_batches=0, precision="64-true", callbacks=[capture]).fit(
-        _simclr_without_bn(), datamodule=datamodule)
-    return capture.loss, capture.grads
+    trainer = _trainer(devices, max_steps=1, limit_val_batches=0, precision="64-true", callbacks=[capture])
+    trainer.fit(_simclr_without_bn(), datamodule=datamodule)
+    return capture.loss, capture.grads, trainer.callback_metrics["train/loss_epoch"]
 
 
 def test_gather_true_is_the_identity_in_one_process() -> None:
@@ -150,15 +151,17 @@ def test_gather_true_is_the_identity_in_one_process() -> None:
 
 def test_simclr_step_on_two_processes_equals_one_process(two_ranks: list[dict[str, Any]]) -> None:
     """Loss and every parameter's gradient (float64) after one SimCLR step through the Trainer."""
-    ref_loss, ref_grads = _one_step(1)  # one process, global batch of 12
+    ref_loss, ref_grads, ref_logged = _one_step(1)  # one process, global batch of 12
     assert len(ref_grads) == 11 and all(g.abs().sum() > 0 for g in ref_grads.values())
     results = [out["step"] for out in two_ranks]
     # each rank's loss is over its own anchors; DDP averages gradients, so the global
     # objective is the mean of the ranks' losses
-    mean_loss = sum(loss for loss, _ in results) / WORLD
+    mean_loss = sum(loss for loss, _, _ in results) / WORLD
     torch.testing.assert_close(mean_loss, ref_loss, rtol=1e-10, atol=0)
     assert not torch.equal(results[0][0], results[1][0])  # the ranks did see different data
-    for _, grads in results:
+    for _, _, logged in results:  # the logged epoch loss is the global batch's on every rank
+        torch.testing.assert_close(logged, ref_logged, rtol=1e-6, atol=0)
+    for _, grads, _ in results:
         assert grads.keys() == ref_grads.keys()
         for name, ref in ref_grads.items():
             torch.testing.assert_close(grads[name], ref, rtol=1e-10, atol=1e-15, msg=name)

@@ -132,7 +132,7 @@ class Pipeline(pl.LightningModule):
         logits = self.online_head(features.detach().to(self.online_head.weight.dtype))
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean() * 100
-        self.log("train/online_probe_top1", acc, on_step=False, on_epoch=True)
+        self.log("train/online_probe_top1", acc, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def finish_step(self, terms: dict[str, Tensor], extra: Tensor | None = None) -> Tensor | None:
@@ -155,7 +155,11 @@ class Pipeline(pl.LightningModule):
             self.raise_if_nonfinite()
             self._pending_check = self._finite_flags(terms)
         for name, value in terms.items():
-            self.log(f"train/{name}", value.float(), prog_bar=name == "loss", on_step=True, on_epoch=True)
+            # per step: this process's value (no sync in the hot loop); per epoch: the mean over
+            # processes too, which is the global batch's loss (each process's loss is its share)
+            value = value.detach().float()
+            self.log(f"train/{name}_step", value, prog_bar=name == "loss", on_step=True, on_epoch=False)
+            self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True)
         return terms["loss"] if extra is None else terms["loss"] + extra
 
     def _finite_flags(self, terms: dict[str, Tensor]) -> tuple[Tensor, Any, dict[str, Tensor], int]:
@@ -266,8 +270,10 @@ class Pipeline(pl.LightningModule):
         """Checks the last step (before the checkpoint callbacks run); logs ``train/images_per_s``."""
         self.raise_if_nonfinite()
         seconds = time.perf_counter() - self._epoch_start
-        self.log("train/images_per_s", self._epoch_images / max(seconds, 1e-9), prog_bar=True)
-        self.log("train/epoch_seconds", seconds)
+        # summed over processes: the whole job's throughput; the slowest process's epoch time
+        self.log("train/images_per_s", self._epoch_images / max(seconds, 1e-9), prog_bar=True, sync_dist=True,
+                 reduce_fx="sum")
+        self.log("train/epoch_seconds", seconds, sync_dist=True, reduce_fx="max")
 
     # ------------------------------------------------------------------ state
     def on_fit_start(self) -> None:
