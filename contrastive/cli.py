@@ -106,8 +106,11 @@ def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
 def build_pipeline(cfg: DictConfig) -> Pipeline:
     """Instantiate every part of the run and pass the finished objects to the pipeline."""
     model = cfg.model
+    backbone = instantiate(model.backbone)
+    if cfg.get("compile"):
+        backbone.compile()  # in place: the state_dict keeps its keys (no "_orig_mod." prefix)
     parts: dict[str, Any] = {
-        "backbone": instantiate(model.backbone),
+        "backbone": backbone,
         "projector": instantiate(model.projector),
         "loss": instantiate(cfg.loss),
         "augment": instantiate(cfg.aug),

@@ -10,7 +10,8 @@ loss (NT-Xent) and optimiser step are fed three ways:
       CPU cores as workers (pinned memory, non-blocking copies), as the other toolkits do;
   (c) ceiling: two pre-made views already on the device (model + loss + step only).
 
-images/s counts source images (each gives two views). Prints a/b, a/c and peak memory.
+images/s counts source images (each gives two views). Prints a/b, a/c and peak memory;
+``--compile`` adds (c) and (a) with the backbone under ``torch.compile`` and their ratios.
 
     python scripts/bench_throughput.py --device cuda --batch-size 512
     python scripts/bench_throughput.py --device cpu --batch-size 32 --steps 5 --model convnet  # smoke
@@ -34,8 +35,10 @@ from contrastive.models import convnet, mlp, resnet
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def build(model: str, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(model: str, device: torch.device, compile: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
     backbone, dim = (resnet("resnet18", cifar_stem=True), 512) if model == "resnet18" else (convnet(32), 128)
+    if compile:
+        backbone.compile()  # what contrastive-train compile=true does
     net = nn.Sequential(backbone, mlp(dim, 2048, 128)).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
@@ -133,6 +136,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--images", type=int, default=50_000, help="random uint8 images if no --cifar-root")
     p.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py (else random images)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time (c) and (a) with the backbone under torch.compile (contrastive-train compile=true)")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -146,15 +151,19 @@ def main() -> None:
                             torch.zeros(args.images, dtype=torch.long), 1)
 
     rows = {}
-    for name, source in [
-        ("(c) ceiling: views pre-made on device", lambda: ceiling(args.batch_size, device)),
-        ("(a) ours: device-resident data + batched aug", lambda: ours(data, args.batch_size, device)),
-        ("(a0) ours without the CUDA graph (eager aug)", lambda: ours(data, args.batch_size, device, False)),
+    cases = [
+        ("(c) ceiling: views pre-made on device", lambda: ceiling(args.batch_size, device), False),
+        ("(a) ours: device-resident data + batched aug", lambda: ours(data, args.batch_size, device), False),
+        ("(a0) ours without the CUDA graph (eager aug)", lambda: ours(data, args.batch_size, device, False), False),
         (f"(b) torchvision v2 + DataLoader({args.workers} workers)",
-         lambda: baseline(data, args.batch_size, device, args.workers)),
-    ]:
+         lambda: baseline(data, args.batch_size, device, args.workers), False),
+    ]
+    if args.compile:  # warm-up steps absorb the compile time
+        cases += [("(cC) ceiling, compiled backbone", lambda: ceiling(args.batch_size, device), True),
+                  ("(aC) ours, compiled backbone", lambda: ours(data, args.batch_size, device), True)]
+    for name, source, compiled in cases:
         torch.manual_seed(0)
-        net, opt = build(args.model, device)
+        net, opt = build(args.model, device, compiled)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ips = timed(source(), make_step(net, opt, device), args.steps, args.warmup, args.batch_size, device)
@@ -164,6 +173,8 @@ def main() -> None:
     print(f"a/b = {rows['(a)'] / rows['(b)']:.2f}   a/c = {rows['(a)'] / rows['(c)']:.2f}   "
           f"(device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"batch {args.batch_size}, model {args.model}, {args.workers} CPU workers)")
+    if args.compile:
+        print(f"compiled/eager: ceiling {rows['(cC)'] / rows['(c)']:.2f}   ours {rows['(aC)'] / rows['(a)']:.2f}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,26 @@ def test_default_config_is_simclr_on_builtin_data(config) -> None:
     assert cfg.pipeline._target_ == "contrastive.pipelines.SimCLR"
 
 
+def test_compile_is_off_by_default_and_one_override(config) -> None:
+    from contrastive.cli import build_pipeline
+
+    assert build_pipeline(config("train")).backbone._compiled_call_impl is None
+    assert build_pipeline(config("train", ["compile=true"])).backbone._compiled_call_impl is not None
+
+
+@pytest.mark.slow
+def test_compiled_run_writes_plain_checkpoint_keys(cli, config, tmp_path: Path) -> None:
+    """compile=true trains (inductor on the CPU here) and its checkpoint loads into an uncompiled pipeline."""
+    from contrastive.cli import build_pipeline
+
+    out = cli("contrastive-train", "compile=true", *SHRINK, "trainer.max_epochs=1", "eval.every_n_epochs=1",
+              "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not any("_orig_mod" in k for k in state)
+    build_pipeline(config("train")).load_state_dict(state, strict=True)
+
+
 def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
     out = cli("contrastive-train", *SHRINK, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
