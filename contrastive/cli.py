@@ -150,7 +150,7 @@ class LastCheckpoint(Checkpoint):
         self.path = path
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resume needs it
 
 
 class SweepSummary(HydraCallback):
