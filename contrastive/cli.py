@@ -193,10 +193,12 @@ def check_config(cfg: DictConfig) -> None:
             _check(cfg, key, *positive_int)
 
 
-def check_against_data(cfg: DictConfig, splits: Splits) -> None:
-    """Checks that need the data set: batch vs set size, class count."""
-    devices = cfg.trainer.devices
-    world = (int(devices) if str(devices).isdigit() else 1) * int(cfg.trainer.num_nodes)
+def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
+    """Checks that need the data set: batch vs set size, class count, queue vs keys per step.
+
+    ``world`` is the number of training processes (the Trainer's: it resolves
+    ``devices=auto``, torchrun and SLURM).
+    """
     if cfg.data.batch_size * world > len(splits.train):
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} x {world} process(es) is larger than the training set "
@@ -261,21 +263,8 @@ def feature_metrics(
 # --------------------------------------------------------------------------- train
 
 
-def _train(cfg: DictConfig) -> dict[str, float]:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    check_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = build_splits(cfg.data, cfg.seed)
-    check_against_data(cfg, splits)
-    train_batches = instantiate(cfg.sampler)
-    train_batches(splits.train, batch_size=cfg.data.batch_size, seed=cfg.seed)  # bad settings fail before any work
-    datamodule = TensorDataModule(
-        splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed,
-        train_batches=train_batches,
-    )
-    pipeline = build_pipeline(cfg)
-    ckpt_path = resume_path(cfg.resume, run_dir)
-
+def _make_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    """The run's Lightning Trainer: last/periodic checkpoints, CSV and TensorBoard logs, atomic writes."""
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks: list[Callback] = [
         SaveRunConfig(config),  # type: ignore[arg-type]
@@ -290,7 +279,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_args, dict)
     trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
-    trainer = pl.Trainer(
+    return pl.Trainer(
         **trainer_args,
         default_root_dir=run_dir,
         callbacks=callbacks,
@@ -300,6 +289,23 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer = _make_trainer(cfg, run_dir)  # first: it knows the number of processes (devices=auto, SLURM)
+    splits = build_splits(cfg.data, cfg.seed)
+    check_against_data(cfg, splits, trainer.world_size)
+    train_batches = instantiate(cfg.sampler)
+    train_batches(splits.train, batch_size=cfg.data.batch_size, seed=cfg.seed)  # bad settings fail before any work
+    datamodule = TensorDataModule(
+        splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed,
+        train_batches=train_batches,
+    )
+    pipeline = build_pipeline(cfg)
+    ckpt_path = resume_path(cfg.resume, run_dir)
 
     # The same seed gives the same initial weights, so this is the untrained figure also on resume.
     def measure() -> dict[str, float]:

@@ -64,6 +64,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
         ("loss.temperature=0", "temperature"),
         ("loss.temperature=-0.5", "temperature"),
         ("data.batch_size=5000", "larger than the training set"),
+        ("trainer=ddp_cpu trainer.devices=2 data.batch_size=1500", "data.batch_size=1500 x 2 process(es)"),
         ("data.batch_size=abc", "data.batch_size"),
         ("trainer.max_epochs=1.5", "trainer.max_epochs"),
         ("eval.every_n_epochs=0", "eval.every_n_epochs"),
