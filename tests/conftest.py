@@ -15,7 +15,12 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CONTRASTIVE_SHARED_DATA", REPO.parent / "shared" / "data"))
+# The CIFAR-10 copy beside the checkout (../shared/data), wherever the clone lives on this machine.
+_SHARED_CANDIDATES = [REPO.parent / "shared" / "data", Path("/work/shared/data")]
+SHARED_DATA = Path(
+    os.environ.get("CONTRASTIVE_SHARED_DATA")
+    or next((c for c in _SHARED_CANDIDATES if (c / "build_cifar10.py").is_file()), _SHARED_CANDIDATES[0])
+)
 BIN = Path(sys.executable).parent
 
 
