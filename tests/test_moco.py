@@ -447,3 +447,12 @@ def test_moco_shapes_demo_learns(cli, tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs"] == 25
     assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 10, metrics
+
+
+def test_a_loss_that_does_not_take_the_queue_is_refused(config) -> None:
+    from hydra.errors import InstantiationException
+
+    from contrastive.cli import build_pipeline
+
+    with pytest.raises(InstantiationException, match="loss NTXent does not fit the MoCo pipeline.*loss=info_nce"):
+        build_pipeline(config("train", ["experiment=moco_shapes", "loss=nt_xent"]))

@@ -30,6 +30,15 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or Inf during training."""
 
 
+def check_loss_fits(pipeline: str, loss: nn.Module, misfits: tuple[type, ...], use: str) -> None:
+    """Refuse a library loss whose call signature the pipeline does not use (one clear line).
+
+    Custom losses pass: only the library's own losses that are known not to fit are refused.
+    """
+    if isinstance(loss, misfits):
+        raise ValueError(f"loss {type(loss).__name__} does not fit the {pipeline} pipeline: {use}")
+
+
 def warmup_cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 10.0,
                   final_lr_fraction: float = 0.0) -> LambdaLR:
     """Linear warm-up for ``warmup_epochs`` then cosine decay to ``final_lr_fraction`` (per step).

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastive.distributed import rank, world_size
-from contrastive.losses import l2_normalize
+from contrastive.losses import ContrastiveMargin, NTXent, SupCon, TripletMargin, l2_normalize
 from contrastive.models import ema_update, momentum_copy
-from contrastive.pipelines.base import Pipeline
+from contrastive.pipelines.base import Pipeline, check_loss_fits
 from contrastive.queue import KeyQueue, all_gather_no_grad
 
 
@@ -135,6 +135,8 @@ class MoCo(Pipeline):
                  symmetric: bool = False, bn_splits: int = 8, **base) -> None:
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"pipeline.momentum={momentum} must be in [0, 1]")
+        check_loss_fits("MoCo", loss, (NTXent, SupCon, TripletMargin, ContrastiveMargin),
+                        "it calls loss(query, key, queue); use loss=info_nce")
         if getattr(loss, "symmetric", False):
             raise ValueError("loss.symmetric=true is InfoNCE's in-batch (CLIP) form; use pipeline.symmetric for MoCo")
         super().__init__(backbone=convert_to_split_bn(backbone, bn_splits), **base)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from contrastive.losses import RegularizedMetricLoss, SoftmaxCERegularizer
-from contrastive.pipelines.base import Pipeline
+from contrastive.losses import InfoNCE, NTXent, RegularizedMetricLoss, SoftmaxCERegularizer
+from contrastive.pipelines.base import Pipeline, check_loss_fits
 
 
 class Siamese(Pipeline):
@@ -54,6 +54,9 @@ class Siamese(Pipeline):
             raise ValueError(f"num_views must be a positive integer, got {num_views!r}.")
         if eval_features not in ("embedding", "backbone"):
             raise ValueError(f"eval_features must be 'embedding' or 'backbone', got {eval_features!r}.")
+        check_loss_fits("Siamese", loss, (NTXent, InfoNCE),
+                        "it calls loss(embeddings, labels); use loss=triplet, loss=contrastive_margin or "
+                        "loss=sup_con (NT-Xent and InfoNCE on two views run in pipeline=simclr)")
         super().__init__(**base)
         self.projector = projector
         self.loss = RegularizedMetricLoss(loss, regularizer, regularizer_weight)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from contrastive.pipelines.base import Pipeline
+from contrastive.losses import ContrastiveMargin, SupCon, TripletMargin
+from contrastive.pipelines.base import Pipeline, check_loss_fits
 
 
 class SimCLR(Pipeline):
@@ -18,6 +19,9 @@ class SimCLR(Pipeline):
     """
 
     def __init__(self, projector: nn.Module, loss: nn.Module, **base) -> None:  # type: ignore[no-untyped-def]
+        check_loss_fits("SimCLR", loss, (SupCon, TripletMargin, ContrastiveMargin),
+                        "it calls loss(z1, z2) on two views; use loss=nt_xent or loss=info_nce "
+                        "(label-based losses run in pipeline=siamese, e.g. experiment=supcon_cifar10)")
         super().__init__(**base)
         self.projector = projector
         self.loss = loss
