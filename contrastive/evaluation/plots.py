@@ -96,23 +96,30 @@ def _number(cell: str | None) -> float | None:
 
 
 def _curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """Group metric names into (title, columns) panels: loss, learning rate, accuracy."""
+    """Group metric names into (title, columns) panels: loss (and the Siamese loss terms
+    ``metric`` and ``ce``), learning rate, accuracy and MAP@R (the class-disjoint monitor)."""
     def is_lr(c: str) -> bool:
         name = c.rsplit("/", 1)[-1]
         return name == "lr" or name.startswith("lr-") or c.startswith("lr-")
 
-    loss = [c for c in columns if "loss" in c]
+    def is_loss(c: str) -> bool:
+        term = c.rsplit("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
+        return "loss" in c or (c.startswith("train/") and term in ("metric", "ce"))
+
+    loss = [c for c in columns if is_loss(c)]
     lr = [c for c in columns if is_lr(c) and c not in loss]
-    acc = [c for c in columns if any(t in c for t in ("knn", "top1", "acc")) and c not in loss + lr]
-    return [(title, cols) for title, cols in (("loss", loss), ("learning rate", lr), ("top-1 (%)", acc)) if cols]
+    acc = [c for c in columns if any(t in c for t in ("knn", "top1", "acc", "map_at_r")) and c not in loss + lr]
+    panels = (("loss", loss), ("learning rate", lr), ("top-1 / MAP@R (%)", acc))
+    return [(title, cols) for title, cols in panels if cols]
 
 
 def plot_training_curves(metrics_csv_path: str | Path, out_path: str | Path, dpi: int = 100) -> Path:
     """Loss, learning-rate and kNN/accuracy panels from a Lightning ``metrics.csv``.
 
-    Columns whose name contains ``loss`` go to the first panel; ``lr``, ``*/lr`` and
-    ``lr-*`` (Lightning's ``LearningRateMonitor``) to the second; names containing
-    ``knn``, ``top1`` or ``acc`` to the third. Panels without columns are left out;
+    Columns whose name contains ``loss`` (and the Siamese terms ``train/metric``,
+    ``train/ce``) go to the first panel; ``lr``, ``*/lr`` and ``lr-*`` (Lightning's
+    ``LearningRateMonitor``) to the second; names containing ``knn``, ``top1``,
+    ``acc`` or ``map_at_r`` to the third. Panels without columns are left out;
     the image is ``4.5 * panels x 3.6`` inches at ``dpi``. The x axis is ``step``.
 
     Args:

@@ -76,6 +76,17 @@ def test_training_curves_only_present_panels_and_empty_file_raises(tmp_path: Pat
         plot_training_curves(tmp_path / "none.csv", tmp_path / "none.png")
 
 
+def test_siamese_loss_terms_share_the_loss_panel() -> None:
+    from contrastive.evaluation.plots import _curve_panels
+
+    columns = ["train/loss_step", "train/metric_step", "train/ce_epoch", "train/ce_acc_epoch", "lr-AdamW/pg1",
+               "val/map_at_r", "val/knn_top1", "train/online_probe_top1"]
+    panels = dict(_curve_panels(columns))
+    assert panels["loss"] == ["train/loss_step", "train/metric_step", "train/ce_epoch"]
+    assert panels["top-1 / MAP@R (%)"] == ["train/ce_acc_epoch", "val/map_at_r", "val/knn_top1",
+                                           "train/online_probe_top1"]
+
+
 @pytest.mark.parametrize("method", ["tsne", "pca"])
 def test_embedding_png(tmp_path: Path, method: str) -> None:
     x, y = _blobs()
