@@ -400,3 +400,44 @@ def test_cli_trains_and_resumes_on_two_cpu_processes(cli, tmp_path: Path) -> Non
     assert ckpt["global_step"] == 8  # epoch 2 on top of the restored 4 steps
     metrics_csv = (run / "logs" / "metrics.csv").read_text()
     assert metrics_csv.count("val/knn_top1") == 1  # one header: one logger (rank 0)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_node_with_two_processes(tmp_path: Path, free_port) -> None:  # type: ignore[no-untyped-def]
+    """The multi-node settings: ``trainer.num_nodes=2 trainer.devices=1`` started by torchrun on two
+    "nodes" (static rendezvous on 127.0.0.1, as on a cluster, from a shared run directory) trains
+    bitwise the same weights and metrics as ``trainer.devices=2`` on one node. One thread per
+    process in both, so that the float reductions inside the layers are the same."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    shrink = ["trainer=ddp_cpu", "trainer.max_epochs=1", *SHRINK]
+    (tmp_path / "one").mkdir()
+    one = subprocess.run([str(bin_dir / "contrastive-train"), *shrink], cwd=tmp_path / "one", env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    port = str(free_port())
+    (tmp_path / "two").mkdir()
+    nodes = [
+        subprocess.Popen(
+            [str(bin_dir / "torchrun"), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
+             "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "contrastive.cli", *shrink,
+             "trainer.devices=1", "trainer.num_nodes=2"],
+            cwd=tmp_path / "two", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (1, 0)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), logs[1][-3000:] + logs[0][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[0] and "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[1]
+
+    runs = [tmp_path / name / "run" for name in ("one", "two")]
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    assert metrics[0] == metrics[1]
+    ckpts = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in runs]
+    assert ckpts[0]["global_step"] == ckpts[1]["global_step"] == 4
+    for key, value in ckpts[0]["state_dict"].items():
+        assert torch.equal(value, ckpts[1]["state_dict"][key]), key
