@@ -402,34 +402,44 @@ def test_cli_trains_and_resumes_on_two_cpu_processes(cli, tmp_path: Path) -> Non
     assert metrics_csv.count("val/knn_top1") == 1  # one header: one logger (rank 0)
 
 
+def _two_node_commands(launcher: str, bin_dir: Path, overrides: list[str], port: str) -> list[tuple[list[str], dict]]:
+    """(command, extra environment) of each of two "nodes" on this machine, one process each."""
+    if launcher == "torchrun":
+        return [([str(bin_dir / "torchrun"), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
+                  "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "contrastive.cli", *overrides], {})
+                for node in (1, 0)]
+    # what srun sets for a job of 2 nodes x 1 task (Lightning's SLURMEnvironment reads it)
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "contrastive",
+             "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": port}
+    return [([str(bin_dir / "contrastive-train"), *overrides],
+             {**slurm, "SLURM_PROCID": str(node), "SLURM_NODEID": str(node), "SLURM_LOCALID": "0"})
+            for node in (1, 0)]
+
+
 @pytest.mark.slow
-def test_two_nodes_equal_one_node_with_two_processes(tmp_path: Path, free_port) -> None:  # type: ignore[no-untyped-def]
-    """The multi-node settings: ``trainer.num_nodes=2 trainer.devices=1`` started by torchrun on two
-    "nodes" (static rendezvous on 127.0.0.1, as on a cluster, from a shared run directory) trains
-    bitwise the same weights and metrics as ``trainer.devices=2`` on one node. One thread per
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_nodes_equal_one_node_with_two_processes(launcher: str, tmp_path: Path, free_port) -> None:  # type: ignore[no-untyped-def]
+    """The multi-node settings: ``trainer.num_nodes=2 trainer.devices=1`` on two "nodes" (torchrun with
+    a static rendezvous on 127.0.0.1, or the SLURM variables srun sets), from a shared run directory,
+    trains bitwise the same weights and metrics as ``trainer.devices=2`` on one node. One thread per
     process in both, so that the float reductions inside the layers are the same."""
     import subprocess
     import sys
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     shrink = ["trainer=ddp_cpu", "trainer.max_epochs=1", *SHRINK]
     (tmp_path / "one").mkdir()
     one = subprocess.run([str(bin_dir / "contrastive-train"), *shrink], cwd=tmp_path / "one", env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
 
-    port = str(free_port())
     (tmp_path / "two").mkdir()
-    nodes = [
-        subprocess.Popen(
-            [str(bin_dir / "torchrun"), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
-             "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "contrastive.cli", *shrink,
-             "trainer.devices=1", "trainer.num_nodes=2"],
-            cwd=tmp_path / "two", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for node in (1, 0)
-    ]
+    commands = _two_node_commands(launcher, bin_dir, [*shrink, "trainer.devices=1", "trainer.num_nodes=2"],
+                                  str(free_port()))
+    nodes = [subprocess.Popen(command, cwd=tmp_path / "two", env=env | extra, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for command, extra in commands]
     logs = [p.communicate(timeout=600)[0] for p in nodes]
     assert all(p.returncode == 0 for p in nodes), logs[1][-3000:] + logs[0][-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[0] and "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[1]
