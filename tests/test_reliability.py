@@ -71,7 +71,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
         ("data.num_classes=7", "data.num_classes=7"),
         ("optimizer.lr=-1", "optimizer.lr"),
         ("experiment=moco_shapes pipeline.queue_size=32", "pipeline.queue_size=32"),
-        ("loss=sup_con", "loss SupCon does not fit the SimCLR pipeline"),
+        ("experiment=moco_shapes loss=sup_con", "loss SupCon does not fit the MoCo pipeline"),
+        ("pipeline.num_views=3", "pipeline.num_views=3 needs loss=sup_con"),
         ("experiment=siamese_shapes loss=nt_xent", "loss NTXent does not fit the Siamese pipeline"),
     ],
 )

@@ -1,35 +1,59 @@
-"""SimCLR (Chen et al. 2020): two augmented views, a projection head, NT-Xent."""
+"""SimCLR (Chen et al. 2020): augmented views, a projection head, NT-Xent (or its V-view form)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from contrastive.distributed import rank
 from contrastive.losses import ContrastiveMargin, SupCon, TripletMargin
 from contrastive.pipelines.base import Pipeline, check_loss_fits
 
 
+def instance_labels(batch_size: int, num_views: int, process_rank: int = 0) -> Tensor:
+    """Labels that make every view of an image a positive of the others and nothing else.
+
+    ``(arange(B) + rank * B).repeat(V)``, shape (V*B,), view-major like ``cat(views)``:
+    offset by the rank so that images of different processes never share a label when
+    the loss gathers them.
+    """
+    return (torch.arange(batch_size) + process_rank * batch_size).repeat(num_views)
+
+
 class SimCLR(Pipeline):
-    """SimCLR: ``z = g(f(aug(x)))`` for two views, loss ``nt_xent(z1, z2)``.
+    """SimCLR: ``z = g(f(aug(x)))`` for each view, loss ``nt_xent(z1, z2)``.
+
+    With ``loss=SupCon`` the views may be more than two: the loss is SupCon over the
+    ``V*B`` embeddings with instance labels (:func:`instance_labels`), i.e. each view's
+    positives are the ``V - 1`` other views of its image (multi-view SimCLR; with
+    ``V = 2`` it equals NT-Xent exactly).
 
     Args:
         projector: projection head g, (B, F) -> (B, D).
-        loss: ``loss(z1, z2) -> scalar``, e.g. ``contrastive.losses.NTXent``.
+        loss: ``loss(z1, z2) -> scalar`` (``NTXent``, in-batch ``InfoNCE``), or ``SupCon``.
+        num_views: views per image; more than 2 needs ``SupCon``.
         **base: the :class:`Pipeline` arguments (backbone, augment, optimizer, ...).
     """
 
-    def __init__(self, projector: nn.Module, loss: nn.Module, **base) -> None:  # type: ignore[no-untyped-def]
-        check_loss_fits("SimCLR", loss, (SupCon, TripletMargin, ContrastiveMargin),
-                        "it calls loss(z1, z2) on two views; use loss=nt_xent or loss=info_nce "
-                        "(label-based losses run in pipeline=siamese, e.g. experiment=supcon_cifar10)")
+    def __init__(self, projector: nn.Module, loss: nn.Module, num_views: int = 2, **base) -> None:  # type: ignore[no-untyped-def]
+        check_loss_fits("SimCLR", loss, (TripletMargin, ContrastiveMargin),
+                        "it contrasts views of the same image; use loss=nt_xent, loss=info_nce or loss=sup_con "
+                        "(class-label losses run in pipeline=siamese)")
+        if not (isinstance(num_views, int) and num_views >= 2):
+            raise ValueError(f"pipeline.num_views must be an integer >= 2, got {num_views!r}.")
+        if num_views > 2 and not isinstance(loss, SupCon):
+            raise ValueError(f"pipeline.num_views={num_views} needs loss=sup_con (NT-Xent and InfoNCE take two views).")
         super().__init__(**base)
         self.projector = projector
         self.loss = loss
+        self.num_views = num_views
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, labels = batch
-        v1, v2 = self.views(images)
-        h = self.backbone(torch.cat([v1, v2]))  # (2B, F), one pass: BN sees both views
-        z1, z2 = self.projector(h).chunk(2)  # (B, D) each
-        loss = self.loss(z1, z2)
-        return self.finish_step({"loss": loss}, self.online_probe_loss(h, labels.repeat(2)))
+        h = self.backbone(torch.cat(self.views(images, n=self.num_views)))  # (V*B, F), one pass: BN sees all views
+        z = self.projector(h)  # (V*B, D)
+        if isinstance(self.loss, SupCon):
+            loss = self.loss(z, instance_labels(len(images), self.num_views, rank()).to(z.device))
+        else:
+            loss = self.loss(*z.chunk(2))  # (B, D) each
+        return self.finish_step({"loss": loss}, self.online_probe_loss(h, labels.repeat(self.num_views)))
