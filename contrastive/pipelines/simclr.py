@@ -10,14 +10,16 @@ from contrastive.losses import ContrastiveMargin, SupCon, TripletMargin
 from contrastive.pipelines.base import Pipeline, check_loss_fits
 
 
-def instance_labels(batch_size: int, num_views: int, process_rank: int = 0) -> Tensor:
+def instance_labels(batch_size: int, num_views: int, process_rank: int = 0,
+                    device: torch.device | str | None = None) -> Tensor:
     """Labels that make every view of an image a positive of the others and nothing else.
 
     ``(arange(B) + rank * B).repeat(V)``, shape (V*B,), view-major like ``cat(views)``:
     offset by the rank so that images of different processes never share a label when
     the loss gathers them.
     """
-    return (torch.arange(batch_size) + process_rank * batch_size).repeat(num_views)
+    start = process_rank * batch_size
+    return torch.arange(start, start + batch_size, device=device).repeat(num_views)
 
 
 class SimCLR(Pipeline):
@@ -53,7 +55,7 @@ class SimCLR(Pipeline):
         h = self.backbone(torch.cat(self.views(images, n=self.num_views)))  # (V*B, F), one pass: BN sees all views
         z = self.projector(h)  # (V*B, D)
         if isinstance(self.loss, SupCon):
-            loss = self.loss(z, instance_labels(len(images), self.num_views, rank()).to(z.device))
+            loss = self.loss(z, instance_labels(len(images), self.num_views, rank(), z.device))
         else:
             loss = self.loss(*z.chunk(2))  # (B, D) each
         return self.finish_step({"loss": loss}, self.online_probe_loss(h, labels.repeat(self.num_views)))
