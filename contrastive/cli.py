@@ -23,14 +23,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from contrastive.data import DataError, Splits, TensorDataModule
 from contrastive.evaluation import knn_top1, retrieval_metrics
 from contrastive.io import (
     AtomicCheckpointIO,
     CheckpointError,
+    ResumableCSVLogger,
     check_checkpoint_file,
+    checkpoint_step,
     load_checkpoint,
     save_torch_atomic,
     write_json_atomic,
@@ -263,8 +265,11 @@ def feature_metrics(
 # --------------------------------------------------------------------------- train
 
 
-def _make_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    """The run's Lightning Trainer: last/periodic checkpoints, CSV and TensorBoard logs, atomic writes."""
+def _make_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) -> pl.Trainer:
+    """The run's Lightning Trainer: last/periodic checkpoints, CSV and TensorBoard logs, atomic writes.
+
+    ``ckpt_path``: the checkpoint the run resumes from; ``metrics.csv`` keeps the rows logged before it.
+    """
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks: list[Callback] = [
         SaveRunConfig(config),  # type: ignore[arg-type]
@@ -283,7 +288,11 @@ def _make_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         **trainer_args,
         default_root_dir=run_dir,
         callbacks=callbacks,
-        logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tb", version="")],
+        logger=[
+            ResumableCSVLogger(run_dir, name="logs", version="",
+                               resume_step=None if ckpt_path is None else checkpoint_step(ckpt_path)),
+            TensorBoardLogger(run_dir, name="tb", version=""),  # a new event file per call; TensorBoard joins them
+        ],
         plugins=[AtomicCheckpointIO()],
         check_val_every_n_epoch=cfg.eval.every_n_epochs,
         num_sanity_val_steps=0,
@@ -295,7 +304,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer = _make_trainer(cfg, run_dir)  # first: it knows the number of processes (devices=auto, SLURM)
+    ckpt_path = resume_path(cfg.resume, run_dir)
+    trainer = _make_trainer(cfg, run_dir, ckpt_path)  # before the data: it knows the number of processes (SLURM)
     splits = build_splits(cfg.data, cfg.seed)
     check_against_data(cfg, splits, trainer.world_size)
     train_batches = instantiate(cfg.sampler)
@@ -305,7 +315,6 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         train_batches=train_batches,
     )
     pipeline = build_pipeline(cfg)
-    ckpt_path = resume_path(cfg.resume, run_dir)
 
     # The same seed gives the same initial weights, so this is the untrained figure also on resume.
     def measure() -> dict[str, float]:
@@ -320,6 +329,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(pipeline, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics |= measure()
     metrics["epochs"] = float(trainer.current_epoch)
+    metrics["train_seconds"] = pipeline.train_seconds  # summed over every call of a resumed run
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})

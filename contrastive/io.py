@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.loggers.logger import rank_zero_experiment
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
@@ -107,3 +111,60 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         save_torch_atomic(checkpoint, path)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The ``global_step`` a Lightning checkpoint was saved at (memory-mapped: the weights are not read)."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger``, except that a resumed run keeps the rows logged before its checkpoint.
+
+    Lightning deletes an existing ``metrics.csv`` (its logger cannot know that the run resumes),
+    so the curves of an interrupted run would start at the interruption. With ``resume_step``
+    (the checkpoint's step) the file is cut, atomically, to its rows with ``step < resume_step``,
+    and the resumed run appends from that step on. Rows after the checkpoint came from the lost
+    part of the interrupted epoch and are logged again; the resumed run's repeat of the
+    pre-training measurement (step 0) is not written twice.
+    """
+
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedWriter(self.log_dir, self.resume_step)
+        return self._experiment
+
+
+class _ResumedWriter(ExperimentWriter):
+    """``ExperimentWriter`` that keeps, rather than deletes, the rows before ``resume_step``."""
+
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's hook: deletes metrics.csv
+        path = Path(self.metrics_file_path)
+        if self.resume_step is None or not path.is_file():
+            return super()._check_log_dir_exists()
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [row for row in reader if float(row.get("step") or 0) < self.resume_step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_bytes_atomic(path, text.getvalue().encode())
+        self.metrics_keys = header  # appended rows with new columns make Lightning rewrite the header
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        if self.resume_step is not None and step is not None and step < self.resume_step:
+            return  # already in the file, from the call that wrote the checkpoint
+        super().log_metrics(metrics_dict, step)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from contrastive.io import ResumableCSVLogger
 
 BIN = Path(sys.executable).parent
 RUN = [
@@ -22,6 +26,14 @@ RUN = [
 
 def _final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def _epoch_rows(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
+    """From metrics.csv: every row's step, the logged epoch_seconds, the logged val/knn_top1."""
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    column = lambda key: [float(r[key]) for r in rows if r.get(key)]  # noqa: E731
+    return column("step"), column("train/epoch_seconds"), column("val/knn_top1")
 
 
 @pytest.mark.slow
@@ -56,6 +68,17 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
     assert all(torch.equal(mom_a[i]["momentum_buffer"], mom_b[i]["momentum_buffer"]) for i in mom_a)
     assert torch.equal(a["augment_generator"], b["augment_generator"])
     assert not list((tmp_path / "killed" / "checkpoints").glob(".*.tmp"))
+
+    # The logs and the wall-clock span both calls: metrics.csv keeps the killed call's rows up to
+    # its checkpoint (Lightning alone deletes the file on resume), each epoch's row once, in step
+    # order; train_seconds adds the killed call's epochs (carried in the checkpoint) to the rest.
+    for run in ("straight", "killed"):
+        steps, seconds, knn = _epoch_rows(tmp_path / run)
+        assert steps == sorted(steps), run
+        assert len(seconds) == 4 and len(knn) == 2, run  # 4 epochs; untrained + final measurement
+        train_seconds = json.loads((tmp_path / run / "metrics.json").read_text())["train_seconds"]
+        assert train_seconds == pytest.approx(sum(seconds), rel=1e-5), run
+    assert _epoch_rows(tmp_path / "straight")[2] == _epoch_rows(tmp_path / "killed")[2]
 
 
 @pytest.mark.parametrize(
@@ -98,3 +121,24 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(cli, tmp_path: Path) -> 
     line = [l for l in boom.stderr.splitlines() if l.startswith("error: ")][0]
     assert "non-finite loss at epoch 1, global step 2: loss=nan" in line and "temperature too low" in line
     assert last.read_bytes() == before
+
+
+def test_resumed_csv_log_keeps_rows_before_the_checkpoint(tmp_path: Path) -> None:
+    """Rows before the checkpoint's step stay, later ones (the lost part) go, new columns join the header."""
+    (tmp_path / "logs").mkdir()
+    old = tmp_path / "logs" / "metrics.csv"
+    old.write_text("epoch,step,train/loss,val/knn_top1\n0,0,,15.0\n0,7,3.9,\n1,15,3.5,\n2,16,,20.0\n2,20,3.1,\n")
+    logger = ResumableCSVLogger(tmp_path, name="logs", version="", resume_step=16)
+    logger.log_metrics({"val/knn_top1": 15.0, "epoch": 0}, step=0)  # the resumed call's untrained measure
+    logger.log_metrics({"train/loss": 3.0, "train/epoch_seconds": 0.5, "epoch": 2}, step=17)
+    logger.save()
+    with old.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"], r["val/knn_top1"]) for r in rows] == [
+        ("0", "", "15.0"), ("7", "3.9", ""), ("15", "3.5", ""), ("17", "3.0", "")]
+    assert rows[-1]["train/epoch_seconds"] == "0.5" and rows[0]["train/epoch_seconds"] == ""
+    fresh = ResumableCSVLogger(tmp_path, name="logs", version="")  # not resuming: Lightning's behaviour
+    with pytest.warns(UserWarning, match="will be deleted"):
+        fresh.log_metrics({"train/loss": 9.0}, step=0)
+    fresh.save()
+    assert old.read_text().splitlines() == ["step,train/loss", "0,9.0"]

@@ -103,6 +103,7 @@ class Pipeline(pl.LightningModule):
         self.online_head = nn.Linear(feature_dim, num_classes) if online_probe else None
         self.generator = torch.Generator().manual_seed(seed)
         self._val_outputs: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.train_seconds = 0.0  # wall-clock of the finished epochs (validation included), across resumes
         self.last_features: dict[str, tuple[Tensor, Tensor]] = {}
         self.skipped_steps = 0
         self._pending_check: tuple[Tensor, Any, dict[str, Tensor], int] | None = None  # see finish_step
@@ -279,6 +280,7 @@ class Pipeline(pl.LightningModule):
         """Checks the last step (before the checkpoint callbacks run); logs ``train/images_per_s``."""
         self.raise_if_nonfinite()
         seconds = time.perf_counter() - self._epoch_start
+        self.train_seconds += seconds
         # summed over processes: the whole job's throughput; the slowest process's epoch time
         self.log("train/images_per_s", self._epoch_images / max(seconds, 1e-9), prog_bar=True, sync_dist=True,
                  reduce_fx="sum")
@@ -291,10 +293,12 @@ class Pipeline(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["augment_generator"] = self.generator.get_state()
+        checkpoint["train_seconds"] = self.train_seconds
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "augment_generator" in checkpoint:
             self.generator.set_state(checkpoint["augment_generator"])
+        self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
 
 
 def _all_gather_padded(x: Tensor, rows: int | None = None) -> Tensor:
