@@ -145,13 +145,21 @@ class LastCheckpoint(Checkpoint):
 
     (``ModelCheckpoint(save_last=True)`` writes it only when it also saves a
     periodic checkpoint.) As a ``Checkpoint`` it runs after the LightningModule's
-    ``on_train_epoch_end``, i.e. after the last step's non-finite check.
+    ``on_train_epoch_end``, i.e. after the last step's non-finite check. An epoch cut
+    short (``trainer.max_time``) is not saved: Lightning marks it finished, so a resume
+    from it would skip the rest of the epoch; the run resumes from the last whole one.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done, total = trainer.fit_loop.epoch_loop.batch_progress.current.completed, trainer.num_training_batches
+        if done < total:  # stopped inside the epoch (trainer.max_time): Lightning would count it as finished
+            log.warning("training stopped after %d of %d steps of epoch %d; %s stays at the end of the last "
+                        "whole epoch, from which the same command continues", done, total, trainer.current_epoch,
+                        self.path.name)
+            return
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resume needs it
 
 
@@ -328,7 +336,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     metrics = {f"{k}_untrained": v for k, v in measure().items()}
     trainer.fit(pipeline, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics |= measure()
-    metrics["epochs"] = float(trainer.current_epoch)
+    metrics["epochs"] = trainer.global_step / max(trainer.num_training_batches, 1)  # fractional if stopped early
     metrics["train_seconds"] = pipeline.train_seconds  # summed over every call of a resumed run
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from contrastive.cli import _short_name
+
 SHRINK = [
     "data.source.num_train=200",
     "data.source.num_test=100",
@@ -58,10 +60,13 @@ def test_compiled_run_writes_plain_checkpoint_keys(cli, config, tmp_path: Path) 
 
 
 def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
-    out = cli("contrastive-train", *SHRINK, cwd=tmp_path)
+    out = cli("contrastive-train", *SHRINK, "trainer.max_time=00:01:00:00", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "outputs" / "simclr_shapes"
     (run_dir,) = [p for p in run.iterdir() if p.is_dir()]
+    # a time limit is not a new run: the folder is named by the other overrides alone
+    named = sorted(o for o in SHRINK if not o.startswith("trainer.enable_progress_bar"))  # also left out
+    assert run_dir.name == _short_name(",".join(named))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("knn_top1", "knn_top1_untrained", "linear_top1", "linear_train_top1", "linear_top1_untrained"):
         assert 0.0 <= metrics[key] <= 100.0, key

@@ -142,3 +142,30 @@ def test_resumed_csv_log_keeps_rows_before_the_checkpoint(tmp_path: Path) -> Non
         fresh.log_metrics({"train/loss": 9.0}, step=0)
     fresh.save()
     assert old.read_text().splitlines() == ["step,train/loss", "0,9.0"]
+
+
+@pytest.mark.slow
+def test_stop_inside_an_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path) -> None:
+    """A run stopped mid-epoch (max_time does this; max_steps stands in, deterministically)
+    keeps last.ckpt at the last whole epoch, reports the fraction trained, and the same command
+    then finishes bit-for-bit as a run never stopped. Saving the cut epoch instead would make the
+    resume skip its remaining steps (Lightning counts the epoch as done)."""
+    # max_steps does not reshape a constant lr (the experiment sets a warm-up, hence warmup_epochs=0)
+    run = [*RUN, "trainer.max_epochs=2", "scheduler=constant", "scheduler.warmup_epochs=0"]
+    straight = cli("contrastive-train", *run, "hydra.run.dir=straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    cut = cli("contrastive-train", *run, "+trainer.max_steps=11", "hydra.run.dir=cut", cwd=tmp_path)
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    assert "training stopped after 3 of 8 steps of epoch 1" in cut.stdout + cut.stderr
+    assert _final_state(tmp_path / "cut")["global_step"] == 8
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["epochs"] == 11 / 8
+
+    again = cli("contrastive-train", *run, "hydra.run.dir=cut", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "cut")
+    assert a["global_step"] == b["global_step"] == 16
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["epochs"] == 2
+    steps, seconds, _ = _epoch_rows(tmp_path / "cut")
+    assert len(seconds) == 2 and steps == sorted(steps)  # the cut epoch's rows gave way to the whole epoch's
