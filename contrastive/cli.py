@@ -140,27 +140,43 @@ class SaveRunConfig(Callback):
         checkpoint["contrastive_config"] = self.config
 
 
+def _epoch_cut_short(trainer: pl.Trainer) -> bool:
+    """Whether training stopped inside the epoch now ending (``trainer.max_time``).
+
+    Lightning counts such an epoch as finished, so a checkpoint of it would make a resume
+    skip the rest of the epoch: the checkpoint callbacks below do not save it.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches
+
+
 class LastCheckpoint(Checkpoint):
-    """Writes ``last.ckpt`` at the end of every training epoch.
+    """Writes ``last.ckpt`` at the end of every whole training epoch.
 
     (``ModelCheckpoint(save_last=True)`` writes it only when it also saves a
     periodic checkpoint.) As a ``Checkpoint`` it runs after the LightningModule's
-    ``on_train_epoch_end``, i.e. after the last step's non-finite check. An epoch cut
-    short (``trainer.max_time``) is not saved: Lightning marks it finished, so a resume
-    from it would skip the rest of the epoch; the run resumes from the last whole one.
+    ``on_train_epoch_end``, i.e. after the last step's non-finite check. After an
+    epoch cut short it stays at the last whole one, from which the run resumes.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        done, total = trainer.fit_loop.epoch_loop.batch_progress.current.completed, trainer.num_training_batches
-        if done < total:  # stopped inside the epoch (trainer.max_time): Lightning would count it as finished
+        if _epoch_cut_short(trainer):
             log.warning("training stopped after %d of %d steps of epoch %d; %s stays at the end of the last "
-                        "whole epoch, from which the same command continues", done, total, trainer.current_epoch,
-                        self.path.name)
+                        "whole epoch, from which the same command continues",
+                        trainer.fit_loop.epoch_loop.batch_progress.current.completed,
+                        trainer.num_training_batches, trainer.current_epoch, self.path.name)
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resume needs it
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that does not save an epoch cut short under that epoch's name."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _epoch_cut_short(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
 
 
 class SweepSummary(HydraCallback):
@@ -283,7 +299,7 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) 
         SaveRunConfig(config),  # type: ignore[arg-type]
         # save_on_train_epoch_end: at every epoch's end, not only after the (sparser) validations
         LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
-        ModelCheckpoint(
+        EpochCheckpoint(
             dirpath=run_dir / "checkpoints", filename="epoch={epoch:04d}", auto_insert_metric_name=False,
             save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
         ),

@@ -158,6 +158,7 @@ def test_stop_inside_an_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Pa
     assert cut.returncode == 0, cut.stderr[-2000:]
     assert "training stopped after 3 of 8 steps of epoch 1" in cut.stdout + cut.stderr
     assert _final_state(tmp_path / "cut")["global_step"] == 8
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["epoch=0000.ckpt", "last.ckpt"]
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["epochs"] == 11 / 8
 
     again = cli("contrastive-train", *run, "hydra.run.dir=cut", cwd=tmp_path)
