@@ -114,8 +114,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_step(path: str | Path) -> int:
-    """The ``global_step`` a Lightning checkpoint was saved at (memory-mapped: the weights are not read)."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    """The ``global_step`` a Lightning checkpoint was saved at (memory-mapped: the weights are not read),
+    or a :class:`CheckpointError` saying how to go on without it."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception as e:  # truncated zip, pickle error, not a Lightning checkpoint
+        raise CheckpointError(
+            f"cannot resume from {path}: it is truncated or not a Lightning checkpoint ({type(e).__name__}: {e}). "
+            "Pass resume=<another .ckpt of the run> (checkpoints/epoch=*.ckpt) or resume=never to start over."
+        ) from None
 
 
 class ResumableCSVLogger(CSVLogger):

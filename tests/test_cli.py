@@ -142,6 +142,15 @@ def test_corrupt_checkpoint_is_refused(cli, tmp_path: Path) -> None:
     assert out.returncode == 2 and "not a contrastive training checkpoint" in out.stderr
 
 
+def test_corrupt_last_checkpoint_stops_the_resume_with_one_line(cli, tmp_path: Path) -> None:
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    out = cli("contrastive-train", *SHRINK, "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    assert "cannot resume from" in line and "last.ckpt" in line and "resume=never" in line
+
+
 def test_missing_checkpoint_leaves_no_folder_behind(cli, tmp_path: Path) -> None:
     missing = tmp_path / "typo_run" / "checkpoints" / "last.ckpt"
     out = cli("contrastive-eval", f"checkpoint={missing}", cwd=tmp_path)
