@@ -140,13 +140,14 @@ class SaveRunConfig(Callback):
         checkpoint["contrastive_config"] = self.config
 
 
-def _epoch_cut_short(trainer: pl.Trainer) -> bool:
-    """Whether training stopped inside the epoch now ending (``trainer.max_time``).
+def _steps_of_cut_epoch(trainer: pl.Trainer) -> int | None:
+    """The steps done of the epoch now ending if training stopped inside it (``trainer.max_time``), else None.
 
     Lightning counts such an epoch as finished, so a checkpoint of it would make a resume
     skip the rest of the epoch: the checkpoint callbacks below do not save it.
     """
-    return trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return done if done < trainer.num_training_batches else None
 
 
 class LastCheckpoint(Checkpoint):
@@ -162,11 +163,11 @@ class LastCheckpoint(Checkpoint):
         self.path = path
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _epoch_cut_short(trainer):
+        done = _steps_of_cut_epoch(trainer)
+        if done is not None:
             log.warning("training stopped after %d of %d steps of epoch %d; %s stays at the end of the last "
                         "whole epoch, from which the same command continues",
-                        trainer.fit_loop.epoch_loop.batch_progress.current.completed,
-                        trainer.num_training_batches, trainer.current_epoch, self.path.name)
+                        done, trainer.num_training_batches, trainer.current_epoch, self.path.name)
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resume needs it
 
@@ -175,7 +176,7 @@ class EpochCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that does not save an epoch cut short under that epoch's name."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not _epoch_cut_short(trainer):
+        if _steps_of_cut_epoch(trainer) is None:
             super().on_train_epoch_end(trainer, pl_module)
 
 
