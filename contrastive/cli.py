@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -49,9 +50,20 @@ class ConfigError(ValueError):
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, InstantiationException)
 
 
+def _user_message(error: Exception) -> str:
+    """The message of ``error``; for a failed Hydra instantiation, the cause's own message and the
+    config key that built it (Hydra's wrapper repeats the target's name and the exception's repr)."""
+    key = None
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        found = re.search(r"full_key: (\S+)", str(error))
+        key = found.group(1) if found else key
+        error = error.__cause__  # type: ignore[assignment]
+    return f"{error} (while building {key})" if key else str(error)
+
+
 def _exit_with(error: Exception) -> NoReturn:
     """Print ``error`` as one line on stderr and exit with status 2."""
-    message = str(error).strip().splitlines()
+    message = _user_message(error).strip().splitlines()
     print(f"error: {' '.join(m.strip() for m in message)}", file=sys.stderr)
     sys.exit(2)
 

@@ -119,9 +119,19 @@ def test_multirun_sweep_writes_summary(cli, tmp_path: Path) -> None:
 
 def test_missing_cifar_is_one_clear_line(cli, tmp_path: Path) -> None:
     out = cli("contrastive-train", "data=cifar10", f"data.root={tmp_path / 'nope'}", cwd=tmp_path)
-    assert out.returncode == 2
-    assert "error: " in out.stderr and "data.root=" in out.stderr and "data.download=true" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    assert line.startswith(f"error: CIFAR10 not found: expected the folder {tmp_path / 'nope'}")
+    assert "data.root=" in line and "data.download=true" in line and line.endswith("(while building data.source)")
+    assert "Error in call to target" not in line
+
+
+def test_invalid_constructor_argument_names_the_key(cli, tmp_path: Path) -> None:
+    out = cli("contrastive-train", "experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=-1",
+              cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    assert line == "error: weight must be >= 0, got -1. (while building pipeline)"
 
 
 def test_misspelt_key_is_rejected(cli, tmp_path: Path) -> None:
