@@ -30,6 +30,17 @@ def test_nonfinite_raise_names_step_and_term() -> None:
         p.finish_step(ok)
 
 
+def test_pending_check_holds_no_autograd_graph() -> None:
+    """The check of step t is read at step t + 1; what it keeps until then must not pin step t's graph."""
+    p = _pipeline("raise")
+    p.log = lambda *a, **k: None
+    w = torch.ones(3, requires_grad=True)
+    loss = (w * 2).sum()
+    assert p.finish_step({"loss": loss}) is loss  # the objective itself still carries the graph
+    flags, _, terms, _ = p._pending_check
+    assert not flags.requires_grad and all(not v.requires_grad and v.grad_fn is None for v in terms.values())
+
+
 def test_nonfinite_skip_returns_none() -> None:
     p = _pipeline("skip")
     p.log = lambda *a, **k: None

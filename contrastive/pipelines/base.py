@@ -173,14 +173,15 @@ class Pipeline(pl.LightningModule):
         return terms["loss"] if extra is None else terms["loss"] + extra
 
     def _finite_flags(self, terms: dict[str, Tensor]) -> tuple[Tensor, Any, dict[str, Tensor], int]:
-        flags = torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()])
+        terms = {k: v.detach() for k, v in terms.items()}  # the check must not keep the step's graph alive
+        flags = torch.stack([torch.isfinite(v).all() for v in terms.values()])
         if not flags.is_cuda:
             return flags, None, terms, self.global_step
         host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
         host.copy_(flags, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return host, event, {k: v.detach() for k, v in terms.items()}, self.global_step
+        return host, event, terms, self.global_step
 
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`NonFiniteLossError` if the last checked step had a NaN/Inf term."""
@@ -194,7 +195,7 @@ class Pipeline(pl.LightningModule):
             raise NonFiniteLossError(self._nonfinite_message(terms, flags, step))
 
     def _nonfinite_message(self, terms: dict[str, Tensor], finite: Tensor, step: int) -> str:
-        bad = ", ".join(f"{k}={float(v.float().mean())}" for (k, v), ok in zip(terms.items(), finite.tolist()) if not ok)
+        bad = ", ".join(f"{k}={float(v.detach().float().mean())}" for (k, v), ok in zip(terms.items(), finite.tolist()) if not ok)
         return (
             f"non-finite loss at epoch {self.current_epoch}, global step {step}: {bad}. "
             "Likely causes: temperature too low, learning rate too high, or fp16 overflow "
