@@ -44,6 +44,9 @@ def similarity(query: Tensor, reference: Tensor, metric: Metric = "cosine") -> T
 
     ``cosine``: ``s_ij = q_i . r_j`` (inputs already unit length, see :func:`prepare_features`).
     ``euclidean``: ``s_ij = -||q_i - r_j||^2``, so that ranking by ``s`` is ranking by distance.
+    It is expanded as ``2 q.r - |q|^2 - |r|^2`` (one matrix product) after both sides are shifted
+    by the references' mean: distances do not change, and the expansion's rounding error scales
+    with the spread of the features instead of their distance from the origin.
 
     Args:
         query: (Q, D) prepared features.
@@ -53,9 +56,11 @@ def similarity(query: Tensor, reference: Tensor, metric: Metric = "cosine") -> T
     Returns:
         (Q, N) similarities.
     """
-    dots = query @ reference.T  # (Q, N)
     if metric == "cosine":
-        return dots
+        return query @ reference.T  # (Q, N)
+    centre = reference.mean(0)  # (D,)
+    query, reference = query - centre, reference - centre
+    dots = query @ reference.T  # (Q, N)
     q_sq = query.pow(2).sum(1, keepdim=True)  # (Q, 1)
     r_sq = reference.pow(2).sum(1)  # (N,)
     return 2 * dots - q_sq - r_sq

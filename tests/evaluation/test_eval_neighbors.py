@@ -38,3 +38,17 @@ def test_euclidean_similarity_is_negative_squared_distance() -> None:
     g = torch.Generator().manual_seed(0)
     q, r = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(similarity(q, r, "euclidean"), -torch.cdist(q, r).pow(2))
+
+
+def test_euclidean_ranking_does_not_depend_on_a_shift_of_all_features() -> None:
+    """Far from the origin, float32 ``2 q.r - |q|^2 - |r|^2`` cancels to noise unless centred first."""
+    q = torch.tensor([[1000.0, 0.0]])
+    r = torch.tensor([[999.92, 0.17], [999.875, -0.05]])  # distances 0.188 and 0.135: reference 1 is nearer
+    torch.testing.assert_close(similarity(q, r, "euclidean"), -torch.cdist(q.double(), r.double()).pow(2).float(),
+                               atol=1e-4, rtol=0)
+    assert topk_neighbors(q, r, 1, "euclidean")[1].item() == 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    _, near = topk_neighbors(x, x, 8, "euclidean", self_index=torch.arange(200))
+    _, shifted = topk_neighbors(x + 1000.0, x + 1000.0, 8, "euclidean", self_index=torch.arange(200))
+    assert (near == shifted).float().mean() > 0.99  # only float32 rounding of x + 1000 may swap near-ties
