@@ -131,6 +131,11 @@ class Temperature(nn.Module):
             raise ValueError(f"max_scale must be > 0, got {max_scale}.")
         self.learnable = learnable
         self.max_log_scale = math.log(max_scale)
+        if learnable and value < 1 / max_scale:
+            raise ValueError(
+                f"a learnable temperature starts at {value}, below its floor 1/max_scale = {1 / max_scale:g}: "
+                "it would be clamped there and get no gradient. Start it higher or raise max_scale."
+            )
         if learnable:
             self.log_scale = nn.Parameter(torch.tensor(-math.log(value)))
         else:
