@@ -162,48 +162,99 @@ def cifar100(root: str = "./data", download: bool = False) -> Splits:
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# torchvision.io.decode_image reads these; the other IMAGE_SUFFIXES are decoded with Pillow.
+_TORCHVISION_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    """Names of the class folders of ``folder``, sorted; hidden folders skipped."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """Image files of one class folder, sorted; hidden files (macOS ``._name``) skipped."""
+    if not class_dir.is_dir():
+        return []
+    return sorted(p for p in class_dir.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def _read_rgb(file: Path) -> Tensor:
+    """One image file as RGB ``uint8`` (3, H, W), or a :class:`DataError` naming the file."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    try:
+        if file.suffix.lower() in _TORCHVISION_SUFFIXES:
+            return decode_image(str(file), mode=ImageReadMode.RGB)
+        from PIL import Image
+
+        with Image.open(file) as im:
+            return pil_to_tensor(im.convert("RGB"))
+    except Exception as e:
+        raise DataError(f"cannot read image {file}: {e}. Remove or replace the file.") from None
 
 
 def _decode_folder(folder: Path, size: int, class_names: list[str] | None) -> ImageTensors:
     """Every image of ``folder/<class>/`` decoded, resized to ``size x size`` (RGB, uint8)."""
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import resize
 
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder} (expected {folder}/<class name>/<image files>)")
-    names = class_names or sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = class_names or _class_dirs(folder)
     if not names:
         raise DataError(f"{folder} holds no class folders: put the images in {folder}/<class name>/")
     images, labels = [], []
     for label, name in enumerate(names):
-        files = sorted(p for p in (folder / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        for file in files:
-            try:
-                img = decode_image(str(file), mode=ImageReadMode.RGB)  # (3, H, W) uint8
-            except Exception as e:
-                raise DataError(f"cannot read image {file}: {e}. Remove or replace the file.") from None
-            images.append(resize(img, [size, size], antialias=True))
+        for file in _image_files(folder / name):
+            images.append(resize(_read_rgb(file), [size, size], antialias=True))
             labels.append(label)
     if not images:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
     return ImageTensors(torch.stack(images), torch.tensor(labels), len(names), names)
 
 
+def _folder_fingerprint(base: Path, splits: tuple[str, ...]) -> str:
+    """SHA-256 over the class folders and image files (relative path, size, mtime_ns) of ``splits``.
+
+    Listed with the same rule as :func:`_decode_folder`, so adding, deleting, renaming,
+    moving or rewriting an image or class folder changes it.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in splits:
+        folder = base / split
+        if not folder.is_dir():
+            continue
+        for name in _class_dirs(folder):
+            h.update(f"{split}/{name}/\n".encode())
+            for file in _image_files(folder / name):
+                st = file.stat()
+                h.update(f"{file.relative_to(base).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def image_folder(root: str, size: int = 32, train: str = "train", test: str = "test", cache: bool = True) -> Splits:
     """Any labelled image set laid out as ``root/{train,test}/<class>/<image>``, decoded once.
 
-    Images are decoded, converted to RGB and resized to ``size x size`` once; the
-    uint8 tensors are cached in ``root/.contrastive_cache_<size>.pt`` (written
-    atomically) and reused while no image file is newer than the cache.
+    Images are decoded, converted to RGB and resized to ``size x size`` once; hidden
+    files and folders are skipped. The uint8 tensors are cached in
+    ``root/.contrastive_cache_<size>.pt`` (written atomically) together with a
+    fingerprint of the files they came from (relative paths, sizes, mtimes); the
+    cache is reused only while that fingerprint matches, else rebuilt.
     """
     base = Path(root).expanduser()
     if not base.is_dir():
         raise DataError(f"image folder not found: {base}. Point data.root at a folder holding {train}/ and {test}/.")
     cache_file = base / f".contrastive_cache_{size}.pt"
+    fingerprint = _folder_fingerprint(base, (train, test)) if cache else ""
     if cache and cache_file.is_file():
-        newest = max((p.stat().st_mtime for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), default=0)
-        if newest <= cache_file.stat().st_mtime:
+        try:
             saved = torch.load(cache_file, weights_only=True)
+        except Exception:  # a cache cut short (a killed write of an older version): rebuild it
+            saved = {}
+        if saved.get("fingerprint") == fingerprint:  # a cache without one predates fingerprints: rebuild
             return Splits(*(ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
                             for s in (saved["train"], saved["test"])))
     train_set = _decode_folder(base / train, size, None)
@@ -211,7 +262,7 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
     if cache:
         from contrastive.io import save_torch_atomic
 
-        save_torch_atomic({"names": train_set.class_names,
+        save_torch_atomic({"fingerprint": fingerprint, "names": train_set.class_names,
                            "train": {"images": train_set.images, "labels": train_set.labels},
                            "test": {"images": test_set.images, "labels": test_set.labels}}, cache_file)
     return Splits(train_set, test_set)

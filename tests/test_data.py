@@ -138,3 +138,67 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "bad" / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="cannot read image .*broken.jpg"):
         image_folder(str(tmp_path / "bad"), cache=False)
+
+
+def test_image_folder_decodes_bmp_and_tiff_like_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from contrastive.data import image_folder
+
+    pixels = torch.randint(0, 256, (13, 17, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for split in ("train", "test"):
+        for suffix in ("png", "bmp", "tif", "tiff"):
+            (tmp_path / split / suffix).mkdir(parents=True)
+            Image.fromarray(pixels.numpy()).save(tmp_path / split / suffix / f"a.{suffix}")
+    splits = image_folder(str(tmp_path), size=8, cache=False)
+    assert splits.train.class_names == ["bmp", "png", "tif", "tiff"]
+    png = splits.train.images[1]
+    for i in (0, 2, 3):
+        assert torch.equal(splits.train.images[i], png), splits.train.class_names[i]
+
+
+def test_image_folder_skips_hidden_appledouble_files(tmp_path: Path) -> None:
+    from contrastive.data import image_folder
+
+    _write_folder(tmp_path, {"cat": 2, "dog": 1})
+    junk = bytes(torch.randint(0, 256, (64,), dtype=torch.uint8).tolist())  # not an image
+    for split in ("train", "test"):
+        (tmp_path / split / "cat" / "._0.png").write_bytes(junk)
+    splits = image_folder(str(tmp_path), size=8, cache=False)
+    assert len(splits.train.images) == 3 and splits.train.labels.tolist() == [0, 0, 1]
+
+
+def test_image_folder_cache_follows_deleted_classes_and_renamed_files(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from contrastive.data import image_folder
+
+    _write_folder(tmp_path, {"cat": 2, "dog": 2, "owl": 1})
+    cache_file = tmp_path / ".contrastive_cache_8.pt"
+    assert image_folder(str(tmp_path), size=8).train.num_classes == 3
+    for split in ("train", "test"):
+        shutil.rmtree(tmp_path / split / "owl")
+    splits = image_folder(str(tmp_path), size=8)
+    assert splits.train.num_classes == 2 and splits.train.class_names == ["cat", "dog"]
+    assert splits.test.labels.tolist() == [0, 0, 1, 1]
+    assert torch.load(cache_file, weights_only=True)["names"] == ["cat", "dog"]  # rebuilt
+    # Move a file to another class, mtimes untouched (and older than the cache): detected too.
+    src, dst = tmp_path / "train" / "cat" / "0.png", tmp_path / "train" / "dog" / "9.png"
+    st = src.stat()
+    src.rename(dst)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert image_folder(str(tmp_path), size=8).train.labels.tolist() == [0, 1, 1, 1]
+
+
+def test_image_folder_rebuilds_cache_without_fingerprint(tmp_path: Path) -> None:
+    from contrastive.data import image_folder
+    from contrastive.io import save_torch_atomic
+
+    _write_folder(tmp_path, {"cat": 1, "dog": 1})
+    stale = {"images": torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "labels": torch.zeros(1, dtype=torch.long)}
+    save_torch_atomic({"names": ["old"], "train": stale, "test": stale}, tmp_path / ".contrastive_cache_8.pt")
+    splits = image_folder(str(tmp_path), size=8)
+    assert splits.train.class_names == ["cat", "dog"] and len(splits.train.images) == 2
+    (tmp_path / ".contrastive_cache_8.pt").write_bytes(b"PK\x03\x04 cut short")  # unreadable: rebuilt too
+    assert image_folder(str(tmp_path), size=8).train.class_names == ["cat", "dog"]
