@@ -11,6 +11,7 @@ import hashlib
 import logging
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -19,12 +20,15 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
-from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from contrastive.data import DataError, Splits, TensorDataModule
 from contrastive.evaluation import knn_top1, retrieval_metrics
@@ -32,10 +36,11 @@ from contrastive.io import (
     AtomicCheckpointIO,
     CheckpointError,
     ResumableCSVLogger,
-    check_checkpoint_file,
     checkpoint_step,
     load_checkpoint,
     save_torch_atomic,
+    state_dict_mismatch,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from contrastive.pipelines import NonFiniteLossError, Pipeline
@@ -47,7 +52,8 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, InstantiationException)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, InstantiationException,
+               MisconfigurationException)  # the last: Lightning's, e.g. trainer.accelerator=gpu without a GPU
 
 
 def _user_message(error: Exception) -> str:
@@ -61,25 +67,68 @@ def _user_message(error: Exception) -> str:
     return f"{error} (while building {key})" if key else str(error)
 
 
+JOB_ERROR_FILE = "error.txt"  # in a sweep job's folder: why the job failed (read by SweepSummary)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(m.strip() for m in _user_message(error).strip().splitlines())
+
+
 def _exit_with(error: Exception) -> NoReturn:
     """Print ``error`` as one line on stderr and exit with status 2."""
-    message = _user_message(error).strip().splitlines()
-    print(f"error: {' '.join(m.strip() for m in message)}", file=sys.stderr)
+    print(f"error: {_one_line(error)}", file=sys.stderr)
     sys.exit(2)
 
 
 def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Turn user errors into one clear line on stderr and exit status 2 (no traceback)."""
+    """Turn user errors into one clear line on stderr and exit status 2 (no traceback).
+
+    In a sweep (``-m``) a job's user error does not stop the sweep: the line goes to stderr
+    and to the job's ``error.txt``, the other jobs run, and :class:`SweepSummary` reports it.
+    """
 
     def wrapper(cfg: DictConfig) -> Any:
+        sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        error_file = Path(HydraConfig.get().runtime.output_dir) / JOB_ERROR_FILE if sweep_job else None
+        if error_file is not None:
+            error_file.unlink(missing_ok=True)  # from an earlier failed attempt of this job
         try:
             return fn(cfg)
         except USER_ERRORS as e:
-            _exit_with(e)
+            if error_file is None:
+                _exit_with(e)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            write_bytes_atomic(error_file, (_one_line(e) + "\n").encode())
+            return None
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """``argv`` with the path overrides of ``keys`` quoted for Hydra where its grammar cannot read them.
+
+    Run folders are named after their overrides (``a=1,b=2``) and periodic checkpoints are
+    ``epoch=0049.ckpt``, so ``checkpoint=<a path the CLI printed>`` is not a valid override
+    as typed. A value that parses as it is (or is quoted already) is left alone.
+    """
+    parser = OverridesParser.create()
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in keys and value[:1] not in ("'", '"'):
+            try:
+                parser.parse_override(arg)
+            except HydraException:  # the grammar cannot read it as typed
+                arg = f"{key}='" + value.replace("'", "\\'") + "'"
+        out.append(arg)
+    return out
+
+
+def _override_value(arg: str) -> Any:
+    """The value Hydra reads from one ``key=value`` override."""
+    return OverridesParser.create().parse_override(arg).value()
 
 
 def _run_dir_of(checkpoint: str) -> str:
@@ -89,7 +138,9 @@ def _run_dir_of(checkpoint: str) -> str:
 
 
 def _short_name(name: str, limit: int = 120) -> str:
-    """A folder name from the overrides, cut and suffixed with a hash when too long for a file name."""
+    """One folder name from the overrides: ``/`` (e.g. of ``data.root=/data``) written as ``%2F`` so that
+    the run is not nested folders, and cut and suffixed with a hash when too long for a file name."""
+    name = name.replace("%", "%25").replace("/", "%2F")
     if len(name.encode()) <= limit:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]
@@ -193,16 +244,36 @@ class EpochCheckpoint(ModelCheckpoint):
 
 
 class SweepSummary(HydraCallback):
-    """At the end of a multirun: ``summary.{csv,md,png}`` of every job's metrics in the sweep folder."""
+    """At the end of a multirun: ``summary.{csv,md,png}`` of this sweep's jobs in the sweep folder.
+
+    The sweep folder (``multirun/<name>``) also keeps the jobs of earlier sweeps; the summary
+    holds the jobs launched by this one (their ``.hydra/`` is written at launch). If a job
+    failed with a user error, the summary still gets its row, the errors are listed, and
+    the command exits with status 2.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from contrastive.evaluation import summarize_runs
 
         sweep = Path(config.hydra.sweep.dir)
-        runs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml"))
-        if runs:
-            path = summarize_runs(runs, sweep)
-            log.info("sweep summary: %s", path)
+        runs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml")
+                      if p.stat().st_mtime >= self.started - 1)  # 1 s: file systems with coarse timestamps
+        if not runs:
+            return
+        log.info("sweep summary: %s", summarize_runs(runs, sweep))
+        failed = [(run, (run / JOB_ERROR_FILE).read_text().strip()) for run in runs if (run / JOB_ERROR_FILE).is_file()]
+        for run, message in failed:
+            log.error("job %s failed: %s", " ".join(OmegaConf.load(run / ".hydra" / "overrides.yaml")), message)
+        if failed:
+            print(f"error: {len(failed)} of {len(runs)} jobs failed (listed above, and in each job's "
+                  f"{JOB_ERROR_FILE}); the summary has their rows without metrics", file=sys.stderr)
+            sys.exit(2)
 
 
 def _check(cfg: DictConfig, key: str, kinds: tuple[type, ...], ok: Callable[[Any], bool], what: str) -> None:
@@ -211,13 +282,16 @@ def _check(cfg: DictConfig, key: str, kinds: tuple[type, ...], ok: Callable[[Any
         raise ConfigError(f"{key}={value!r} is invalid: it must be {what}")
 
 
+_POSITIVE_INT = (int,), lambda v: v >= 1, "a positive integer"
+
+
 def check_config(cfg: DictConfig) -> None:
     """Reject wrong types and invalid values before anything is built.
 
     Unknown keys are rejected earlier by Hydra's struct mode; hyper-parameters of
     losses, augmentations and pipelines are checked by their constructors.
     """
-    positive_int = (int,), lambda v: v >= 1, "a positive integer"
+    positive_int = _POSITIVE_INT
     _check(cfg, "data.batch_size", (int,), lambda v: v >= 2, "an integer >= 2 (a contrastive batch needs pairs)")
     _check(cfg, "data.eval_batch_size", *positive_int)
     _check(cfg, "trainer.max_epochs", (int,), lambda v: v >= 0, "a non-negative integer")
@@ -230,6 +304,20 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("data.subset", "data.test_subset"):
         if OmegaConf.select(cfg, key) is not None:
             _check(cfg, key, *positive_int)
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """``contrastive-eval``'s values, checked before the checkpoint is read."""
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r} is invalid: it must be auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda, but no CUDA GPU is visible here: use device=auto or device=cpu")
+    for key in ("batch_size", "knn_k") + (("probe.epochs",) if cfg.linear_probe else ()):
+        _check(cfg, key, *_POSITIVE_INT)
+    _check(cfg, "knn_temperature", (int, float), lambda v: v > 0, "a positive number")
+    for key in ("subset", "test_subset"):
+        if cfg[key] is not None:
+            _check(cfg, key, *_POSITIVE_INT)
 
 
 def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
@@ -269,8 +357,20 @@ def resume_path(resume: Any, run_dir: Path) -> str | None:
         last = run_dir / "checkpoints" / "last.ckpt"
         return str(last) if last.is_file() else None
     path = Path(str(resume)).expanduser()
-    load_checkpoint(path)  # a clear error now rather than a half-loaded model later
+    load_checkpoint(path, key="resume", mmap=True)  # a clear error now rather than a half-loaded model later
     return str(path)
+
+
+def check_resumable(ckpt_path: str, pipeline: Pipeline) -> None:
+    """Refuse, before any work, a checkpoint whose weights do not fit ``pipeline`` (another experiment's)."""
+    ckpt = load_checkpoint(ckpt_path, key="resume", mmap=True)
+    mismatch = state_dict_mismatch(ckpt["state_dict"], pipeline)
+    if mismatch:
+        name = ckpt["contrastive_config"].get("name", "?")
+        raise CheckpointError(
+            f"cannot resume from {ckpt_path}: it was written by another model or pipeline (run {name!r}; {mismatch}). "
+            "Pass resume=never to start over, or resume=PATH to a checkpoint of this experiment."
+        )
 
 
 def feature_metrics(
@@ -321,20 +421,26 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) 
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_args, dict)
     trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
-    return pl.Trainer(
-        **trainer_args,
-        default_root_dir=run_dir,
-        callbacks=callbacks,
-        logger=[
-            ResumableCSVLogger(run_dir, name="logs", version="",
-                               resume_step=None if ckpt_path is None else checkpoint_step(ckpt_path)),
-            TensorBoardLogger(run_dir, name="tb", version=""),  # a new event file per call; TensorBoard joins them
-        ],
-        plugins=[AtomicCheckpointIO()],
-        check_val_every_n_epoch=cfg.eval.every_n_epochs,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-    )
+    try:
+        return pl.Trainer(
+            **trainer_args,
+            default_root_dir=run_dir,
+            callbacks=callbacks,
+            logger=[
+                ResumableCSVLogger(run_dir, name="logs", version="",
+                                   resume_step=None if ckpt_path is None else checkpoint_step(ckpt_path)),
+                TensorBoardLogger(run_dir, name="tb", version=""),  # a new event file per call; TensorBoard joins them
+            ],
+            plugins=[AtomicCheckpointIO()],
+            check_val_every_n_epoch=cfg.eval.every_n_epochs,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+        )
+    except MisconfigurationException as e:  # settings this machine cannot run, e.g. a GPU where there is none
+        raise ConfigError(
+            f"{e} (trainer.accelerator={trainer_args['accelerator']}, trainer.devices={trainer_args['devices']}): "
+            "use trainer.accelerator=auto, or trainer=cpu"
+        ) from None
 
 
 def _train(cfg: DictConfig) -> dict[str, float]:
@@ -352,6 +458,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         train_batches=train_batches,
     )
     pipeline = build_pipeline(cfg)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, pipeline)
 
     # The same seed gives the same initial weights, so this is the untrained figure also on resume.
     def measure() -> dict[str, float]:
@@ -384,6 +492,7 @@ def train() -> None:
     """``contrastive-train [overrides]``."""
     _resolvers()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    sys.argv[1:] = _quote_paths(sys.argv[1:], ("resume", "data.root"))
     _train_main()
 
 
@@ -392,6 +501,7 @@ def train() -> None:
 
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_eval_config(cfg)
     ckpt = load_checkpoint(cfg.checkpoint)
     run_cfg = OmegaConf.create(ckpt["contrastive_config"])
     if cfg.data_root is not None:
@@ -486,12 +596,14 @@ def _eval_main(cfg: DictConfig) -> None:
 def evaluate() -> None:
     """``contrastive-eval checkpoint=PATH [overrides]``."""
     _resolvers()
+    sys.argv[1:] = _quote_paths(sys.argv[1:], ("checkpoint", "data_root"))
     # Hydra creates the output folder (beside the checkpoint) before the job runs: check the
-    # path first, so that a typo leaves no empty eval_* folder (or parent folders) behind.
+    # checkpoint first (memory-mapped, so cheap), so that a typo or a foreign or truncated file
+    # leaves no eval_* folder (or parent folders) behind.
     for arg in sys.argv[1:]:
-        if arg.startswith("checkpoint="):
+        if arg.startswith("checkpoint=") and isinstance(value := _override_value(arg), str):
             try:
-                check_checkpoint_file(arg.split("=", 1)[1])
+                load_checkpoint(value, mmap=True)
             except CheckpointError as e:
                 _exit_with(e)
     _eval_main()

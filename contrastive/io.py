@@ -73,26 +73,30 @@ def save_torch_atomic(obj: Any, path: str | Path) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
-def check_checkpoint_file(path: str | Path) -> Path:
-    """``path`` as a Path if it is a file, else a :class:`CheckpointError` naming it."""
+def check_checkpoint_file(path: str | Path, key: str = "checkpoint") -> Path:
+    """``path`` as a Path if it is a file, else a :class:`CheckpointError` naming it and the
+    config ``key`` that takes a checkpoint."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(
-            f"checkpoint not found: {path}; pass checkpoint=RUN_DIR/checkpoints/last.ckpt "
+            f"checkpoint not found: {path}; pass {key}=RUN_DIR/checkpoints/last.ckpt "
             "(or an epoch*.ckpt) of a contrastive-train run"
         )
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", key: str = "checkpoint", mmap: bool = False
+) -> dict[str, Any]:
     """Load a Lightning checkpoint written by ``contrastive``, or raise :class:`CheckpointError`.
 
     The checkpoint must hold ``state_dict`` and the run's ``config`` (added by the
-    CLI); anything else is called foreign rather than half-loaded.
+    CLI); anything else is called foreign rather than half-loaded. ``mmap``: map the
+    tensors instead of reading them (a cheap check of a large file).
     """
-    path = check_checkpoint_file(path)
+    path = check_checkpoint_file(path, key)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, pickle error, not a torch file
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is truncated or not a PyTorch file ({type(e).__name__}: {e}). "
@@ -104,6 +108,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "pass a .ckpt written by contrastive-train"
         )
     return ckpt
+
+
+def state_dict_mismatch(saved: dict[str, torch.Tensor], module: torch.nn.Module) -> str | None:
+    """What keeps ``module.load_state_dict(saved)`` (strict) from working, in words; None if it fits.
+
+    Missing and unexpected entries are counted per top-level submodule (``queue.* (2)``),
+    entries of another shape are named.
+    """
+    expected = module.state_dict()
+
+    def per_module(keys: list[str]) -> str:
+        counts: dict[str, int] = {}
+        for key in keys:
+            counts[key.split(".")[0]] = counts.get(key.split(".")[0], 0) + 1
+        return ", ".join(f"{name}.* ({n})" for name, n in counts.items())
+
+    problems = []
+    if missing := [k for k in expected if k not in saved]:
+        problems.append(f"missing {per_module(missing)}")
+    if unexpected := [k for k in saved if k not in expected]:
+        problems.append(f"unexpected {per_module(unexpected)}")
+    if reshaped := [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]:
+        problems.append("of another shape " + ", ".join(
+            f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in reshaped[:3]
+        ) + (f" and {len(reshaped) - 3} more" if len(reshaped) > 3 else ""))
+    return "; ".join(problems) or None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -84,6 +84,16 @@ def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Restoring states from the checkpoint" in again.stdout + again.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+    # A periodic checkpoint of this run, its path typed as the CLI printed it: '=' and ',' need no quoting.
+    ev = cli("contrastive-eval", f"checkpoint={run_dir}/checkpoints/epoch=0000.ckpt", "linear_probe=false",
+             "plots=false", "export=false", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert 0 <= json.loads((run_dir / "eval_epoch=0000" / "metrics.json").read_text())["knn_top1"] <= 100
+
+
+def test_run_dir_name_is_one_folder() -> None:
+    assert _short_name("data.root=/data/cifar,loss.temperature=0.2") == "data.root=%2Fdata%2Fcifar,loss.temperature=0.2"
+    assert _short_name("data.root=a%2Fb") == "data.root=a%252Fb"  # distinct from data.root=a/b
 
 
 def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
@@ -115,6 +125,19 @@ def test_multirun_sweep_writes_summary(cli, tmp_path: Path) -> None:
     knn = [json.loads(p.read_text())["knn_top1"] for p in sweep.glob("*/metrics.json")]
     assert sorted(float(r["knn_top1"]) for r in rows) == pytest.approx(sorted(knn))
     assert (sweep / "summary.md").is_file() and (sweep / "summary.png").stat().st_size > 5000
+    # A second sweep in the same folder: its summary holds its own jobs only, and a job that fails
+    # (lr 1e30: a non-finite loss) does not stop the other; the command reports it and exits with 2.
+    out = cli("contrastive-train", "-m", "optimizer.lr=1e30,0.3", *SHRINK, "trainer.max_epochs=1",
+              "eval.final_probe=false", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    with open(sweep / "summary.csv", newline="") as f:
+        rows = {float(r["optimizer.lr"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == [0.3, 1e30] and rows[1e30]["knn_top1"] == ""
+    assert 0 <= float(rows[0.3]["knn_top1"]) <= 100
+    (failed,) = sweep.glob("*/error.txt")
+    assert "optimizer.lr=1e+30" in (failed.parent / ".hydra" / "overrides.yaml").read_text()
+    assert "non-finite loss" in failed.read_text()
+    assert "job optimizer.lr=1e+30 " in out.stdout + out.stderr and "error: 1 of 2 jobs failed" in out.stderr
 
 
 def test_missing_cifar_is_one_clear_line(cli, tmp_path: Path) -> None:
@@ -150,6 +173,27 @@ def test_corrupt_checkpoint_is_refused(cli, tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, foreign)
     out = cli("contrastive-eval", f"checkpoint={foreign}", cwd=tmp_path)
     assert out.returncode == 2 and "not a contrastive training checkpoint" in out.stderr
+    assert not list(tmp_path.glob("eval_*"))  # refused before Hydra makes the output folder
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("device=gpu", "device='gpu' is invalid: it must be auto, cpu or cuda"),
+        ("batch_size=0", "batch_size=0 is invalid: it must be a positive integer"),
+        ("knn_k=abc", "knn_k='abc' is invalid: it must be a positive integer"),
+        ("probe.epochs=0", "probe.epochs=0 is invalid: it must be a positive integer"),
+        ("knn_temperature=-1", "knn_temperature=-1 is invalid: it must be a positive number"),
+    ],
+)
+def test_bad_eval_values_are_one_line(cli, tmp_path: Path, override: str, message: str) -> None:
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "contrastive_config": {}}, ckpt)  # passes the file check; never loaded
+    out = cli("contrastive-eval", f"checkpoint={ckpt}", override, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    assert line == f"error: {message}"
 
 
 def test_corrupt_last_checkpoint_stops_the_resume_with_one_line(cli, tmp_path: Path) -> None:

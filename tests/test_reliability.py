@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive.io import ResumableCSVLogger
+from contrastive.io import ResumableCSVLogger, state_dict_mismatch
 
 BIN = Path(sys.executable).parent
 RUN = [
@@ -97,6 +97,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
         ("experiment=moco_shapes loss=sup_con", "loss SupCon does not fit the MoCo pipeline"),
         ("pipeline.num_views=3", "pipeline.num_views=3 needs loss=sup_con"),
         ("experiment=siamese_shapes loss=nt_xent", "loss NTXent does not fit the Siamese pipeline"),
+        ("loss.temperature=abc", "temperature must be a number > 0, got 'abc'"),
+        pytest.param("trainer.accelerator=gpu", "No supported gpu backend found! (trainer.accelerator=gpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
     ],
 )
 def test_bad_values_are_refused_before_training(cli, tmp_path: Path, override: str, message: str) -> None:
@@ -106,6 +109,32 @@ def test_bad_values_are_refused_before_training(cli, tmp_path: Path, override: s
     assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_state_dict_mismatch_says_what_differs() -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    assert state_dict_mismatch(module.state_dict(), module) is None
+    saved = {k: v for k, v in module.state_dict().items() if not k.startswith("1.")}
+    saved["0.weight"], saved["queue.keys"] = torch.zeros(4, 2), torch.zeros(5)
+    assert state_dict_mismatch(saved, module) == (
+        "missing 1.* (5); unexpected queue.* (1); of another shape 0.weight (4, 2) vs (3, 2)")
+
+
+def test_resume_from_another_experiments_checkpoint_is_refused_before_work(cli, tmp_path: Path) -> None:
+    tiny = ["data.source.num_train=80", "data.source.num_test=40", "data.batch_size=40", "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false", "eval.final_probe=false"]
+    moco = cli("contrastive-train", "experiment=moco_shapes", *tiny, "pipeline.queue_size=80", "hydra.run.dir=moco",
+               cwd=tmp_path)
+    assert moco.returncode == 0, moco.stderr[-2000:]
+    ckpt = tmp_path / "moco" / "checkpoints" / "last.ckpt"
+    out = cli("contrastive-train", *tiny, f"resume={ckpt}", "hydra.run.dir=simclr", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    assert line.startswith(f"error: cannot resume from {ckpt}: it was written by another model or pipeline "
+                           "(run 'moco_shapes'; unexpected ") and "queue.* (2)" in line and "resume=never" in line
+    assert not (tmp_path / "simclr" / "logs").exists()  # refused before the untrained measurement
+    missing = cli("contrastive-train", *tiny, f"resume={tmp_path / 'nope.ckpt'}", cwd=tmp_path)
+    assert missing.returncode == 2 and "; pass resume=RUN_DIR/checkpoints/last.ckpt" in missing.stderr
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(cli, tmp_path: Path) -> None:

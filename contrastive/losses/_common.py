@@ -80,9 +80,11 @@ def zero_loss(*tensors: Tensor | float) -> Tensor:
 
 def check_temperature(temperature: float | Tensor) -> float | Tensor:
     """Raise a ValueError for a non-positive float temperature; tensors pass unchecked (no sync)."""
-    if not isinstance(temperature, Tensor) and not temperature > 0:
+    if not isinstance(temperature, Tensor) and (
+        isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
+    ):
         raise ValueError(
-            f"temperature must be > 0, got {temperature}; logits are divided by it "
+            f"temperature must be a number > 0, got {temperature!r}; logits are divided by it "
             "(typical values: 0.05 to 0.5)."
         )
     return temperature

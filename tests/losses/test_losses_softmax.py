@@ -237,9 +237,10 @@ def test_learnable_temperature_gets_gradient_and_clamp_holds() -> None:
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: NTXent(temperature=0.0), "temperature must be > 0"),
+        (lambda: NTXent(temperature=0.0), "temperature must be a number > 0, got 0.0"),
+        (lambda: NTXent(temperature="abc"), "temperature must be a number > 0, got 'abc'"),
         (lambda: NTXent(temperature=0.005, learnable=True), "below its floor 1/max_scale = 0.01"),
-        (lambda: InfoNCE(temperature=-1.0), "temperature must be > 0"),
+        (lambda: InfoNCE(temperature=-1.0), "temperature must be a number > 0"),
         (lambda: SupCon(temperature=0.1, chunk_size=0), "chunk_size"),
         (lambda: nt_xent(randn(3, 2), randn(4, 2)), "same shape"),
         (lambda: InfoNCE(symmetric=True)(randn(3, 2), randn(3, 2), randn(5, 2)), "symmetric"),
