@@ -521,7 +521,12 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     except RuntimeError as e:
         raise CheckpointError(f"{cfg.checkpoint}: weights do not match the run's model: {e}") from None
     pipeline.to(device).eval()
-    splits = build_splits(run_cfg.data, int(run_cfg.seed))
+    try:
+        splits = build_splits(run_cfg.data, int(run_cfg.seed))
+    except InstantiationException as e:
+        if not isinstance(e.__cause__, DataError):
+            raise
+        raise DataError(f"{e.__cause__} For contrastive-eval the data folder is data_root=PATH.") from None
 
     features = {}
     for split, data in (("train", splits.train), ("test", splits.test)):

@@ -227,6 +227,9 @@ def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: P
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ev = cli("contrastive-eval", f"checkpoint={ckpt}", "probe.epochs=5", f"data_root={cifar10_root}", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
+    moved = cli("contrastive-eval", f"checkpoint={ckpt}", f"data_root={tmp_path / 'moved'}", cwd=tmp_path)
+    (line,) = [l for l in moved.stderr.splitlines() if l.startswith("error: ")]
+    assert moved.returncode == 2 and line.startswith("error: CIFAR10 not found") and line.endswith("data_root=PATH.")
     assert 0 <= json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())["linear_top1"] <= 100
     # the exported backbone + probe loads into plain torchvision (CIFAR stem) and classifies like the probe
     import torchvision
