@@ -49,6 +49,17 @@ def test_nonfinite_skip_returns_none() -> None:
     assert p.finish_step({"loss": torch.tensor(2.0)}) == 2.0
 
 
+def test_checkpoint_carries_skipped_steps_and_clock() -> None:
+    """A resumed run with on_nonfinite=skip keeps counting its skipped steps from where it was."""
+    p = _pipeline("skip")
+    p.skipped_steps, p.train_seconds = 3, 12.5
+    checkpoint: dict = {}
+    p.on_save_checkpoint(checkpoint)
+    resumed = _pipeline("skip")
+    resumed.on_load_checkpoint(checkpoint)
+    assert (resumed.skipped_steps, resumed.train_seconds) == (3, 12.5)
+
+
 def test_bad_on_nonfinite_value() -> None:
     with pytest.raises(ValueError, match="on_nonfinite"):
         _pipeline("ignore")

@@ -43,8 +43,9 @@ def warmup_cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, 
                   final_lr_fraction: float = 0.0) -> LambdaLR:
     """Linear warm-up for ``warmup_epochs`` then cosine decay to ``final_lr_fraction`` (per step).
 
-    lr(t) = lr0 * t / W for t < W, else
-    lr0 * (f + (1 - f) * (1 + cos(pi * (t - W) / (T - W))) / 2).
+    With t the optimiser step (0-based), W warm-up steps and T total steps:
+    lr(t) = lr0 * (t + 1) / W for t < W (the first step is not wasted at lr 0; step W - 1
+    reaches lr0), else lr0 * (f + (1 - f) * (1 + cos(pi * (t - W) / (T - W))) / 2).
     """
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
 
@@ -295,11 +296,13 @@ class Pipeline(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["augment_generator"] = self.generator.get_state()
         checkpoint["train_seconds"] = self.train_seconds
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "augment_generator" in checkpoint:
             self.generator.set_state(checkpoint["augment_generator"])
         self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
 
 def _all_gather_padded(x: Tensor, rows: int | None = None) -> Tensor:
