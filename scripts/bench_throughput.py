@@ -10,7 +10,7 @@ loss (NT-Xent) and optimiser step are fed three ways:
       CPU cores as workers (pinned memory, non-blocking copies), as the other toolkits do;
   (c) ceiling: two pre-made views already on the device (model + loss + step only).
 
-images/s counts source images (each gives two views). Prints a/b, a/c and peak memory;
+images/s counts source images (each gives two views). Prints a/b, a/c and peak GPU memory (n/a on the CPU);
 ``--compile`` adds (c) and (a) with the backbone under ``torch.compile`` and their ratios.
 
     python scripts/bench_throughput.py --device cuda --batch-size 512
@@ -167,9 +167,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ips = timed(source(), make_step(net, opt, device), args.steps, args.warmup, args.batch_size, device)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        # GPU memory only: on the CPU, case (b)'s DataLoader workers are other processes
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if device.type == "cuda" else "   n/a (CPU)"
         rows[name.split()[0]] = ips
-        print(f"{name:52s} {ips:10.0f} images/s   peak {peak:6.2f} GiB", flush=True)
+        print(f"{name:52s} {ips:10.0f} images/s   peak {peak}", flush=True)
     print(f"a/b = {rows['(a)'] / rows['(b)']:.2f}   a/c = {rows['(a)'] / rows['(c)']:.2f}   "
           f"(device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"batch {args.batch_size}, model {args.model}, {args.workers} CPU workers)")
