@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive.cli import _short_name
+from contrastive.cli import ConfigError, _short_name, check_eval_config
 
 SHRINK = [
     "data.source.num_train=200",
@@ -186,14 +186,22 @@ def test_corrupt_checkpoint_is_refused(cli, tmp_path: Path) -> None:
         ("knn_temperature=-1", "knn_temperature=-1 is invalid: it must be a positive number"),
     ],
 )
-def test_bad_eval_values_are_one_line(cli, tmp_path: Path, override: str, message: str) -> None:
+def test_bad_eval_values_are_refused(config, override: str, message: str) -> None:
+    cfg = config("eval", ["checkpoint=x.ckpt", override])
+    with pytest.raises(ConfigError) as error:
+        check_eval_config(cfg)
+    assert str(error.value) == message
+    check_eval_config(config("eval", ["checkpoint=x.ckpt"]))  # the shipped defaults pass
+
+
+def test_bad_eval_value_is_one_line(cli, tmp_path: Path) -> None:
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"state_dict": {}, "contrastive_config": {}}, ckpt)  # passes the file check; never loaded
-    out = cli("contrastive-eval", f"checkpoint={ckpt}", override, cwd=tmp_path)
+    out = cli("contrastive-eval", f"checkpoint={ckpt}", "batch_size=0", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
-    assert line == f"error: {message}"
+    assert line == "error: batch_size=0 is invalid: it must be a positive integer"
 
 
 def test_corrupt_last_checkpoint_stops_the_resume_with_one_line(cli, tmp_path: Path) -> None:
