@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -81,7 +82,7 @@ def zero_loss(*tensors: Tensor | float) -> Tensor:
 def check_temperature(temperature: float | Tensor) -> float | Tensor:
     """Raise a ValueError for a non-positive float temperature; tensors pass unchecked (no sync)."""
     if not isinstance(temperature, Tensor) and (
-        isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
+        isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0
     ):
         raise ValueError(
             f"temperature must be a number > 0, got {temperature!r}; logits are divided by it "
