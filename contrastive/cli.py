@@ -291,19 +291,18 @@ def check_config(cfg: DictConfig) -> None:
     Unknown keys are rejected earlier by Hydra's struct mode; hyper-parameters of
     losses, augmentations and pipelines are checked by their constructors.
     """
-    positive_int = _POSITIVE_INT
     _check(cfg, "data.batch_size", (int,), lambda v: v >= 2, "an integer >= 2 (a contrastive batch needs pairs)")
-    _check(cfg, "data.eval_batch_size", *positive_int)
+    _check(cfg, "data.eval_batch_size", *_POSITIVE_INT)
     _check(cfg, "trainer.max_epochs", (int,), lambda v: v >= 0, "a non-negative integer")
-    _check(cfg, "eval.every_n_epochs", *positive_int)
-    _check(cfg, "checkpoint.every_n_epochs", *positive_int)
+    _check(cfg, "eval.every_n_epochs", *_POSITIVE_INT)
+    _check(cfg, "checkpoint.every_n_epochs", *_POSITIVE_INT)
     _check(cfg, "seed", (int,), lambda v: True, "an integer")
-    _check(cfg, "data.num_classes", *positive_int)
+    _check(cfg, "data.num_classes", *_POSITIVE_INT)
     if OmegaConf.select(cfg, "optimizer.lr") is not None:
         _check(cfg, "optimizer.lr", (int, float), lambda v: v > 0, "a positive number")
     for key in ("data.subset", "data.test_subset"):
         if OmegaConf.select(cfg, key) is not None:
-            _check(cfg, key, *positive_int)
+            _check(cfg, key, *_POSITIVE_INT)
 
 
 def check_eval_config(cfg: DictConfig) -> None:
