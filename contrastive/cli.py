@@ -36,7 +36,6 @@ from contrastive.io import (
     AtomicCheckpointIO,
     CheckpointError,
     ResumableCSVLogger,
-    checkpoint_step,
     load_checkpoint,
     save_torch_atomic,
     state_dict_mismatch,
@@ -97,8 +96,9 @@ def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         except USER_ERRORS as e:
             if error_file is None:
                 _exit_with(e)
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            write_bytes_atomic(error_file, (_one_line(e) + "\n").encode())
+            line = _one_line(e)
+            print(f"error: {line}", file=sys.stderr)
+            write_bytes_atomic(error_file, (line + "\n").encode())
             return None
 
     wrapper.__name__ = fn.__name__
@@ -348,21 +348,22 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
         )
 
 
-def resume_path(resume: Any, run_dir: Path) -> str | None:
-    """``auto``: the run directory's ``last.ckpt`` if there is one; ``never``/null: none; else a path."""
+def resume_checkpoint(resume: Any, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint a run continues from, as (path, memory-mapped contents), or None.
+
+    ``auto``: the run directory's ``last.ckpt`` if there is one; ``never``/null: none; else a
+    path. Read now, so that a missing, truncated or foreign file is a clear error before any work.
+    """
     if resume in (None, "never", False):
         return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    path = Path(str(resume)).expanduser()
-    load_checkpoint(path, key="resume", mmap=True)  # a clear error now rather than a half-loaded model later
-    return str(path)
+    path = run_dir / "checkpoints" / "last.ckpt" if resume == "auto" else Path(str(resume)).expanduser()
+    if resume == "auto" and not path.is_file():
+        return None
+    return str(path), load_checkpoint(path, key="resume", mmap=True)
 
 
-def check_resumable(ckpt_path: str, pipeline: Pipeline) -> None:
+def check_resumable(ckpt_path: str, ckpt: dict[str, Any], pipeline: Pipeline) -> None:
     """Refuse, before any work, a checkpoint whose weights do not fit ``pipeline`` (another experiment's)."""
-    ckpt = load_checkpoint(ckpt_path, key="resume", mmap=True)
     mismatch = state_dict_mismatch(ckpt["state_dict"], pipeline)
     if mismatch:
         name = ckpt["contrastive_config"].get("name", "?")
@@ -401,10 +402,11 @@ def feature_metrics(
 # --------------------------------------------------------------------------- train
 
 
-def _make_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) -> pl.Trainer:
+def _make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> pl.Trainer:
     """The run's Lightning Trainer: last/periodic checkpoints, CSV and TensorBoard logs, atomic writes.
 
-    ``ckpt_path``: the checkpoint the run resumes from; ``metrics.csv`` keeps the rows logged before it.
+    ``resume_step``: the step of the checkpoint the run resumes from; ``metrics.csv`` keeps the rows
+    logged before it.
     """
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks: list[Callback] = [
@@ -426,8 +428,7 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, ckpt_path: str | None = None) 
             default_root_dir=run_dir,
             callbacks=callbacks,
             logger=[
-                ResumableCSVLogger(run_dir, name="logs", version="",
-                                   resume_step=None if ckpt_path is None else checkpoint_step(ckpt_path)),
+                ResumableCSVLogger(run_dir, name="logs", version="", resume_step=resume_step),
                 TensorBoardLogger(run_dir, name="tb", version=""),  # a new event file per call; TensorBoard joins them
             ],
             plugins=[AtomicCheckpointIO()],
@@ -446,8 +447,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt_path = resume_path(cfg.resume, run_dir)
-    trainer = _make_trainer(cfg, run_dir, ckpt_path)  # before the data: it knows the number of processes (SLURM)
+    ckpt_path, ckpt = resume_checkpoint(cfg.resume, run_dir) or (None, None)
+    # before the data: the Trainer knows the number of processes (SLURM)
+    trainer = _make_trainer(cfg, run_dir, None if ckpt is None else int(ckpt["global_step"]))
     splits = build_splits(cfg.data, cfg.seed)
     check_against_data(cfg, splits, trainer.world_size)
     train_batches = instantiate(cfg.sampler)
@@ -457,8 +459,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         train_batches=train_batches,
     )
     pipeline = build_pipeline(cfg)
-    if ckpt_path is not None:
-        check_resumable(ckpt_path, pipeline)
+    if ckpt is not None:
+        check_resumable(ckpt_path, ckpt, pipeline)
+        del ckpt  # memory-mapped; Lightning reads the checkpoint itself in fit
 
     # The same seed gives the same initial weights, so this is the untrained figure also on resume.
     def measure() -> dict[str, float]:

@@ -98,9 +98,11 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, pickle error, not a torch file
+        what, fix = (("cannot resume from", " or resume=never to start over") if key == "resume"
+                     else ("cannot read checkpoint", ""))
         raise CheckpointError(
-            f"cannot read checkpoint {path}: it is truncated or not a PyTorch file ({type(e).__name__}: {e}). "
-            "Use another checkpoint of the run (checkpoints/last.ckpt or an epoch*.ckpt)."
+            f"{what} {path}: it is truncated or not a PyTorch file ({type(e).__name__}: {e}). "
+            f"Pass {key}=<another checkpoint of the run> (checkpoints/last.ckpt or an epoch=*.ckpt){fix}."
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "contrastive_config" not in ckpt:
         raise CheckpointError(
@@ -141,18 +143,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         save_torch_atomic(checkpoint, path)
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The ``global_step`` a Lightning checkpoint was saved at (memory-mapped: the weights are not read),
-    or a :class:`CheckpointError` saying how to go on without it."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
-    except Exception as e:  # truncated zip, pickle error, not a Lightning checkpoint
-        raise CheckpointError(
-            f"cannot resume from {path}: it is truncated or not a Lightning checkpoint ({type(e).__name__}: {e}). "
-            "Pass resume=<another .ckpt of the run> (checkpoints/epoch=*.ckpt) or resume=never to start over."
-        ) from None
 
 
 class ResumableCSVLogger(CSVLogger):
