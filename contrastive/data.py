@@ -9,6 +9,7 @@ needed and augmentation runs batched on that device (``contrastive.augment``).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,38 +173,56 @@ def _class_dirs(folder: Path) -> list[str]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    """Image files of one class folder, sorted; hidden files (macOS ``._name``) skipped."""
-    if not class_dir.is_dir():
-        return []
-    return sorted(p for p in class_dir.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    """Image files anywhere under one class folder, sorted (subfolders included, as torchvision's
+    ``ImageFolder``); hidden files and folders (macOS ``._name``, ``.thumbnails/``) skipped."""
+    files = []
+    for parent, subdirs, names in os.walk(class_dir, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        files += [Path(parent, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(f for f in files if f.is_file())
 
 
 def _read_rgb(file: Path) -> Tensor:
-    """One image file as RGB ``uint8`` (3, H, W), or a :class:`DataError` naming the file."""
+    """One image file as RGB ``uint8`` (3, H, W), or a :class:`DataError` naming the file.
+
+    16-bit images are scaled to 8 bits (v -> round(v * 255 / 65535)), not clipped; an
+    animated GIF or WebP gives its first frame, as Pillow and torchvision's ``ImageFolder`` do.
+    """
     from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import pil_to_tensor
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
 
     try:
         if file.suffix.lower() in _TORCHVISION_SUFFIXES:
-            return decode_image(str(file), mode=ImageReadMode.RGB)
-        from PIL import Image
+            img = decode_image(str(file), mode=ImageReadMode.RGB)  # uint16 for a 16-bit PNG
+        else:
+            from PIL import Image
 
-        with Image.open(file) as im:
-            return pil_to_tensor(im.convert("RGB"))
+            with Image.open(file) as im:
+                if im.mode.startswith("I;16"):  # 16-bit grey (TIFF): convert("RGB") would clip to 255
+                    im = Image.fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8))
+                img = pil_to_tensor(im.convert("RGB"))
+        if img.ndim == 4:  # (frames, 3, H, W)
+            img = img[0]
+        return to_dtype(img, torch.uint8, scale=True)
     except Exception as e:
         raise DataError(f"cannot read image {file}: {e}. Remove or replace the file.") from None
 
 
-def _decode_folder(folder: Path, size: int, class_names: list[str] | None) -> ImageTensors:
-    """Every image of ``folder/<class>/`` decoded, resized to ``size x size`` (RGB, uint8)."""
-    from torchvision.transforms.v2.functional import resize
-
+def _folder_classes(folder: Path) -> list[str]:
+    """The class folder names of one split, or a :class:`DataError` saying how to lay it out."""
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder} (expected {folder}/<class name>/<image files>)")
-    names = class_names or _class_dirs(folder)
+    names = _class_dirs(folder)
     if not names:
         raise DataError(f"{folder} holds no class folders: put the images in {folder}/<class name>/")
+    return names
+
+
+def _decode_folder(folder: Path, size: int, names: list[str]) -> ImageTensors:
+    """Every image of ``folder/<name>/`` decoded, resized to ``size x size`` (RGB, uint8), labelled by
+    the name's index in ``names`` (class folders of ``folder`` not in ``names`` are not read)."""
+    from torchvision.transforms.v2.functional import resize
+
     images, labels = [], []
     for label, name in enumerate(names):
         for file in _image_files(folder / name):
@@ -222,7 +241,7 @@ def _folder_fingerprint(base: Path, splits: tuple[str, ...]) -> str:
     """
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"v2\n")  # v2: nested files, 16-bit images, test-only classes (v1 caches rebuilt)
     for split in splits:
         folder = base / split
         if not folder.is_dir():
@@ -242,11 +261,29 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
     files and folders are skipped. The uint8 tensors are cached in
     ``root/.contrastive_cache_<size>.pt`` (written atomically) together with a
     fingerprint of the files they came from (relative paths, sizes, mtimes); the
-    cache is reused only while that fingerprint matches, else rebuilt.
+    cache is reused only while that fingerprint matches, else rebuilt (and skipped, with a
+    warning, where ``root`` cannot be written).
+
+    Labels index the sorted train class folders, then (with a warning that says how to
+    set up class-disjoint retrieval) the test class folders that train lacks.
     """
     base = Path(root).expanduser()
     if not base.is_dir():
         raise DataError(f"image folder not found: {base}. Point data.root at a folder holding {train}/ and {test}/.")
+    train_names = _folder_classes(base / train)
+    test_names = _folder_classes(base / test)
+    extra = [n for n in test_names if n not in train_names]
+    names = train_names + extra
+    if extra:
+        test_labels = sorted(names.index(n) for n in test_names)
+        warnings.warn(
+            f"{base / test} holds {len(extra)} class folder(s) that {base / train} lacks ({', '.join(extra[:5])}"
+            f"{', ...' if len(extra) > 5 else ''}): they are labelled {len(train_names)}..{len(names) - 1}, after the "
+            f"training classes, so the data set has {len(names)} classes. For class-disjoint retrieval pass "
+            f"data.train_classes=[{','.join(map(str, range(len(train_names))))}] "
+            f"data.test_classes=[{','.join(map(str, test_labels))}] data.num_classes={len(train_names)}",
+            stacklevel=2,
+        )
     cache_file = base / f".contrastive_cache_{size}.pt"
     fingerprint = _folder_fingerprint(base, (train, test)) if cache else ""
     if cache and cache_file.is_file():
@@ -257,14 +294,18 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
         if saved.get("fingerprint") == fingerprint:  # a cache without one predates fingerprints: rebuild
             return Splits(*(ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
                             for s in (saved["train"], saved["test"])))
-    train_set = _decode_folder(base / train, size, None)
-    test_set = _decode_folder(base / test, size, train_set.class_names)
+    train_set = _decode_folder(base / train, size, names)
+    test_set = _decode_folder(base / test, size, names)
     if cache:
         from contrastive.io import save_torch_atomic
 
-        save_torch_atomic({"fingerprint": fingerprint, "names": train_set.class_names,
-                           "train": {"images": train_set.images, "labels": train_set.labels},
-                           "test": {"images": test_set.images, "labels": test_set.labels}}, cache_file)
+        try:
+            save_torch_atomic({"fingerprint": fingerprint, "names": names,
+                               "train": {"images": train_set.images, "labels": train_set.labels},
+                               "test": {"images": test_set.images, "labels": test_set.labels}}, cache_file)
+        except OSError as e:  # a read-only or shared data folder: train anyway, decode again next time
+            warnings.warn(f"could not write the decoded-image cache {cache_file} ({e}); the images will be "
+                          "decoded again next run. Pass data.source.cache=false to skip the cache.", stacklevel=2)
     return Splits(train_set, test_set)
 
 

@@ -132,6 +132,9 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no class folders"):
         image_folder(str(tmp_path / "empty"))
     (tmp_path / "empty" / "train" / "cat").mkdir()
+    with pytest.raises(DataError, match="image folder not found: .*empty/test"):
+        image_folder(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "test" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match="holds no images"):
         image_folder(str(tmp_path / "empty"))
     _write_folder(tmp_path / "bad", {"cat": 2})
@@ -202,3 +205,75 @@ def test_image_folder_rebuilds_cache_without_fingerprint(tmp_path: Path) -> None
     assert splits.train.class_names == ["cat", "dog"] and len(splits.train.images) == 2
     (tmp_path / ".contrastive_cache_8.pt").write_bytes(b"PK\x03\x04 cut short")  # unreadable: rebuilt too
     assert image_folder(str(tmp_path), size=8).train.class_names == ["cat", "dog"]
+
+
+def test_image_folder_scales_16_bit_and_takes_first_gif_frame(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from contrastive.data import image_folder
+
+    grey16 = np.full((6, 6), 32768, np.uint16)  # mid-grey at 16 bits: 128 at 8 bits, not clipped to 255
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(grey16).save(tmp_path / split / "a" / "grey16.png")
+        Image.fromarray(grey16).save(tmp_path / split / "a" / "grey16.tif")
+        Image.fromarray(np.full((6, 6, 3), 7, np.uint8)).save(tmp_path / split / "a" / "rgb8.png")
+        frames = [Image.fromarray(np.full((6, 6, 3), v, np.uint8)) for v in (200, 30, 90)]
+        frames[0].save(tmp_path / split / "a" / "anim.gif", save_all=True, append_images=frames[1:])
+    splits = image_folder(str(tmp_path), size=4, cache=False)
+    assert splits.train.images.dtype == torch.uint8 and splits.train.images.shape == (4, 3, 4, 4)
+    # sorted: anim.gif, grey16.png, grey16.tif, rgb8.png
+    assert [int(img.float().mean()) for img in splits.train.images] == [200, 128, 128, 7]
+
+
+def test_image_folder_reads_nested_class_folders(tmp_path: Path) -> None:
+    import torchvision
+
+    from contrastive.data import image_folder
+
+    _write_folder(tmp_path, {"cat": 1, "dog": 1})
+    img = torch.full((3, 5, 5), 99, dtype=torch.uint8)
+    for sub in ("2024/jan", ".thumbnails"):  # a subfolder is read (as ImageFolder does), a hidden one not
+        (tmp_path / "train" / "cat" / sub).mkdir(parents=True)
+        torchvision.io.write_png(img, str(tmp_path / "train" / "cat" / sub / "x.png"))
+    splits = image_folder(str(tmp_path), size=4)
+    assert splits.train.labels.tolist() == [0, 0, 1]
+    assert int(splits.train.images[1].float().mean()) == 99  # cat/2024/jan/x.png sorts after cat/0.png
+    (tmp_path / "train" / "cat" / "2024" / "jan" / "x.png").unlink()  # the cache follows nested files too
+    assert image_folder(str(tmp_path), size=4).train.labels.tolist() == [0, 1]
+
+
+def test_image_folder_labels_test_only_classes_after_the_training_classes(tmp_path: Path) -> None:
+    import shutil
+
+    from contrastive.data import image_folder
+
+    _write_folder(tmp_path, {"cat": 1, "dog": 2, "ant": 1, "bee": 3})
+    for name in ("ant", "bee"):  # class-disjoint layout: ant, bee only in test/, cat only in train/
+        shutil.rmtree(tmp_path / "train" / name)
+    shutil.rmtree(tmp_path / "test" / "cat")
+    hint = r"data.train_classes=\[0,1\] data.test_classes=\[1,2,3\] data.num_classes=2"
+    with pytest.warns(UserWarning, match=r"2 class folder\(s\) .*\(ant, bee\): they are labelled 2..3.*" + hint):
+        splits = image_folder(str(tmp_path), size=4)
+    assert splits.train.class_names == splits.test.class_names == ["cat", "dog", "ant", "bee"]
+    assert splits.train.labels.tolist() == [0, 1, 1]
+    assert splits.test.labels.tolist() == [1, 1, 2, 3, 3, 3]
+    with pytest.warns(UserWarning, match=hint):  # said again when the cache is used
+        assert image_folder(str(tmp_path), size=4).test.labels.tolist() == [1, 1, 2, 3, 3, 3]
+    test = splits.test.select_classes([1, 2, 3])
+    assert test.class_names == ["dog", "ant", "bee"] and test.labels.tolist() == [0, 0, 1, 2, 2, 2]
+
+
+def test_image_folder_trains_without_cache_when_root_is_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contrastive.io
+    from contrastive.data import image_folder
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".contrastive_cache_4.pt.tmp"))
+
+    _write_folder(tmp_path, {"cat": 2})
+    monkeypatch.setattr(contrastive.io, "save_torch_atomic", refuse)
+    with pytest.warns(UserWarning, match="could not write the decoded-image cache .*Permission denied.*cache=false"):
+        splits = image_folder(str(tmp_path), size=4)
+    assert len(splits.train) == 2 and not (tmp_path / ".contrastive_cache_4.pt").exists()
