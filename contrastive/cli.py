@@ -303,6 +303,11 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("data.subset", "data.test_subset"):
         if OmegaConf.select(cfg, key) is not None:
             _check(cfg, key, *_POSITIVE_INT)
+    if str(OmegaConf.select(cfg, "pipeline._target_")).endswith(".MoCo") and OmegaConf.select(cfg, "trainer.sync_batchnorm"):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true would replace MoCo's shuffle-BN by global BatchNorm statistics, through "
+            "which the positive key leaks (docs/distributed.md): pass trainer.sync_batchnorm=false"
+        )
 
 
 def check_eval_config(cfg: DictConfig) -> None:
@@ -340,6 +345,11 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
         raise ConfigError(
             f"pipeline.queue_size={queue} is smaller than the keys enqueued per step ({keys} = data.batch_size "
             "x processes, x 2 when pipeline.symmetric): raise pipeline.queue_size or lower data.batch_size"
+        )
+    if world > 1 and OmegaConf.select(cfg, "sampler.drop_last") is False:
+        raise ConfigError(
+            f"sampler.drop_last=false under {world} processes would give the processes last batches of different "
+            "sizes, which the gathered losses cannot pair up: use sampler.drop_last=true (the default)"
         )
     bn_splits = OmegaConf.select(cfg, "pipeline.bn_splits") or 1
     if cfg.data.batch_size % bn_splits:

@@ -72,3 +72,15 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_true(flags: Tensor) -> Tensor:
+    """Elementwise AND of boolean ``flags`` over ranks; ``flags`` itself in one process.
+
+    On a GPU the all-reduce is queued on the stream like any kernel: the host does not wait.
+    """
+    if world_size() == 1:
+        return flags
+    x = flags.to(torch.uint8)  # NCCL reduces no bool
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x.bool()

@@ -29,6 +29,7 @@ from contrastive.distributed import gather_with_grad
 from contrastive.losses import InfoNCE, NTXent
 from contrastive.models import convnet, mlp
 from contrastive.pipelines import MoCo, SimCLR
+from contrastive.pipelines.base import NonFiniteLossError
 
 WORLD = 2
 
@@ -58,7 +59,8 @@ def _on_two_ranks(fn: Callable[[Path], Any], tmp_path: Path, port: int) -> list[
 def _everything_on_this_rank(tmp_path: Path) -> dict[str, Any]:
     # one spawn for every check: starting a process (importing Lightning) is the slow part
     return {"step": _one_step(WORLD), "validate": _validate(WORLD), "resume": _fit_then_resume(WORLD, tmp_path),
-            "moco": _moco_steps(WORLD), "shuffle_bn": _shuffle_bn_keys()}
+            "moco": _moco_steps(WORLD), "moco_symmetric": _moco_steps(WORLD, symmetric=True),
+            "shuffle_bn": _shuffle_bn_keys(), "nonfinite": _inf_on_rank_0_only()}
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +271,8 @@ class _MirrorMoCo(MoCo):
     views = _MirrorViews.views
 
 
-def _moco_steps(devices: int) -> dict[str, Tensor]:
-    """Three MoCo steps (8 keys per step into a queue of 20, so it wraps); the queue and the weights."""
+def _moco_steps(devices: int, symmetric: bool = False) -> dict[str, Tensor]:
+    """Three MoCo steps (8 keys per step, 16 if symmetric, into a queue of 20, so it wraps); the queue and the weights."""
     splits = shapes(num_train=3 * 4 * WORLD, num_test=4, size=16, seed=4)
     datamodule = TensorDataModule(splits, batch_size=4 * WORLD // devices, eval_batch_size=8, seed=5)
     torch.manual_seed(0)
@@ -278,23 +280,80 @@ def _moco_steps(devices: int) -> dict[str, Tensor]:
     moco = _MirrorMoCo(
         backbone=backbone, projector=nn.Linear(8, 6), loss=InfoNCE(temperature=0.2), queue_size=20,
         momentum=0.9, bn_splits=1, augment=Augment(size=16), optimizer=partial(torch.optim.SGD, lr=0.5),
-        feature_dim=8, num_classes=10, online_probe=False,
+        feature_dim=8, num_classes=10, online_probe=False, symmetric=symmetric,
     ).double()
     _trainer(devices, max_steps=3, limit_val_batches=0, precision="64-true").fit(moco, datamodule=datamodule)
     return {k: v.clone() for k, v in moco.state_dict().items()}
 
 
-def test_moco_queue_is_the_same_on_every_rank_and_as_one_process(two_ranks: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_queue_is_the_same_on_every_rank_and_as_one_process(two_ranks: list[dict[str, Any]], symmetric: bool) -> None:
     """Keys are gathered before the enqueue: after 3 steps (a wrap-around) every rank holds the
     queue, pointer, query and key encoders that one process holds on the global batch. The keys
     are shuffled across the ranks (one process, ``bn_splits=1``, does not shuffle); without BN
-    each key depends on its own image only, so this also checks the un-shuffle."""
-    ref = _moco_steps(1)
-    assert int(ref["queue.ptr"]) == 3 * 4 * WORLD % 20
-    rank0, rank1 = (out["moco"] for out in two_ranks)
+    each key depends on its own image only, so this also checks the un-shuffle. Symmetric: the
+    queue receives all k1 then all k2, as one process (20 is no multiple of the 16 keys per step,
+    so another order would overwrite other keys at the wrap)."""
+    ref = _moco_steps(1, symmetric)
+    assert int(ref["queue.ptr"]) == 3 * 4 * WORLD * (2 if symmetric else 1) % 20
+    rank0, rank1 = (out["moco_symmetric" if symmetric else "moco"] for out in two_ranks)
     for name, value in ref.items():
         assert torch.equal(rank0[name], rank1[name]), name  # identical across ranks, bitwise
         torch.testing.assert_close(rank0[name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------- a NaN/Inf on one rank only
+
+
+def _inf_on_rank_0_only() -> dict[str, Any]:
+    """``finish_step`` with an infinite loss on rank 0 and a finite one on rank 1, under skip and raise."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    loss = torch.tensor(float("inf") if dist.get_rank() == 0 else 1.5)
+    skip = _simclr_without_bn()
+    skip.on_nonfinite = "skip"
+    skip.print = lambda *args, **kwargs: None  # LightningModule.print needs a Trainer
+    out: dict[str, Any] = {"skip": (skip.finish_step({"loss": loss}), skip.skipped_steps)}
+    stop = _simclr_without_bn()
+    stop.finish_step({"loss": loss})
+    try:
+        stop.raise_if_nonfinite()
+        out["raise"] = None
+    except NonFiniteLossError as e:
+        out["raise"] = str(e)
+    return out
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_or_raised_on_every_rank(two_ranks: list[dict[str, Any]]) -> None:
+    """One rank alone skipping (or stopping) would leave the other waiting in DDP's all-reduce."""
+    for r, out in enumerate(two_ranks):
+        assert out["nonfinite"]["skip"] == (None, 1), r
+        assert out["nonfinite"]["raise"] is not None, r
+        assert f"loss={'inf' if r == 0 else '1.5'} (this process's value; non-finite on at least one of the 2 " \
+               "processes)" in out["nonfinite"]["raise"], r
+
+
+def test_every_softmax_loss_config_gathers_across_processes(config) -> None:  # type: ignore[no-untyped-def]
+    """In-batch negatives from all processes: nt_xent, info_nce and sup_con all set gather: true."""
+    from hydra.utils import instantiate
+
+    for loss in ("nt_xent", "info_nce", "sup_con"):
+        assert instantiate(config("train", [f"loss={loss}"]).loss).gather is True, loss
+
+
+def test_moco_with_sync_batchnorm_and_uneven_ddp_batches_are_refused(config) -> None:  # type: ignore[no-untyped-def]
+    from contrastive.cli import ConfigError, check_against_data, check_config
+
+    check_config(config("train", ["experiment=moco_shapes", "trainer=ddp"]))  # the experiment keeps split BN
+    for overrides in (["experiment=moco_shapes", "trainer=ddp", "trainer.sync_batchnorm=true"],
+                      ["pipeline=moco", "loss=info_nce", "trainer=ddp"]):
+        with pytest.raises(ConfigError, match="trainer.sync_batchnorm=true would replace MoCo's shuffle-BN"):
+            check_config(config("train", overrides))
+    cfg = config("train", ["sampler.drop_last=false", "data.batch_size=8"])
+    splits = shapes(num_train=40, num_test=8, size=8)
+    check_against_data(cfg, splits, world=1)  # one process: a smaller last batch is fine
+    with pytest.raises(ConfigError, match="sampler.drop_last=false under 2 processes"):
+        check_against_data(cfg, splits, world=2)
 
 
 # --------------------------------------------------------------------------- MoCo's shuffle-BN across ranks

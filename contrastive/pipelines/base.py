@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
-from contrastive.distributed import rank, world_size
+from contrastive.distributed import all_true, rank, world_size
 from contrastive.evaluation import knn_top1, retrieval_metrics
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -156,8 +156,8 @@ class Pipeline(pl.LightningModule):
         the GPU never waits for the host; ``"skip"`` must decide now and syncs.
         """
         if self.on_nonfinite == "skip":
-            finite = torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()])
-            if not bool(finite.all()):
+            finite = all_true(torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()]))
+            if not bool(finite.all()):  # decided by all processes alike, so their collectives stay paired
                 self.skipped_steps += 1
                 self.print(f"skipping step: {self._nonfinite_message(terms, finite, self.global_step)}")
                 self.log("train/skipped_steps", float(self.skipped_steps))
@@ -175,7 +175,7 @@ class Pipeline(pl.LightningModule):
 
     def _finite_flags(self, terms: dict[str, Tensor]) -> tuple[Tensor, Any, dict[str, Tensor], int]:
         terms = {k: v.detach() for k, v in terms.items()}  # the check must not keep the step's graph alive
-        flags = torch.stack([torch.isfinite(v).all() for v in terms.values()])
+        flags = all_true(torch.stack([torch.isfinite(v).all() for v in terms.values()]))  # every process stops alike
         if not flags.is_cuda:
             return flags, None, terms, self.global_step
         host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
@@ -197,6 +197,8 @@ class Pipeline(pl.LightningModule):
 
     def _nonfinite_message(self, terms: dict[str, Tensor], finite: Tensor, step: int) -> str:
         bad = ", ".join(f"{k}={float(v.detach().float().mean())}" for (k, v), ok in zip(terms.items(), finite.tolist()) if not ok)
+        if world_size() > 1:
+            bad += f" (this process's value; non-finite on at least one of the {world_size()} processes)"
         return (
             f"non-finite loss at epoch {self.current_epoch}, global step {step}: {bad}. "
             "Likely causes: temperature too low, learning rate too high, or fp16 overflow "

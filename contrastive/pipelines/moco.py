@@ -212,11 +212,12 @@ class MoCo(Pipeline):
             h2 = self.backbone(v2)
             k1 = self.keys(v1)
             loss = 0.5 * (loss + self.loss(self.projector(h2), k1, negatives))
-            new_keys, h, y = torch.cat([k1, k2]), torch.cat([h1, h2]), labels.repeat(2)  # (2B, D), (2B, F), (2B,)
+            new_keys, h, y = (k1, k2), torch.cat([h1, h2]), labels.repeat(2)  # (2B, F), (2B,)
         else:
-            new_keys, h, y = k2, h1, labels
+            new_keys, h, y = (k2,), h1, labels
         self.log("train/momentum", m, on_step=True, on_epoch=False)
         out = self.finish_step({"loss": loss}, self.online_probe_loss(h, y))
         if out is not None:  # a skipped (non-finite) step enqueues nothing
-            self.queue.enqueue(all_gather_no_grad(l2_normalize(new_keys.float())))
+            # gathered per view: [all k1; all k2] (W*B each), the order one process with the global batch enqueues
+            self.queue.enqueue(torch.cat([all_gather_no_grad(l2_normalize(k.float())) for k in new_keys]))
         return out
