@@ -31,7 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from contrastive.data import DataError, Splits, TensorDataModule
-from contrastive.evaluation import knn_top1, retrieval_metrics
+from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
 from contrastive.io import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -303,6 +303,12 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("data.subset", "data.test_subset"):
         if OmegaConf.select(cfg, key) is not None:
             _check(cfg, key, *_POSITIVE_INT)
+    if cfg.data.train_classes != cfg.data.test_classes and cfg.eval.knn_k != 0:
+        raise ConfigError(
+            "data.train_classes and data.test_classes differ (class-disjoint retrieval), so a kNN classifier "
+            "of the test images by the training classes means nothing: pass eval.knn_k=0 to monitor MAP@R "
+            "among the test images instead"
+        )
     if str(OmegaConf.select(cfg, "pipeline._target_")).endswith(".MoCo") and OmegaConf.select(cfg, "trainer.sync_batchnorm"):
         raise ConfigError(
             "trainer.sync_batchnorm=true would replace MoCo's shuffle-BN by global BatchNorm statistics, through "
@@ -393,14 +399,23 @@ def feature_metrics(
 ) -> dict[str, float]:
     """Every figure of frozen features, under plain keys (percent).
 
-    Closed set (test classes = train classes): weighted kNN top-1 and, when ``probe``
-    is given, the linear probe's train/test top-1. Always: retrieval metrics of the
+    Closed set (test classes = train classes): weighted kNN top-1 (unless ``knn_k=0``) and,
+    when ``probe`` is given, the linear probe's train/test top-1. Always: retrieval metrics of the
     test split against itself (leave-one-out), the measure for unseen classes.
     """
     (xtr, ytr), (xte, yte) = features["train"], features["test"]
+    for split, x in (("train", xtr), ("test", xte)):
+        try:
+            check_finite(x, f"the network's features of the {split} images")
+        except ValueError as e:
+            raise CheckpointError(
+                f"{e}, so no metric would mean anything: its weights or BatchNorm statistics hold NaN/Inf "
+                "(a diverged run). Evaluate an earlier checkpoint (checkpoints/epoch=NNNN.ckpt)."
+            ) from None
     out: dict[str, float] = {}
     if closed_set:
-        out["knn_top1"] = knn_top1(xtr, ytr, xte, yte, num_classes, knn_k, knn_temperature)
+        if knn_k > 0:  # knn_k=0: the run monitors MAP@R instead
+            out["knn_top1"] = knn_top1(xtr, ytr, xte, yte, num_classes, knn_k, knn_temperature)
         if probe is not None:
             result = probe(xtr, ytr, xte, yte, num_classes=num_classes)
             out |= {k: float(result[k]) for k in ("linear_top1", "linear_train_top1")}
@@ -516,6 +531,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     check_eval_config(cfg)
     ckpt = load_checkpoint(cfg.checkpoint)
     run_cfg = OmegaConf.create(ckpt["contrastive_config"])
+    run_cfg.compile = False  # a one-off compile would cost more than the few forward passes it speeds up
     if cfg.data_root is not None:
         if "root" not in run_cfg.data:
             raise ConfigError(f"data_root given, but the run's data set ({run_cfg.data.source._target_}) has no root")
@@ -579,7 +595,10 @@ def write_plots(out_dir: Path, features: dict[str, tuple[torch.Tensor, torch.Ten
     curves = run_dir / "logs" / "metrics.csv"
     if curves.is_file():
         plot_training_curves(curves, out_dir / "training_curves.png")
-    plot_embedding_2d(xte, yte, out_dir / "embedding_tsne.png", class_names=names)
+    if len(xte) >= 3:
+        plot_embedding_2d(xte, yte, out_dir / "embedding_tsne.png", class_names=names)
+    else:
+        log.warning("embedding_tsne.png skipped: t-SNE needs at least 3 test images, there are %d", len(xte))
     plot_similarity_histograms(xte, yte, out_dir / "similarity_histograms.png")
     if "test_predictions" in probe_out:
         plot_confusion_matrix(yte, probe_out["test_predictions"].cpu(), splits.test.num_classes,
@@ -596,7 +615,7 @@ def export_backbone(pipeline: Pipeline, classifier: torch.nn.Linear | None) -> d
     ``torchvision.models.resnet18(num_classes=C)`` (with the CIFAR stem) with ``strict=True``.
     """
     state = {k: v.detach().cpu().clone() for k, v in pipeline.backbone.state_dict().items()}
-    probes_backbone = type(pipeline).features is Pipeline.features  # not an embedding head (Siamese)
+    probes_backbone = getattr(pipeline, "eval_features", "backbone") == "backbone"  # not a Siamese embedding
     headless = isinstance(getattr(pipeline.backbone, "fc", None), torch.nn.Identity)
     if probes_backbone and headless and classifier is not None:
         state["fc.weight"] = classifier.weight.detach().cpu().clone()
@@ -617,12 +636,15 @@ def evaluate() -> None:
     # Hydra creates the output folder (beside the checkpoint) before the job runs: check the
     # checkpoint first (memory-mapped, so cheap), so that a typo or a foreign or truncated file
     # leaves no eval_* folder (or parent folders) behind.
-    for arg in sys.argv[1:]:
-        if arg.startswith("checkpoint=") and isinstance(value := _override_value(arg), str):
-            try:
-                load_checkpoint(value, mmap=True)
-            except CheckpointError as e:
-                _exit_with(e)
+    paths = [v for arg in sys.argv[1:] if arg.startswith("checkpoint=") and isinstance(v := _override_value(arg), str)]
+    if not paths and not any(arg.startswith("-") for arg in sys.argv[1:]):  # --help, --cfg job: no checkpoint needed
+        _exit_with(ConfigError("contrastive-eval needs the checkpoint to evaluate: pass "
+                               "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of contrastive-train)"))
+    for path in paths:
+        try:
+            load_checkpoint(path, mmap=True)
+        except CheckpointError as e:
+            _exit_with(e)
     _eval_main()
 
 

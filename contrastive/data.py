@@ -281,7 +281,7 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
             f"{', ...' if len(extra) > 5 else ''}): they are labelled {len(train_names)}..{len(names) - 1}, after the "
             f"training classes, so the data set has {len(names)} classes. For class-disjoint retrieval pass "
             f"data.train_classes=[{','.join(map(str, range(len(train_names))))}] "
-            f"data.test_classes=[{','.join(map(str, test_labels))}] data.num_classes={len(train_names)}",
+            f"data.test_classes=[{','.join(map(str, test_labels))}] data.num_classes={len(train_names)} eval.knn_k=0",
             stacklevel=2,
         )
     cache_file = base / f".contrastive_cache_{size}.pt"

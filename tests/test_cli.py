@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -292,3 +294,99 @@ def test_builtin_default_beats_untrained_by_10_points(cli, tmp_path: Path) -> No
     assert metrics["epochs"] == 25
     assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 10, metrics
     assert metrics["linear_top1"] > metrics["linear_top1_untrained"], metrics
+
+
+# --------------------------------------------------------------------------- eval edge cases (in process)
+
+
+def _features(n_train: int = 30, n_test: int = 12, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return {split: (torch.randn(n, 8, generator=g), torch.arange(n) % 3) for split, n in
+            (("train", n_train), ("test", n_test))}
+
+
+def test_nan_features_are_refused_not_scored() -> None:
+    """One NaN row made kNN predict class 0 everywhere and the probe score chance, silently."""
+    from contrastive.cli import feature_metrics
+    from contrastive.evaluation import knn_top1, linear_probe, retrieval_metrics
+    from contrastive.io import CheckpointError
+
+    features = _features()
+    features["train"][0][4, 2] = float("nan")
+    with pytest.raises(CheckpointError, match="features of the train images hold NaN/Inf in 1 of 30 rows, so no "
+                                              r"metric .*Evaluate an earlier checkpoint"):
+        feature_metrics(features, 3, True, 5, 0.1, None)
+    (xtr, ytr), (xte, yte) = features["train"], features["test"]
+    for call in (lambda: knn_top1(xtr, ytr, xte, yte, 3, 5), lambda: retrieval_metrics(xtr, ytr),
+                 lambda: linear_probe(xtr, ytr, xte, yte, num_classes=3, epochs=1)):
+        with pytest.raises(ValueError, match="NaN/Inf in 1 of 30 rows"):
+            call()
+
+
+def test_knn_k_0_skips_the_knn_classifier_but_not_the_probe() -> None:
+    from contrastive.cli import feature_metrics
+    from contrastive.evaluation import knn_top1, linear_probe
+
+    features = _features()
+    probe = partial(linear_probe, epochs=2)
+    out = feature_metrics(features, 3, True, 0, 0.1, probe)
+    assert "knn_top1" not in out and {"linear_top1", "map_at_r"} <= set(out)
+    with_knn = feature_metrics(features, 3, True, 5, 0.1, probe)
+    assert with_knn["knn_top1"] == knn_top1(*features["train"], *features["test"], 3, 5, 0.1)
+    assert {k: v for k, v in with_knn.items() if k != "knn_top1"} == out
+
+
+def test_class_disjoint_splits_need_the_map_at_r_monitor(config) -> None:
+    from contrastive.cli import check_config
+
+    check_config(config("train", ["experiment=siamese_cifar10_disjoint"]))  # sets eval.knn_k=0
+    for overrides in (["experiment=siamese_cifar10_disjoint", "eval.knn_k=200"],
+                      ["experiment=siamese_shapes", "data.train_classes=[0,1,2,3,4]", "data.num_classes=5"]):
+        with pytest.raises(ConfigError, match="class-disjoint retrieval.*pass eval.knn_k=0"):
+            check_config(config("train", overrides))
+
+
+def test_supcon_export_carries_the_probe_as_fc(config) -> None:
+    """SupCon (pipeline.eval_features=backbone) probes the backbone: its export gets ``fc`` too."""
+    from contrastive.cli import build_pipeline, export_backbone
+
+    classifier = torch.nn.Linear(512, 10)
+    for eval_features, has_fc in (("backbone", True), ("embedding", False)):
+        pipeline = build_pipeline(config("train", ["experiment=supcon_cifar10", f"pipeline.eval_features={eval_features}"]))
+        state = export_backbone(pipeline, classifier)
+        assert ("fc.weight" in state) is has_fc, eval_features
+    assert torch.equal(state_fc := export_backbone(build_pipeline(config("train", ["experiment=supcon_cifar10"])),
+                                                   classifier)["fc.weight"], classifier.weight.detach())
+    assert state_fc.shape == (10, 512)
+
+
+def test_tiny_or_collapsed_test_sets_still_get_their_plots(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """2 test images: t-SNE skipped with a warning; identical features: drawn by PCA (t-SNE crashed)."""
+    from contrastive.cli import write_plots
+    from contrastive.data import ImageTensors, Splits
+    from contrastive.evaluation import plot_embedding_2d
+
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    splits = Splits(ImageTensors(images, torch.tensor([0, 1]), 2), ImageTensors(images, torch.tensor([0, 1]), 2))
+    features = {"train": (torch.randn(2, 4), torch.tensor([0, 1])), "test": (torch.randn(2, 4), torch.tensor([0, 1]))}
+    with caplog.at_level("WARNING"):
+        write_plots(tmp_path, features, {}, splits, run_dir=tmp_path)
+    assert "t-SNE needs at least 3 test images, there are 2" in caplog.text
+    assert (tmp_path / "similarity_histograms.png").is_file() and not (tmp_path / "embedding_tsne.png").exists()
+    out = plot_embedding_2d(torch.ones(20, 6), torch.arange(20) % 2, tmp_path / "collapsed.png")
+    assert out.stat().st_size > 0
+
+
+def test_eval_without_a_checkpoint_says_what_to_pass(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    from contrastive.cli import evaluate
+
+    for argv in ([], ["checkpoint=null"]):
+        monkeypatch.setattr(sys, "argv", ["contrastive-eval", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate()
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == ("error: contrastive-eval needs the checkpoint to evaluate: pass "
+                                           "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of "
+                                           "contrastive-train)\n")

@@ -253,7 +253,7 @@ def test_image_folder_labels_test_only_classes_after_the_training_classes(tmp_pa
     for name in ("ant", "bee"):  # class-disjoint layout: ant, bee only in test/, cat only in train/
         shutil.rmtree(tmp_path / "train" / name)
     shutil.rmtree(tmp_path / "test" / "cat")
-    hint = r"data.train_classes=\[0,1\] data.test_classes=\[1,2,3\] data.num_classes=2"
+    hint = r"data.train_classes=\[0,1\] data.test_classes=\[1,2,3\] data.num_classes=2 eval.knn_k=0"
     with pytest.warns(UserWarning, match=r"2 class folder\(s\) .*\(ant, bee\): they are labelled 2..3.*" + hint):
         splits = image_folder(str(tmp_path), size=4)
     assert splits.train.class_names == splits.test.class_names == ["cat", "dog", "ant", "bee"]

@@ -49,6 +49,17 @@ def test_nonfinite_skip_returns_none() -> None:
     assert p.finish_step({"loss": torch.tensor(2.0)}) == 2.0
 
 
+def test_nonfinite_features_stop_the_knn_monitor() -> None:
+    """A NaN feature (e.g. NaN BatchNorm statistics) made the monitor log plausible numbers."""
+    p = _pipeline("raise")
+    p.log = lambda *a, **k: None
+    x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 3)
+    x[2, 1] = float("nan")
+    p._val_outputs = {0: [(x, y)], 1: [(x[:4].nan_to_num(), y[:4])]}
+    with pytest.raises(NonFiniteLossError, match="features of the train images hold NaN/Inf in 1 of 6 rows at epoch 0"):
+        p.on_validation_epoch_end()
+
+
 def test_checkpoint_carries_skipped_steps_and_clock() -> None:
     """A resumed run with on_nonfinite=skip keeps counting its skipped steps from where it was."""
     p = _pipeline("skip")

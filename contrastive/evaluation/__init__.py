@@ -4,6 +4,7 @@ Everything here takes tensors (features, labels) or paths, never a config or a m
 matplotlib, scikit-learn and numpy are imported inside the functions that need them.
 """
 
+from contrastive.evaluation._common import check_finite
 from contrastive.evaluation.knn import knn_predict, knn_top1
 from contrastive.evaluation.linear import linear_probe, predict_linear
 from contrastive.evaluation.neighbors import topk_neighbors
@@ -18,6 +19,7 @@ from contrastive.evaluation.report import read_run, summarize_runs
 from contrastive.evaluation.retrieval import retrieval_metrics
 
 __all__ = [
+    "check_finite",
     "confusion_matrix",
     "knn_predict",
     "knn_top1",

@@ -14,6 +14,17 @@ def check_labels(labels: Tensor, num_classes: int | None, n: int, name: str) -> 
         raise ValueError(f"{name} must lie in [0, {num_classes})")
 
 
+def check_finite(features: Tensor, name: str) -> None:
+    """Raise ``ValueError`` if any row of ``features`` holds NaN/Inf.
+
+    A NaN similarity ranks first in ``topk`` and spreads through a standardised probe,
+    so the figures would look plausible (e.g. every prediction class 0) instead of failing.
+    """
+    bad = int((~torch.isfinite(features).reshape(len(features), -1).all(1)).sum())
+    if bad:
+        raise ValueError(f"{name} hold NaN/Inf in {bad} of {len(features)} rows")
+
+
 def accuracy(pred: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy in percent: ``100 * mean(pred == labels)``."""
     return 100.0 * (pred == labels.to(pred.device)).double().mean().item()

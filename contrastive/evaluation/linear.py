@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive.evaluation._common import accuracy, check_labels
+from contrastive.evaluation._common import accuracy, check_finite, check_labels
 
 Normalize = Literal["standardize", "l2", "none"]
 
@@ -91,6 +91,8 @@ def linear_probe(
         raise ValueError("need training features, epochs >= 1 and batch_size >= 1")
     if normalize not in ("standardize", "l2", "none"):
         raise ValueError(f"normalize must be 'standardize', 'l2' or 'none', got {normalize!r}")
+    check_finite(train_features, "train_features")
+    check_finite(test_features, "test_features")
     device = train_features.device
     x_train = train_features.float()
     x_test = test_features.float().to(device)

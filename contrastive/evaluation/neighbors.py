@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contrastive.evaluation._common import check_finite
+
 Metric = Literal["cosine", "euclidean"]
 
 
@@ -29,11 +31,15 @@ def prepare_features(features: Tensor, metric: Metric = "cosine") -> Tensor:
 
     Returns:
         (N, D) floating tensor on the same device.
+
+    Raises:
+        ValueError: a row holds NaN/Inf (its rank would be meaningless).
     """
     if features.dim() != 2:
         raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    check_finite(features, "features")
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()
     return F.normalize(features, dim=1) if metric == "cosine" else features

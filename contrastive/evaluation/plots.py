@@ -170,7 +170,8 @@ def plot_embedding_2d(
     features, PCA initialisation, perplexity ``min(30, (n - 1) / 3)``, ``random_state=seed``.
     ``pca``: the top two principal components (centred SVD). At most ``max_points``
     points, drawn without replacement from ``seed``, so the picture is reproducible.
-    A legend is drawn for up to 20 classes. Image ``7.5 x 6`` inches at ``dpi``.
+    Identical features (a collapsed network: unit features within 1e-6 of their mean) are drawn by PCA, titled so, as t-SNE is
+    undefined for them. A legend is drawn for up to 20 classes. Image ``7.5 x 6`` inches at ``dpi``.
 
     Args:
         features: (N, D) features.
@@ -192,13 +193,15 @@ def plot_embedding_2d(
     keep = _subsample(features.shape[0], max_points, seed)
     x = F.normalize(features.detach()[keep.to(features.device)].double(), dim=1).cpu()  # (n, D)
     y = labels.detach().cpu()[keep]  # (n,)
+    centred = x - x.mean(0)
+    if method == "tsne" and float(centred.abs().max()) < 1e-6:  # (nearly) equal unit features, a collapsed
+        method = "pca"  # network: t-SNE's affinities and PCA start are 0/0 there (scikit-learn segfaults)
     if method == "tsne":
         from sklearn.manifold import TSNE
 
         perplexity = min(30.0, (len(x) - 1) / 3)
         xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x.numpy())  # (n, 2)
     else:
-        centred = x - x.mean(0)
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
         xy = (centred @ vh[:2].T).numpy()  # (n, 2)
 

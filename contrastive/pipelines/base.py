@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
 from contrastive.distributed import all_true, rank, world_size
-from contrastive.evaluation import knn_top1, retrieval_metrics
+from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -244,6 +244,14 @@ class Pipeline(pl.LightningModule):
             return
         bank, bank_labels = self._gathered(0)
         test, test_labels = self._gathered(1)
+        for name, x in (("train", bank), ("test", test)):  # the same on every rank: all stop alike
+            try:
+                check_finite(x, f"the features of the {name} images")
+            except ValueError as e:
+                raise NonFiniteLossError(
+                    f"{e} at epoch {self.current_epoch}: the weights or BatchNorm statistics diverged. "
+                    "The last good checkpoint is untouched."
+                ) from None
         # Every rank holds the full, ordered bank and test set, so every rank computes the
         # same figure as one process would: no sync_dist (a mean of W equal floats can round).
         if self.knn_k > 0:
