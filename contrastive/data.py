@@ -185,7 +185,7 @@ def _image_files(class_dir: Path) -> list[Path]:
 def _read_rgb(file: Path) -> Tensor:
     """One image file as RGB ``uint8`` (3, H, W), or a :class:`DataError` naming the file.
 
-    16-bit images are scaled to 8 bits (v -> round(v * 255 / 65535)), not clipped; an
+    16-bit images are scaled to 8 bits (v -> v >> 8, as torchvision's ``to_dtype``), not clipped; an
     animated GIF or WebP gives its first frame, as Pillow and torchvision's ``ImageFolder`` do.
     """
     from torchvision.io import ImageReadMode, decode_image

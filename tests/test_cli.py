@@ -390,3 +390,13 @@ def test_eval_without_a_checkpoint_says_what_to_pass(monkeypatch: pytest.MonkeyP
         assert capsys.readouterr().err == ("error: contrastive-eval needs the checkpoint to evaluate: pass "
                                            "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of "
                                            "contrastive-train)\n")
+
+
+def test_the_tuning_keys_the_docs_name_are_plain_overrides(config) -> None:
+    """docs/benchmarks.md names loss.chunk_size and aug.cuda_graph: no ``+`` needed, and they arrive."""
+    from hydra.utils import instantiate
+
+    for loss in ("nt_xent", "info_nce", "sup_con"):
+        assert instantiate(config("train", [f"loss={loss}", "loss.chunk_size=64"]).loss).chunk_size == 64, loss
+    assert instantiate(config("train", ["aug.cuda_graph=false"]).aug).cuda_graph is False
+    assert instantiate(config("train").aug).cuda_graph is True

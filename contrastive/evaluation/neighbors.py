@@ -114,7 +114,7 @@ def topk_neighbors(
     Args:
         query: (C, D) prepared query features (a chunk).
         reference: (N, D) prepared reference features.
-        k: number of neighbours, 1 <= k <= N (N - 1 with ``self_offset``).
+        k: number of neighbours, 1 <= k <= N (N - 1 with ``self_index``).
         metric: ``"cosine"`` or ``"euclidean"``.
         self_index: (C,) if given, query row ``i`` is reference row ``self_index[i]`` and
             that row is excluded by index (leave-one-out), whatever its similarity.

@@ -185,7 +185,7 @@ def summarize_runs(
 
     - ``summary.csv``: one row per run, in the order given: ``run``, the override
       columns, then the metric columns (full precision; empty cell = missing);
-    - ``summary.md``: the same as a Markdown table (4 significant digits), followed,
+    - ``summary.md``: the same as a Markdown table (2 decimals, 4 significant digits below 1), followed,
       when runs differ only in ``seed``, by a table of mean ± std over seeds;
     - ``summary.png``: one panel per metric. When exactly one override other than
       ``seed`` varies, each run is a dot against it and the mean over seeds a line
