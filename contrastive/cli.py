@@ -572,37 +572,47 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = feature_metrics(features, splits.num_classes, closed_set, cfg.knn_k, cfg.knn_temperature,
                               probe if cfg.linear_probe else None)
     write_json_atomic(out_dir / "metrics.json", metrics)
-    if cfg.plots:
-        write_plots(out_dir, features, probe_out, splits, run_dir=Path(_run_dir_of(cfg.checkpoint)))
+    written = write_plots(out_dir, features, probe_out, splits, run_dir=Path(_run_dir_of(cfg.checkpoint))) \
+        if cfg.plots else []
     if cfg.export:
-        path = out_dir / "backbone_torchvision.pt"
-        save_torch_atomic(export_backbone(pipeline, probe_out.get("classifier")), path)
-        log.info("backbone state dict written to %s", path)
+        written.append(save_torch_atomic(export_backbone(pipeline, probe_out.get("classifier")),
+                                         out_dir / "backbone_torchvision.pt"))
+        log.info("backbone state dict written to %s", written[-1])
+    for name in set(EVAL_OUTPUTS) - {p.name for p in written}:  # an earlier eval's, e.g. before linear_probe=false
+        (out_dir / name).unlink(missing_ok=True)
     log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})
     log.info("written to %s", out_dir / "metrics.json")
     return metrics
 
 
+# What contrastive-eval writes beside metrics.json; a later eval of the same checkpoint removes those it
+# did not write again, so the folder never mixes two evaluations.
+EVAL_OUTPUTS = ("training_curves.png", "embedding_tsne.png", "similarity_histograms.png", "confusion_matrix.png",
+                "backbone_torchvision.pt")
+
+
 def write_plots(out_dir: Path, features: dict[str, tuple[torch.Tensor, torch.Tensor]], probe_out: dict[str, Any],
-                splits: Splits, run_dir: Path) -> None:
-    """Training curves, 2-D embedding, similarity histograms and the probe's confusion matrix as PNGs."""
+                splits: Splits, run_dir: Path) -> list[Path]:
+    """Training curves, 2-D embedding, similarity histograms and the probe's confusion matrix as PNGs; their paths."""
     from contrastive.evaluation import (
         plot_confusion_matrix, plot_embedding_2d, plot_similarity_histograms, plot_training_curves,
     )
 
     xte, yte = (t.cpu() for t in features["test"])
     names = splits.test.class_names or None
+    written = []
     curves = run_dir / "logs" / "metrics.csv"
     if curves.is_file():
-        plot_training_curves(curves, out_dir / "training_curves.png")
+        written.append(plot_training_curves(curves, out_dir / "training_curves.png"))
     if len(xte) >= 3:
-        plot_embedding_2d(xte, yte, out_dir / "embedding_tsne.png", class_names=names)
+        written.append(plot_embedding_2d(xte, yte, out_dir / "embedding_tsne.png", class_names=names))
     else:
         log.warning("embedding_tsne.png skipped: t-SNE needs at least 3 test images, there are %d", len(xte))
-    plot_similarity_histograms(xte, yte, out_dir / "similarity_histograms.png")
+    written.append(plot_similarity_histograms(xte, yte, out_dir / "similarity_histograms.png"))
     if "test_predictions" in probe_out:
-        plot_confusion_matrix(yte, probe_out["test_predictions"].cpu(), splits.test.num_classes,
-                              out_dir / "confusion_matrix.png", class_names=names)
+        written.append(plot_confusion_matrix(yte, probe_out["test_predictions"].cpu(), splits.test.num_classes,
+                                             out_dir / "confusion_matrix.png", class_names=names))
+    return written
 
 
 def export_backbone(pipeline: Pipeline, classifier: torch.nn.Linear | None) -> dict[str, torch.Tensor]:

@@ -114,6 +114,13 @@ def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
     train_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # the same checkpoint, features and kNN rule: the same figure as at the end of training
     assert metrics["knn_top1"] == pytest.approx(train_metrics["knn_top1"], abs=1e-6)
+    # Again without the probe and export: the folder then holds this evaluation only (no stale confusion matrix).
+    ev = cli("contrastive-eval", f"checkpoint={tmp_path / 'run/checkpoints/last.ckpt'}", "linear_probe=false",
+             "export=false", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "eval_last").iterdir() if p.name != ".hydra") == [
+        "cli.log", "embedding_tsne.png", "metrics.json", "similarity_histograms.png", "training_curves.png"]
+    assert "linear_top1" not in json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())
 
 
 def test_multirun_sweep_writes_summary(cli, tmp_path: Path) -> None:
