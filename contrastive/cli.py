@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonito
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from contrastive.data import DataError, Splits, TensorDataModule
+from contrastive.data import DataError, DataWarning, Splits, TensorDataModule
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
 from contrastive.io import (
     AtomicCheckpointIO,
@@ -77,6 +77,20 @@ def _exit_with(error: Exception) -> NoReturn:
     """Print ``error`` as one line on stderr and exit with status 2."""
     print(f"error: {_one_line(error)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _log_data_warnings() -> None:
+    """Show :class:`DataWarning` as a log line (on the console and in the run's ``cli.log``), not as
+    Python's ``<file>:<line>: UserWarning`` pointing into Hydra's instantiate."""
+    show = warnings.showwarning
+
+    def showwarning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, DataWarning):
+            log.warning("%s", message)
+        else:
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = showwarning
 
 
 def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -518,6 +532,7 @@ def _train_main(cfg: DictConfig) -> float | None:
 def train() -> None:
     """``contrastive-train [overrides]``."""
     _resolvers()
+    _log_data_warnings()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     sys.argv[1:] = _quote_paths(sys.argv[1:], ("resume", "data.root"))
     _train_main()
@@ -642,6 +657,7 @@ def _eval_main(cfg: DictConfig) -> None:
 def evaluate() -> None:
     """``contrastive-eval checkpoint=PATH [overrides]``."""
     _resolvers()
+    _log_data_warnings()
     sys.argv[1:] = _quote_paths(sys.argv[1:], ("checkpoint", "data_root"))
     # Hydra creates the output folder (beside the checkpoint) before the job runs: check the
     # checkpoint first (memory-mapped, so cheap), so that a typo or a foreign or truncated file

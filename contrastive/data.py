@@ -29,6 +29,10 @@ class DataError(RuntimeError):
     """A data set is missing, empty or malformed; the message says what to do."""
 
 
+class DataWarning(UserWarning):
+    """A data set loads, but not quite as given (the message says how and what to do)."""
+
+
 @dataclass
 class ImageTensors:
     """A labelled image set held as tensors.
@@ -128,7 +132,7 @@ def _torchvision_cifar(cls: type, root: Path, download: bool, folder: str, overr
             if not super()._check_integrity():
                 warnings.warn(
                     f"{base}: checksums differ from the official archive; using this copy as is",
-                    stacklevel=2,
+                    DataWarning, stacklevel=2,
                 )
             return True
 
@@ -282,7 +286,7 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
             f"training classes, so the data set has {len(names)} classes. For class-disjoint retrieval pass "
             f"data.train_classes=[{','.join(map(str, range(len(train_names))))}] "
             f"data.test_classes=[{','.join(map(str, test_labels))}] data.num_classes={len(train_names)} eval.knn_k=0",
-            stacklevel=2,
+            DataWarning, stacklevel=2,
         )
     cache_file = base / f".contrastive_cache_{size}.pt"
     fingerprint = _folder_fingerprint(base, (train, test)) if cache else ""
@@ -305,7 +309,8 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
                                "test": {"images": test_set.images, "labels": test_set.labels}}, cache_file)
         except OSError as e:  # a read-only or shared data folder: train anyway, decode again next time
             warnings.warn(f"could not write the decoded-image cache {cache_file} ({e}); the images will be "
-                          "decoded again next run. Pass data.source.cache=false to skip the cache.", stacklevel=2)
+                          "decoded again next run. Pass data.source.cache=false to skip the cache.", DataWarning,
+                          stacklevel=2)
     return Splits(train_set, test_set)
 
 

@@ -277,3 +277,19 @@ def test_image_folder_trains_without_cache_when_root_is_read_only(tmp_path: Path
     with pytest.warns(UserWarning, match="could not write the decoded-image cache .*Permission denied.*cache=false"):
         splits = image_folder(str(tmp_path), size=4)
     assert len(splits.train) == 2 and not (tmp_path / ".contrastive_cache_4.pt").exists()
+
+
+def test_the_cli_logs_data_warnings_as_one_line(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import warnings
+
+    from contrastive.cli import _log_data_warnings
+    from contrastive.data import DataWarning
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, *a, **k: shown.append(category))
+    _log_data_warnings()
+    with caplog.at_level("WARNING", logger="contrastive"):
+        warnings.showwarning(DataWarning("test/ holds 2 class folder(s) that train/ lacks"), DataWarning, "f.py", 1)
+        warnings.showwarning(RuntimeWarning("something else"), RuntimeWarning, "f.py", 1)
+    assert [r.getMessage() for r in caplog.records] == ["test/ holds 2 class folder(s) that train/ lacks"]
+    assert shown == [RuntimeWarning]  # other warnings as Python shows them
