@@ -610,7 +610,10 @@ class Augment:
         if rows is None:
             params = self.sample(images.shape[0], images.shape[-2], images.shape[-1], generator)
         else:
-            full = self.sample(int(of or 0), images.shape[-2], images.shape[-1], generator)
+            if of is None or len(rows) != images.shape[0]:
+                raise ValueError(f"rows ({len(rows)},) needs of= (the global batch size) and one row per image "
+                                 f"({images.shape[0]})")
+            full = self.sample(int(of), images.shape[-2], images.shape[-1], generator)
             params = AugmentParams(*(t[rows] for t in _fields(full)))
         if self.cuda_graph and images.is_cuda and not torch.cuda.is_current_stream_capturing():
             return self._replay(images, params.to(images.device))

@@ -61,6 +61,8 @@ class ImageTensors:
             )
         if len(self.images) == 0:
             raise DataError("the data set is empty: it holds no images")
+        if self.labels.is_floating_point() and not bool((self.labels == self.labels.round()).all()):
+            raise DataError("labels must be integer class ids, got fractional values: pass them as an integer tensor")
         self.labels = self.labels.long()
         bad = ((self.labels < 0) | (self.labels >= self.num_classes)).nonzero()
         if len(bad):
@@ -85,6 +87,8 @@ class ImageTensors:
 
     def select_classes(self, classes: list[int]) -> ImageTensors:
         """Only the images of ``classes``, relabelled ``0..len(classes)-1`` in the given order."""
+        if len(set(classes)) != len(classes) or not all(0 <= c < self.num_classes for c in classes):
+            raise DataError(f"classes must be distinct class ids in [0, {self.num_classes}), got {list(classes)}")
         mapping = torch.full((self.num_classes,), -1, dtype=torch.long)
         mapping[torch.as_tensor(list(classes))] = torch.arange(len(classes))
         keep = mapping[self.labels] >= 0
@@ -396,7 +400,8 @@ class IndexBatches:
         drop_last: drop the last incomplete global batch.
         seed: base seed of the permutations.
         epoch_source: returns the current epoch (the trainer's), read at each
-            ``iter``; without it the epoch counts the completed passes.
+            ``iter``; without it the epoch counts the passes started (a pass
+            stopped early, e.g. by ``limit_train_batches``, still moves on).
     """
 
     def __init__(
@@ -408,6 +413,8 @@ class IndexBatches:
         seed: int = 0,
         epoch_source: Callable[[], int] | None = None,
     ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -442,14 +449,14 @@ class IndexBatches:
         if self.epoch_source is not None:
             self.epoch = self.epoch_source()
         idx = self.order()
+        if self.shuffle and self.epoch_source is None:
+            self.epoch += 1  # now, not after the last batch: a pass stopped early must not repeat its order
         global_batch = self.batch_size * self.world
         for b in range(len(self)):
             chunk = idx[b * global_batch : (b + 1) * global_batch]
             per = math.ceil(len(chunk) / self.world)
             mine = chunk[self.rank * per : (self.rank + 1) * per]
             yield self.data.images[mine], self.data.labels[mine]
-        if self.shuffle:
-            self.epoch += 1
 
 
 class TensorDataModule(pl.LightningDataModule):

@@ -147,7 +147,8 @@ class PKBatches:
             a repeated image is a zero-distance positive that teaches nothing.
         seed: base seed; epoch ``e`` uses ``seed + e``.
         epoch_source: returns the current epoch (the trainer's), read at each
-            ``iter``; without it the epoch counts the completed passes.
+            ``iter``; without it the epoch counts the passes started (a pass
+            stopped early still moves on).
     """
 
     def __init__(
@@ -204,6 +205,8 @@ class PKBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.epoch_source is not None:
             self.epoch = self.epoch_source()
-        for idx in self.order():
+        order = self.order()
+        if self.epoch_source is None:
+            self.epoch += 1  # now, not after the last batch: a pass stopped early must not repeat its batches
+        for idx in order:
             yield self.data.images[idx], self.data.labels[idx]
-        self.epoch += 1

@@ -55,9 +55,10 @@ def knn_predict(
     """
     n, q = train_features.shape[0], query_features.shape[0]
     check_labels(train_labels, num_classes, n, "train_labels")
+    train_labels = train_labels.long()  # any integer dtype (scatter indexes with int64)
     if exclude_self and q != n:
         raise ValueError(f"exclude_self needs the query set to be the train set, got Q={q}, N={n}")
-    if k < 1 or chunk_size < 1 or temperature <= 0:
+    if k < 1 or chunk_size < 1 or not temperature > 0:  # NaN too: it made every prediction class 0
         raise ValueError("k and chunk_size must be >= 1 and temperature > 0")
     k = min(k, n - 1 if exclude_self else n)
     if k < 1:

@@ -32,6 +32,8 @@ def predict_linear(classifier: nn.Linear, features: Tensor, chunk_size: int = 81
         )
 
 
+@torch.inference_mode(False)  # callable from Lightning's validation hooks (inference mode, no grad):
+@torch.enable_grad()  # the probe trains on new tensors computed here, never on the inputs' graph
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -84,6 +86,9 @@ def linear_probe(
         takes the *raw* features (the standardisation is folded into ``W`` and ``b``);
         for ``"l2"`` it takes L2-normalised features.
     """
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train_features and test_features must be (N, D) and (M, D), got "
+                         f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
     n, d = train_features.shape
     check_labels(train_labels, num_classes, n, "train_labels")
     check_labels(test_labels, num_classes, test_features.shape[0], "test_labels")
@@ -96,8 +101,8 @@ def linear_probe(
     device = train_features.device
     x_train = train_features.float()
     x_test = test_features.float().to(device)
-    y_train = train_labels.to(device)
-    y_test = test_labels.to(device)
+    y_train = train_labels.to(device).long()  # any integer dtype (cross_entropy wants int64)
+    y_test = test_labels.to(device).long()
     mean = torch.zeros(d, device=device)
     std = torch.ones(d, device=device)
     if normalize == "standardize":
@@ -106,7 +111,7 @@ def linear_probe(
         x_train, x_test = F.normalize(x_train, dim=1), F.normalize(x_test, dim=1)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
 
-    classifier = nn.Linear(d, num_classes, device=device)
+    classifier = nn.utils.skip_init(nn.Linear, d, num_classes, device=device)  # no draw from the global RNG
     nn.init.zeros_(classifier.weight)
     nn.init.zeros_(classifier.bias)
     if optimizer == "sgd":

@@ -6,7 +6,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,13 @@ def zero_loss(*tensors: Tensor | float) -> Tensor:
 
 
 def check_temperature(temperature: float | Tensor) -> float | Tensor:
-    """Raise a ValueError for a non-positive float temperature; tensors pass unchecked (no sync)."""
+    """Raise a ValueError for a non-positive float temperature, or a tensor of more than one element;
+    a tensor's value passes unchecked (no device sync)."""
+    if isinstance(temperature, Tensor) and temperature.numel() != 1:
+        raise ValueError(
+            f"temperature must be one number (a 0-dim tensor if learnable), got a tensor of shape "
+            f"{tuple(temperature.shape)}: it would be broadcast over the logits' columns"
+        )
     if not isinstance(temperature, Tensor) and (
         isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0
     ):
@@ -139,11 +145,19 @@ class Temperature(nn.Module):
                 f"a learnable temperature starts at {value}, below its floor 1/max_scale = {1 / max_scale:g}: "
                 "it would be clamped there and get no gradient. Start it higher or raise max_scale."
             )
+        self.initial = float(value)
         if learnable:
             self.log_scale = nn.Parameter(torch.tensor(-math.log(value)))
         else:
             # float64 so that float64 inputs see T exactly; float32 inputs round it as a float would.
-            self.register_buffer("value", torch.tensor(float(value), dtype=torch.float64), persistent=False)
+            self.register_buffer("value", torch.tensor(self.initial, dtype=torch.float64), persistent=False)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Temperature:
+        """``.to(device)`` moves the fixed T; ``.to(dtype)``, ``.half()`` would round it: it stays float64."""
+        super()._apply(fn, recurse)
+        if not self.learnable and self.value.dtype != torch.float64:
+            self.value = torch.tensor(self.initial, dtype=torch.float64, device=self.value.device)
+        return self
 
     def forward(self) -> Tensor:
         """Current temperature, a 0-dim tensor."""
@@ -152,4 +166,4 @@ class Temperature(nn.Module):
         return self.value
 
     def extra_repr(self) -> str:
-        return f"learnable={self.learnable}"
+        return f"{'initial=' if self.learnable else ''}{self.initial:g}, learnable={self.learnable}"

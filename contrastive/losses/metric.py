@@ -55,6 +55,10 @@ def pairwise_distance(x: Tensor, y: Tensor | None = None, *, squared: bool = Fal
         (n, m) distances; zero diagonal when ``y`` is None.
     """
     y = x if y is None else y
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must be (n, D) and (m, D), got {tuple(x.shape)} and {tuple(y.shape)}.")
+    if not len(x) or not len(y):
+        return x.new_zeros(len(x), len(y))
     scale = torch.maximum(max_abs_scale(x), max_abs_scale(y))
     d = torch.cdist(x / scale, y / scale, compute_mode="donot_use_mm_for_euclid_dist") * scale  # (n, m)
     return d * d if squared else d
@@ -65,9 +69,10 @@ def _distances_and_masks(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Distances of the local anchors to all candidates (n, Wn), positive mask (same label,
     not itself) and negative mask (other label); W = 1 without ``gather``."""
-    if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
+    if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1] or len(embeddings) == 0:
         raise ValueError(
-            f"embeddings must be (n, D) and labels (n,), got {tuple(embeddings.shape)} and {tuple(labels.shape)}."
+            f"embeddings must be (n, D), n >= 1, and labels (n,), got {tuple(embeddings.shape)} and "
+            f"{tuple(labels.shape)}."
         )
     x = l2_normalize(embeddings) if normalize else upcast(embeddings)  # (n, D)
     candidates, offset = global_rows(x, gather)  # (Wn, D)

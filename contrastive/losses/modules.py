@@ -130,4 +130,5 @@ class ContrastiveMargin(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, squared={self.squared}, gather={self.gather}"
+        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, squared={self.squared}, "
+                f"normalize={self.normalize}, gather={self.gather}")

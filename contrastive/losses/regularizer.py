@@ -75,7 +75,7 @@ class SoftmaxCERegularizer(nn.Module):
             (scalar cross-entropy, scalar accuracy in [0, 1]).
         """
         logits = self.logits(embeddings)  # (n, C)
-        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        ce = F.cross_entropy(logits, labels.long(), label_smoothing=self.label_smoothing)  # any integer dtype
         accuracy = (logits.detach().argmax(dim=1) == labels).to(logits.dtype).mean()
         return ce, accuracy
 

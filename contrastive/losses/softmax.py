@@ -29,8 +29,9 @@ from contrastive.losses.logsumexp import row_logsumexp
 
 
 def _check_pair(a: Tensor, b: Tensor, names: str) -> None:
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"{names} must both be (N, D) with the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    if a.ndim != 2 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"{names} must both be (N, D), N >= 1, with the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}.")
 
 
 @no_autocast
@@ -161,8 +162,8 @@ def sup_con(
         Scalar loss, float32 (float64 for float64 inputs); a graph-connected zero
         when no anchor has a positive (one sample, all labels distinct).
     """
-    if z.ndim != 2 or labels.shape != z.shape[:1]:
-        raise ValueError(f"z must be (M, D) and labels (M,), got {tuple(z.shape)} and {tuple(labels.shape)}.")
+    if z.ndim != 2 or labels.shape != z.shape[:1] or len(z) == 0:
+        raise ValueError(f"z must be (M, D), M >= 1, and labels (M,), got {tuple(z.shape)} and {tuple(labels.shape)}.")
     check_temperature(temperature)
     check_chunk_size(chunk_size)
     z = l2_normalize(z)  # (m, D)

@@ -119,7 +119,8 @@ class Pipeline(pl.LightningModule):
         rows = None
         if w > 1:
             rows = torch.cat([torch.arange(v * b * w + r * b, v * b * w + (r + 1) * b) for v in range(n)])
-        out = list(self.augment(images.repeat(n, 1, 1, 1), self.generator, rows=rows, of=n * b * w).chunk(n))
+        out = self.augment(images.repeat(n, 1, 1, 1), self.generator, rows=rows, of=n * b * w).to(self.dtype)
+        out = list(out.chunk(n))  # float32 unless the module was cast (precision="bf16-true" or "64-true")
         if images.is_cuda:
             out = [v.contiguous(memory_format=torch.channels_last) for v in out]
         return out
@@ -127,7 +128,7 @@ class Pipeline(pl.LightningModule):
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
         """Backbone features (B, F) of an unaugmented uint8 batch (eval-time input)."""
-        x = normalize_uint8(images, self.augment.mean, self.augment.std)
+        x = normalize_uint8(images, self.augment.mean, self.augment.std).to(self.dtype)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x).float()
@@ -268,8 +269,12 @@ class Pipeline(pl.LightningModule):
         optimizer = self.optimizer_factory(self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)
+        if trainer.train_dataloader is None:  # only max_steps given (max_epochs -1): not loaded by the estimate
+            trainer.fit_loop.setup_data()  # what estimated_stepping_batches does otherwise
+        # this process's batches per epoch (finite: index batches); not total // max_epochs, as max_epochs may be -1
+        per_epoch = max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
         scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
