@@ -185,7 +185,7 @@ def _image_files(class_dir: Path) -> list[Path]:
     ``ImageFolder``); hidden files and folders (macOS ``._name``, ``.thumbnails/``) skipped."""
     files = []
     for parent, subdirs, names in os.walk(class_dir, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]  # hidden folders are not walked
         files += [Path(parent, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(f for f in files if f.is_file())
 
@@ -241,20 +241,19 @@ def _decode_folder(folder: Path, size: int, names: list[str]) -> ImageTensors:
     return ImageTensors(torch.stack(images), torch.tensor(labels), len(names), names)
 
 
-def _folder_fingerprint(base: Path, splits: tuple[str, ...]) -> str:
-    """SHA-256 over the class folders and image files (relative path, size, mtime_ns) of ``splits``.
+def _folder_fingerprint(base: Path, classes: dict[str, list[str]]) -> str:
+    """SHA-256 over the class folders and image files (relative path, size, mtime_ns) of each split.
 
-    Listed with the same rule as :func:`_decode_folder`, so adding, deleting, renaming,
-    moving or rewriting an image or class folder changes it.
+    ``classes``: split folder name -> its class folders. Files are listed with the same rule as
+    :func:`_decode_folder`, so adding, deleting, renaming, moving or rewriting an image or class
+    folder changes it.
     """
     import hashlib
 
     h = hashlib.sha256(b"v2\n")  # v2: nested files, 16-bit images, test-only classes (v1 caches rebuilt)
-    for split in splits:
+    for split, names in classes.items():
         folder = base / split
-        if not folder.is_dir():
-            continue
-        for name in _class_dirs(folder):
+        for name in names:
             h.update(f"{split}/{name}/\n".encode())
             for file in _image_files(folder / name):
                 st = file.stat()
@@ -293,7 +292,7 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
             DataWarning, stacklevel=2,
         )
     cache_file = base / f".contrastive_cache_{size}.pt"
-    fingerprint = _folder_fingerprint(base, (train, test)) if cache else ""
+    fingerprint = _folder_fingerprint(base, {train: train_names, test: test_names}) if cache else ""
     if cache and cache_file.is_file():
         try:
             saved = torch.load(cache_file, weights_only=True)
