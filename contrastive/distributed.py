@@ -40,7 +40,9 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
         # Every rank's loss depends on every rank's rows: this rank's rows receive
         # the sum of the gradients that all ranks computed for them.
-        grad = grad.contiguous()
+        # A copy: autograd may hand the same gradient tensor to other inputs (the other
+        # operand of an add), which an in-place all-reduce would scale by W.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         n = grad.shape[0] // world_size()
         return grad[rank() * n : (rank() + 1) * n]

@@ -129,8 +129,11 @@ class Temperature(nn.Module):
 
     Fixed: a non-persistent buffer (the config, not an old checkpoint, decides it).
     Learnable: as in CLIP (Radford et al. 2021), the parameter is the log logit
-    scale ``log(1/T)``; the scale is clamped at ``max_scale`` (100) in forward, so
-    ``T >= 1/max_scale`` and the gradient stops at the clamp.
+    scale ``log(1/T)``, kept at most ``log(max_scale)`` (so ``T >= 1/max_scale``) by
+    projecting the parameter itself, not by clamping its use: a step that carries it past
+    the bound is undone at the next call, and the gradient keeps flowing there, so T
+    can rise again when the loss wants it (a clamp in the graph would pin T at the
+    floor for good, with zero gradient).
     """
 
     def __init__(self, value: float, learnable: bool = False, max_scale: float = 100.0) -> None:
@@ -140,7 +143,7 @@ class Temperature(nn.Module):
             raise ValueError(f"max_scale must be > 0, got {max_scale}.")
         self.learnable = learnable
         self.max_log_scale = math.log(max_scale)
-        if learnable and value < 1 / max_scale:
+        if learnable and -math.log(value) > self.max_log_scale + 1e-12:
             raise ValueError(
                 f"a learnable temperature starts at {value}, below its floor 1/max_scale = {1 / max_scale:g}: "
                 "it would be clamped there and get no gradient. Start it higher or raise max_scale."
@@ -161,9 +164,13 @@ class Temperature(nn.Module):
 
     def forward(self) -> Tensor:
         """Current temperature, a 0-dim tensor."""
-        if self.learnable:
-            return torch.exp(-self.log_scale.clamp(max=self.max_log_scale))
-        return self.value
+        if not self.learnable:
+            return self.value
+        if torch.is_grad_enabled():
+            with torch.no_grad():  # the projection after the optimiser's step, done lazily (no host sync)
+                self.log_scale.clamp_(max=self.max_log_scale)
+            return torch.exp(-self.log_scale)
+        return torch.exp(-self.log_scale.clamp(max=self.max_log_scale))  # no_grad/inference: leave it
 
     def extra_repr(self) -> str:
         return f"{'initial=' if self.learnable else ''}{self.initial:g}, learnable={self.learnable}"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
+
+from contrastive.losses._common import no_autocast
 
 
 def masked_logits(anchors: Tensor, candidates: Tensor, self_index: Tensor | None) -> Tensor:
@@ -49,8 +51,14 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         return lse
 
     @staticmethod
-    @once_differentiable
+    @no_autocast  # a backward called inside an autocast block would otherwise run these matmuls in bf16
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # backward(create_graph=True): once_differentiable would not say so
+            raise RuntimeError(
+                "the chunked softmax losses (chunk_size set) have no second derivative, which "
+                "backward(create_graph=True) (a gradient penalty, MAML, Hessian-vector products) needs: "
+                "pass chunk_size=None there."
+            )
         # d lse_i / d logits_ij = softmax_ij, so dL/dlogits = grad_i * softmax_ij (0 at self).
         anchors, candidates, self_index, lse = ctx.saved_tensors  # type: ignore[attr-defined]
         chunk_size: int = ctx.chunk_size  # type: ignore[attr-defined]

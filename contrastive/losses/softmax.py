@@ -110,16 +110,18 @@ def info_nce(
     _check_pair(query, key, "query and key")
     check_temperature(temperature)
     check_chunk_size(chunk_size)
-    query, key = l2_normalize(query), l2_normalize(key)  # (n, D)
+    if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != query.shape[1]):
+        raise ValueError(f"negatives must be (M, {query.shape[1]}), got {tuple(negatives.shape)}.")
+    # One compute dtype for all (float64 if any input is): the matmuls need it.
+    dtype = torch.promote_types(query.dtype, key.dtype if negatives is None else torch.promote_types(key.dtype, negatives.dtype))
+    query, key = l2_normalize(query.to(dtype)), l2_normalize(key.to(dtype))  # (n, D)
     anchors = query / temperature  # (n, D)
     positive = (anchors * key).sum(dim=1)  # (n,)
     if negatives is None:
         candidates, _ = global_rows(key, gather)  # (Wn, D)
         lse = row_logsumexp(anchors, candidates, None, chunk_size)  # (n,)
     else:
-        if negatives.ndim != 2 or negatives.shape[1] != query.shape[1]:
-            raise ValueError(f"negatives must be (M, {query.shape[1]}), got {tuple(negatives.shape)}.")
-        negative_lse = row_logsumexp(anchors, l2_normalize(negatives), None, chunk_size)  # (n,)
+        negative_lse = row_logsumexp(anchors, l2_normalize(negatives.to(dtype)), None, chunk_size)  # (n,)
         lse = torch.logaddexp(positive, negative_lse)  # (n,) over the 1+M logits
     return (lse - positive).mean()
 

@@ -79,6 +79,11 @@ def _worker(r: int, port: int, out_dir: str) -> None:
             dist.all_reduce(mean_loss)
             results[name] = (mean_loss / WORLD, [p.grad.clone() for p in net.parameters()])
         gathered = gather_with_grad(torch.full((2,), float(r)))
+        # autograd hands the add's gradient to both operands: the gather must not all-reduce it in place
+        x, bias, c = torch.ones(2, 3, requires_grad=True), torch.zeros(4, 3, requires_grad=True), torch.rand(4, 3)
+        doubled = bias * 2  # recorded before the gather, so its backward runs after the gather's
+        ((gather_with_grad(x) + doubled) * c).sum().backward()
+        results["shared_grad"] = (bias.grad, c)
         torch.save((r, results, world_size(), rank(), gathered), os.path.join(out_dir, f"rank{r}.pt"))
     finally:
         dist.barrier()  # no rank tears gloo down while its peer still talks (SIGABRT otherwise)
@@ -108,6 +113,8 @@ def test_two_processes_equal_one_process(tmp_path, free_port) -> None:  # type: 
     for r, results, size, reported_rank, gathered in reports:
         assert (size, reported_rank) == (WORLD, r)
         assert torch.equal(gathered, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+        bias_grad, c = results.pop("shared_grad")
+        torch.testing.assert_close(bias_grad, 2 * c, rtol=0, atol=0)  # not 2 * WORLD * c
         assert set(results) == set(names)
         for name in names:
             loss, grads = results[name]

@@ -83,3 +83,5 @@ def test_without_regulariser_and_validation() -> None:
     with pytest.raises(ValueError, match="weight"):
         RegularizedMetricLoss(TripletMargin(), weight=-1.0)
     assert math.isclose(SoftmaxCERegularizer(4, 2, kind="cosine").temperature, 0.05)
+    with pytest.raises(ValueError, match=r"labels must be integer class ids in \[0, 2\), got torch.float32"):
+        linear(f, y.float() + 0.7)  # .long() would have truncated 1.7 to 1 for the CE only

@@ -231,7 +231,54 @@ def test_learnable_temperature_gets_gradient_and_clamp_holds() -> None:
     loss = loss_fn(z1, z2)
     assert loss.item() == pytest.approx(nt_xent(z1, z2, 0.01).item(), rel=1e-6)
     loss.backward()
-    assert loss_fn.temperature.log_scale.grad.item() == 0.0  # clamped: no gradient past the bound
+    # projected back to the bound, not clamped in the graph: the gradient still flows there
+    assert loss_fn.temperature.log_scale.item() == pytest.approx(math.log(100))
+    assert abs(loss_fn.temperature.log_scale.grad.item()) > 1.0  # was exactly 0 past a clamp in the graph
+    with torch.no_grad():
+        loss_fn.temperature.log_scale.fill_(10.0)
+    with torch.inference_mode():  # evaluation reads T at the floor and leaves the parameter alone
+        assert loss_fn.temperature().item() == pytest.approx(0.01)
+    assert loss_fn.temperature.log_scale.item() == 10.0
+
+
+def test_learnable_temperature_comes_back_from_its_floor() -> None:
+    """First the views coincide (the loss drives T to the floor 0.01), then they are unrelated
+    (it wants a large T): with a clamp in the graph T stayed at 0.01 with zero gradient for good."""
+    loss_fn = NTXent(0.07, learnable=True)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=0.05)
+    easy = randn(1, 16, seed=1, dtype=torch.float32) + 0.3 * randn(32, 16, seed=2, dtype=torch.float32)
+    hard = randn(32, 16, seed=3, dtype=torch.float32), randn(32, 16, seed=4, dtype=torch.float32)
+    temperatures = []
+    for step in range(300):
+        z1, z2 = (easy, easy) if step < 150 else hard
+        optimizer.zero_grad()
+        loss_fn(z1, z2).backward()
+        optimizer.step()
+        temperatures.append(loss_fn.temperature().item())
+    assert temperatures[149] == pytest.approx(0.01)  # at the floor
+    assert min(temperatures) >= 0.01 * (1 - 1e-6) and temperatures[-1] > 0.2
+
+
+def test_chunked_loss_refuses_a_second_derivative_and_ignores_autocast_in_backward() -> None:
+    z1 = randn(8, 4, seed=1, dtype=torch.float32).requires_grad_()
+    z2 = randn(8, 4, seed=2, dtype=torch.float32)
+    assert torch.autograd.grad(nt_xent(z1, z2, 0.2), z1, create_graph=True)[0].requires_grad  # plain: fine
+    with pytest.raises(RuntimeError, match="no second derivative.*chunk_size=None"):
+        torch.autograd.grad(nt_xent(z1, z2, 0.2, chunk_size=3), z1, create_graph=True)
+    reference = torch.autograd.grad(nt_xent(z1.double(), z2.double(), 0.2), z1)[0]
+    loss = nt_xent(z1, z2, 0.2, chunk_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # backward called inside the autocast block
+        grad = torch.autograd.grad(loss, z1)[0]
+    torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-7)  # bf16 matmuls: ~1e-3
+
+
+def test_info_nce_takes_mixed_float_dtypes_in_the_widest() -> None:
+    q, k, neg = randn(5, 4, seed=1), randn(5, 4, seed=2), randn(7, 4, seed=3)  # float64
+    for args in [(q, k.float(), neg.float()), (q.float(), k, neg.float()), (q.float(), k.float(), neg)]:
+        loss = info_nce(*args, 0.2)
+        assert loss.dtype == torch.float64
+        assert loss.item() == pytest.approx(info_nce(q, k, neg, 0.2).item(), rel=1e-6)
+    assert info_nce(q.float(), k, None, 0.2).item() == pytest.approx(info_nce(q, k, None, 0.2).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize(
