@@ -323,6 +323,12 @@ def check_config(cfg: DictConfig) -> None:
             "of the test images by the training classes means nothing: pass eval.knn_k=0 to monitor MAP@R "
             "among the test images instead"
         )
+    regularizer = OmegaConf.select(cfg, "regularizer")
+    if regularizer is not None and regularizer.head is None and regularizer.weight:
+        raise ConfigError(
+            f"regularizer.weight={regularizer.weight} has no effect without a classifier head (regularizer=none): "
+            "add regularizer=softmax_ce (or cosine_softmax_ce) to train with the softmax-CE regulariser"
+        )
     if str(OmegaConf.select(cfg, "pipeline._target_")).endswith(".MoCo") and OmegaConf.select(cfg, "trainer.sync_batchnorm"):
         raise ConfigError(
             "trainer.sync_batchnorm=true would replace MoCo's shuffle-BN by global BatchNorm statistics, through "

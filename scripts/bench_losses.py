@@ -75,15 +75,30 @@ def _measure_isolated(args: argparse.Namespace, two_n: int, chunk: int | None) -
     cmd = [sys.executable, __file__, "--worker", str(two_n), str(chunk or 0), "--dim", str(args.dim),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    return json.loads(done.stdout) if done.returncode == 0 else None
+    if done.returncode in (-9, 137):  # the kernel's OOM killer
+        return None
+    if done.returncode != 0:
+        sys.exit(f"the measurement of 2N={two_n}, chunk={chunk} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def _mib(peak: float) -> str:
+    """A peak below 1 MiB is below what ru_maxrss (updated lazily by the kernel) resolves."""
+    return f"{peak:.1f}" if peak >= 1 else "< 1"
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="2N values")
+    parser.add_argument("--sizes", type=_positive, nargs="+", default=[1024, 2048, 4096, 8192], help="2N values")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--chunk", type=_positive, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--worker", type=int, nargs=2, help=argparse.SUPPRESS)
@@ -101,9 +116,10 @@ def main() -> None:
     for two_n in args.sizes:
         plain = _measure_isolated(args, two_n, None)
         chunked = _measure_isolated(args, two_n, args.chunk)
-        p_mem, p_ms = (f"{plain['peak_mib']:.1f}", f"{plain['ms']:.1f}") if plain else ("OOM", "-")
-        c_mem, c_ms = (f"{chunked['peak_mib']:.1f}", f"{chunked['ms']:.1f}") if chunked else ("OOM", "-")
-        mem_ratio = f"{chunked['peak_mib'] / plain['peak_mib']:.3f}" if plain and chunked else "-"
+        p_mem, p_ms = (_mib(plain["peak_mib"]), f"{plain['ms']:.1f}") if plain else ("OOM", "-")
+        c_mem, c_ms = (_mib(chunked["peak_mib"]), f"{chunked['ms']:.1f}") if chunked else ("OOM", "-")
+        resolved = plain and chunked and min(plain["peak_mib"], chunked["peak_mib"]) >= 1
+        mem_ratio = f"{chunked['peak_mib'] / plain['peak_mib']:.3f}" if resolved else "-"
         time_ratio = f"{chunked['ms'] / plain['ms']:.2f}" if plain and chunked else "-"
         print(f"| {two_n} | {p_mem} | {c_mem} | {mem_ratio} | {p_ms} | {c_ms} | {time_ratio} |", flush=True)
 

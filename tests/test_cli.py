@@ -355,6 +355,15 @@ def test_class_disjoint_splits_need_the_map_at_r_monitor(config) -> None:
             check_config(config("train", overrides))
 
 
+def test_a_regulariser_weight_without_its_head_is_refused(config) -> None:
+    from contrastive.cli import check_config
+
+    check_config(config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=0.5"]))
+    check_config(config("train", ["experiment=siamese_shapes"]))  # regularizer=none: weight 0
+    with pytest.raises(ConfigError, match=r"regularizer.weight=0.5 has no effect.*add regularizer=softmax_ce"):
+        check_config(config("train", ["experiment=siamese_shapes", "regularizer.weight=0.5"]))  # silently ignored
+
+
 def test_supcon_export_carries_the_probe_as_fc(config) -> None:
     """SupCon (pipeline.eval_features=backbone) probes the backbone: its export gets ``fc`` too."""
     from contrastive.cli import build_pipeline, export_backbone

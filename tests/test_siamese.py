@@ -85,7 +85,9 @@ def test_experiment_supcon_cifar10_holds_the_recipe(config) -> None:
     assert (cfg.pipeline.num_views, cfg.pipeline.eval_features) == (2, "backbone")
     assert cfg.sampler._target_ == "contrastive.data.IndexBatches" and cfg.data.batch_size == 512
     assert (list(cfg.aug.scale), cfg.aug.gray_p, cfg.aug.jitter_p) == ([0.08, 1.0], 0.2, 0.8)  # SimCLR's
-    assert cfg.model.backbone.name == "resnet18" and cfg.optimizer.lr == pytest.approx(0.25)
+    assert cfg.model.backbone.name == "resnet18"
+    # SupContrast's lr 0.5 at batch 1024 on (T/0.07) x L_out: x 512/1024 / 0.7 on L_out; weight decay 1e-4 x 0.7
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == pytest.approx((0.5 * 512 / 1024 / 0.7, 1e-4 * 0.7), rel=1e-3)
 
 
 @pytest.mark.parametrize(("override", "cls"), [("loss=triplet", TripletMargin),
@@ -128,6 +130,11 @@ def test_features_are_the_embedding(config) -> None:
     x = normalize_uint8(images, pipeline.augment.mean, pipeline.augment.std)
     with torch.no_grad():
         assert torch.equal(feats, pipeline.projector(pipeline.backbone(x)))
+    # precision="64-true" / "bf16-true" put the whole module in that dtype: the projector had float32 input
+    pipeline.double()
+    with torch.no_grad():
+        expected = pipeline.projector(pipeline.backbone(x.double()).float().double()).float()
+    assert torch.equal(pipeline.features(images), expected)
 
 
 def test_two_views_stack_the_batch_with_repeated_labels(config) -> None:

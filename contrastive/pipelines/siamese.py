@@ -74,4 +74,4 @@ class Siamese(Pipeline):
     def features(self, images: Tensor) -> Tensor:
         """Embeddings (B, D), or backbone features (B, F), of an unaugmented uint8 batch."""
         h = super().features(images)
-        return h if self.eval_features == "backbone" else self.projector(h).float()
+        return h if self.eval_features == "backbone" else self.projector(h.to(self.dtype)).float()

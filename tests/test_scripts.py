@@ -1,0 +1,38 @@
+"""The benchmark scripts under scripts/: their refusals and the CPU table's format."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_siamese_table_refuses_an_out_folder_with_earlier_runs(tmp_path: Path) -> None:
+    """Its runs are numbered by job: a second call would resume them and report them under new settings."""
+    (tmp_path / "softmax_ce" / "0").mkdir(parents=True)
+    (tmp_path / "softmax_ce" / "0" / "metrics.json").write_text("{}")
+    out = _script("siamese_table.py", "--data-root", str(tmp_path), "--out", str(tmp_path))
+    assert out.returncode == 1 and "already holds runs of an earlier call" in out.stderr
+    assert "pass a new --out" in out.stderr
+
+
+def test_bench_losses_prints_the_table_and_reports_a_failed_measurement() -> None:
+    out = _script("bench_losses.py", "--sizes", "8", "512", "--chunk", "64", "--repeats", "1")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and "2N" not in line]
+    assert [row[0].strip() for row in rows] == ["8", "512"]
+    for row in rows:
+        mem_plain, mem_chunked, ratio = (c.strip() for c in row[1:4])
+        assert "OOM" not in row and not mem_plain.startswith("-") and not mem_chunked.startswith("-")
+        assert ratio == "-" or float(ratio) > 0  # never a negative ratio from ru_maxrss's lag
+    failed = _script("bench_losses.py", "--sizes", "8", "--dim", "0")  # the worker raises: not 'OOM'
+    assert failed.returncode == 1 and "the measurement of 2N=8, chunk=None failed" in failed.stderr
+    refused = _script("bench_losses.py", "--chunk", "-5")
+    assert refused.returncode == 2 and "must be a positive integer" in refused.stderr
