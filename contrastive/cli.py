@@ -32,6 +32,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from contrastive.data import DataError, DataWarning, Splits, TensorDataModule
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
+from contrastive.evaluation.neighbors import Metric
 from contrastive.io import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -416,12 +417,14 @@ def feature_metrics(
     knn_k: int,
     knn_temperature: float,
     probe: Callable[..., dict] | None,
+    metric: Metric = "cosine",
 ) -> dict[str, float]:
     """Every figure of frozen features, under plain keys (percent).
 
     Closed set (test classes = train classes): weighted kNN top-1 (unless ``knn_k=0``) and,
     when ``probe`` is given, the linear probe's train/test top-1. Always: retrieval metrics of the
-    test split against itself (leave-one-out), the measure for unseen classes.
+    test split against itself (leave-one-out), the measure for unseen classes, ranked by
+    ``metric`` (the pipeline's ``retrieval_metric``: the geometry its loss trained).
     """
     (xtr, ytr), (xte, yte) = features["train"], features["test"]
     for split, x in (("train", xtr), ("test", xte)):
@@ -439,7 +442,7 @@ def feature_metrics(
         if probe is not None:
             result = probe(xtr, ytr, xte, yte, num_classes=num_classes)
             out |= {k: float(result[k]) for k in ("linear_top1", "linear_train_top1")}
-    retrieval = retrieval_metrics(xte, yte)
+    retrieval = retrieval_metrics(xte, yte, metric=metric)
     out |= {k: float(v) for k, v in retrieval.items() if not k.startswith("num_")}
     return out
 
@@ -513,7 +516,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         trainer.validate(pipeline, datamodule=datamodule, verbose=False)
         return feature_metrics(
             pipeline.last_features, cfg.data.num_classes, closed_set, cfg.eval.knn_k, cfg.eval.knn_temperature,
-            instantiate(cfg.probe) if cfg.eval.final_probe else None,
+            instantiate(cfg.probe) if cfg.eval.final_probe else None, pipeline.retrieval_metric,
         )
 
     closed_set = cfg.data.train_classes == cfg.data.test_classes
@@ -591,7 +594,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         return probe_out
 
     metrics = feature_metrics(features, splits.num_classes, closed_set, cfg.knn_k, cfg.knn_temperature,
-                              probe if cfg.linear_probe else None)
+                              probe if cfg.linear_probe else None, pipeline.retrieval_metric)
     write_json_atomic(out_dir / "metrics.json", metrics)
     written = write_plots(out_dir, features, probe_out, splits, run_dir=Path(_run_dir_of(cfg.checkpoint))) \
         if cfg.plots else []

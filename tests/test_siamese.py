@@ -221,3 +221,26 @@ def test_batch_size_that_is_not_p_times_k_is_one_clear_line(cli, tmp_path: Path)
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "Traceback" not in out.stderr
     assert all(s in line for s in ("sampler.classes_per_batch", "sampler.samples_per_class", "data.batch_size=40"))
+
+
+def test_retrieval_ranks_in_the_geometry_the_loss_trained(config) -> None:
+    """A margin loss on raw embeddings (loss.normalize=false) is evaluated by Euclidean distance:
+    by cosine, classes told apart by their norm looked unlearned."""
+    from contrastive.cli import feature_metrics
+    from contrastive.evaluation import retrieval_metrics
+
+    def metric(*overrides: str) -> str:
+        return build_pipeline(config("train", ["experiment=siamese_shapes", *overrides])).retrieval_metric
+
+    assert metric() == "cosine" and metric("loss=contrastive_margin") == "cosine"
+    assert metric("loss.normalize=false") == "euclidean" == metric("loss=contrastive_margin", "loss.normalize=false")
+    assert metric("loss.normalize=false", "pipeline.eval_features=backbone") == "cosine"  # not the loss's space
+    assert build_pipeline(config("train", ["experiment=simclr_shapes"])).retrieval_metric == "cosine"
+    # two classes on one ray, told apart only by their norm: perfect by distance, chance by angle
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat_interleave(20)
+    x = (1 + 4 * y[:, None].double()) * (torch.ones(40, 3, dtype=torch.float64) + 0.01 * torch.randn(40, 3, generator=g, dtype=torch.float64))
+    features = {"train": (x, y), "test": (x, y)}
+    by_distance = feature_metrics(features, 2, True, 0, 0.1, None, "euclidean")
+    assert by_distance["map_at_r"] == 100.0 == retrieval_metrics(x, y, metric="euclidean")["map_at_r"]
+    assert feature_metrics(features, 2, True, 0, 0.1, None)["map_at_r"] < 80

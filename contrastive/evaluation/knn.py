@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from contrastive.evaluation._common import accuracy, check_labels
-from contrastive.evaluation.neighbors import prepare_features, topk_neighbors
+from contrastive.evaluation.neighbors import prepare_features, tie_order, topk_neighbors
 
 
 def knn_predict(
@@ -33,8 +33,9 @@ def knn_predict(
     computed as ``exp((s_j - s_max) / T)`` in float64, which scales every class by the
     same factor: the argmax is unchanged and no ``T`` overflows.
 
-    Ties: neighbours tied in similarity enter the top k lowest train index first;
-    classes tied in score go to the lowest class index (``torch.argmax``).
+    Ties: neighbours tied in similarity enter the top k in a fixed pseudo-random order
+    of the training set (:func:`.neighbors.tie_order`); classes tied in score go to the
+    lowest class index (``torch.argmax``).
     ``k`` larger than the train set (minus one with ``exclude_self``) is clamped.
     Memory is ``O(chunk_size * N)`` for N training features.
 
@@ -63,12 +64,14 @@ def knn_predict(
     k = min(k, n - 1 if exclude_self else n)
     if k < 1:
         raise ValueError("no neighbours available: the train set is too small")
-    train = prepare_features(train_features)  # (N, D), unit rows
-    queries = prepare_features(query_features).to(train.dtype)  # (Q, D)
+    prepared = prepare_features(train_features)  # (N, D), unit rows
+    queries = prepare_features(query_features).to(prepared.dtype)  # (Q, D)
+    perm, position = tie_order(n, prepared.device)
+    train, train_labels = prepared[perm], train_labels.to(prepared.device)[perm]  # searched in tie order
     preds = []
     for start in range(0, q, chunk_size):
         chunk = queries[start : start + chunk_size]  # (c, D)
-        self_index = torch.arange(start, start + chunk.shape[0], device=chunk.device) if exclude_self else None
+        self_index = position[start : start + chunk.shape[0]] if exclude_self else None
         sims, idx = topk_neighbors(chunk, train, k, self_index=self_index)  # (c, k)
         if weighted:
             sims = sims.double()

@@ -1,10 +1,13 @@
 """Exact top-k nearest-neighbour search over feature tensors, one chunk of queries at a time.
 
 Shared by the kNN classifier (:mod:`.knn`) and the retrieval metrics (:mod:`.retrieval`).
-The tie rule is the one a stable sort gives: among equal similarities the reference
-with the lower index ranks first, on every device, for every ``k``. It applies to the
+The tie rule: among equal similarities the reference that comes first in
+:func:`tie_order`, a fixed pseudo-random order of the references, ranks first, on every
+device, for every ``k``. Not the lower index: data sets stored class by class (image
+folders) would then rank a query's own class first among ties, and a collapsed network
+(every similarity equal) would score MAP@R far above chance. The rule applies to the
 *computed* similarities: a BLAS kernel may give two identical reference vectors dot
-products one last bit apart, which then rank by value, not by index.
+products one last bit apart, which then rank by value.
 """
 
 from __future__ import annotations
@@ -43,6 +46,19 @@ def prepare_features(features: Tensor, metric: Metric = "cosine") -> Tensor:
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()
     return F.normalize(features, dim=1) if metric == "cosine" else features
+
+
+def tie_order(n: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The order in which tied references rank: a fixed permutation of ``range(n)`` (seed 0).
+
+    Returns:
+        ``perm`` (n,): ``perm[p]`` is the reference at tie position ``p``, and its inverse
+        ``position`` (n,): ``position[j]`` is reference ``j``'s place. Search the references
+        in ``perm`` order with :func:`topk_neighbors` (lower place first among ties).
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+    position = torch.empty_like(perm).scatter_(0, perm, torch.arange(n, device=device))
+    return perm, position
 
 
 def similarity(query: Tensor, reference: Tensor, metric: Metric = "cosine") -> Tensor:
@@ -109,7 +125,8 @@ def topk_neighbors(
     metric: Metric = "cosine",
     self_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The ``k`` most similar references of each query, ties to the lower reference index.
+    """The ``k`` most similar references of each query, ties to the lower reference index
+    (the callers pass the references in :func:`tie_order`).
 
     Args:
         query: (C, D) prepared query features (a chunk).

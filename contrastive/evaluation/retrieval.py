@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from contrastive.evaluation._common import check_labels
-from contrastive.evaluation.neighbors import Metric, prepare_features, topk_neighbors
+from contrastive.evaluation.neighbors import Metric, prepare_features, tie_order, topk_neighbors
 
 
 def relevant_counts(query_labels: Tensor, reference_labels: Tensor, leave_one_out: bool) -> Tensor:
@@ -58,9 +58,10 @@ def retrieval_metrics(
     pytorch-metric-learning does, and counted in ``num_excluded_queries``. If no query
     is left, every metric is ``nan``.
 
-    Ties in (computed) similarity are ranked lowest reference index first (a stable
-    sort, see :mod:`.neighbors`), so results are deterministic and reproducible by a
-    plain Python sort; means are summed with ``math.fsum``, so they do not depend on
+    Ties in (computed) similarity rank in a fixed pseudo-random order of the references
+    (:func:`.neighbors.tie_order`), so results are deterministic, reproducible by a plain
+    Python sort, and do not favour a class because the data set is stored class by class;
+    means are summed with ``math.fsum``, so they do not depend on
     ``chunk_size`` or the device. ``K`` larger
     than the number of references is clamped. Only the top ``max(max R, max ks)`` of
     each chunk of queries is kept: memory is ``O(chunk_size * N)``, never ``Q x N``.
@@ -90,11 +91,13 @@ def retrieval_metrics(
     if not ks or min(ks) < 1 or chunk_size < 1:
         raise ValueError("ks must be non-empty positive integers and chunk_size >= 1")
     available = n_r - int(leave_one_out)
-    refs = prepare_features(reference, metric)  # (N, D)
-    queries = refs if leave_one_out else prepare_features(query, metric).to(refs.dtype)  # (Q, D)
-    reference_labels = reference_labels.to(refs.device)
-    query_labels = query_labels.to(refs.device)
+    prepared = prepare_features(reference, metric)  # (N, D)
+    queries = prepared if leave_one_out else prepare_features(query, metric).to(prepared.dtype)  # (Q, D)
+    reference_labels = reference_labels.to(prepared.device)
+    query_labels = query_labels.to(prepared.device)
     r_all = relevant_counts(query_labels, reference_labels, leave_one_out)  # (Q,)
+    perm, position = tie_order(n_r, prepared.device)
+    refs, reference_labels = prepared[perm], reference_labels[perm]  # searched in tie order
 
     recall_ks = list(dict.fromkeys((1, *ks)))  # K=1 is precision@1 too
     per_query = []  # (c, len(recall_ks) + 2) per chunk
@@ -106,7 +109,7 @@ def retrieval_metrics(
         rows = torch.arange(start, stop, device=refs.device)[valid]  # (c,)
         r = r_all[rows]  # (c,)
         k = min(available, max(int(r.max()), max(ks)))
-        _, idx = topk_neighbors(queries[rows], refs, k, metric, rows if leave_one_out else None)  # (c, k)
+        _, idx = topk_neighbors(queries[rows], refs, k, metric, position[rows] if leave_one_out else None)  # (c, k)
         rel = reference_labels[idx] == query_labels[rows, None]  # (c, k)
         rank = torch.arange(1, k + 1, device=rel.device, dtype=torch.float64)  # (k,)
         hits = rel.double().cumsum(1)  # (c, k): relevant among the first j

@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from contrastive.augment import Augment, normalize_uint8
 from contrastive.distributed import all_true, rank, world_size
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
+from contrastive.evaluation.neighbors import Metric
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -75,6 +76,9 @@ class Pipeline(pl.LightningModule):
         on_nonfinite: ``"raise"`` stops at a NaN/Inf loss, ``"skip"`` skips that step.
         seed: seed of the augmentation generator (its state is checkpointed).
     """
+
+    #: The geometry retrieval ranks :meth:`features` in ("cosine" or "euclidean"): that of the loss.
+    retrieval_metric: Metric = "cosine"
 
     def __init__(
         self,
@@ -259,7 +263,7 @@ class Pipeline(pl.LightningModule):
             top1 = knn_top1(bank, bank_labels, test, test_labels, self.num_classes, self.knn_k, self.knn_temperature)
             self.log("val/knn_top1", top1, prog_bar=True, add_dataloader_idx=False)
         else:  # test classes differ from the train classes: retrieval among the test images
-            map_at_r = retrieval_metrics(test, test_labels)["map_at_r"]
+            map_at_r = retrieval_metrics(test, test_labels, metric=self.retrieval_metric)["map_at_r"]
             self.log("val/map_at_r", map_at_r, prog_bar=True, add_dataloader_idx=False)
         self.last_features = {"train": (bank, bank_labels), "test": (test, test_labels)}
         self._val_outputs = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from contrastive.evaluation.neighbors import Metric
 from contrastive.losses import InfoNCE, NTXent, RegularizedMetricLoss, SoftmaxCERegularizer
 from contrastive.pipelines.base import Pipeline, check_loss_fits
 
@@ -23,9 +24,11 @@ class Siamese(Pipeline):
     with the network.
 
     Retrieval, kNN and the linear probe use the embedding ``e`` (:meth:`features`) by default,
-    the space the metric loss shapes (Musgrave et al. 2020 evaluate it too); the
-    metrics rank by cosine similarity, which orders neighbours as the loss's
-    Euclidean distance of L2-normalised embeddings does.
+    the space the metric loss shapes (Musgrave et al. 2020 evaluate it too). Retrieval ranks
+    them in the loss's geometry (:attr:`retrieval_metric`): by cosine similarity, which orders
+    neighbours as the Euclidean distance of L2-normalised embeddings does, or by Euclidean
+    distance for a margin loss on raw embeddings (``normalize=False``). kNN and the probe
+    use cosine / the raw features as for every pipeline.
 
     Args:
         projector: embedding head g, (B, F) -> (B, D).
@@ -62,6 +65,12 @@ class Siamese(Pipeline):
         self.loss = RegularizedMetricLoss(loss, regularizer, regularizer_weight)
         self.num_views = num_views
         self.eval_features = eval_features
+
+    @property
+    def retrieval_metric(self) -> Metric:  # type: ignore[override]
+        """Euclidean where the loss measured raw embeddings (``normalize=False``), else cosine."""
+        raw = self.eval_features == "embedding" and getattr(self.loss.metric_loss, "normalize", True) is False
+        return "euclidean" if raw else "cosine"
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, labels = batch  # (B, C, H, W) uint8, B = P x K (or any labelled batch)

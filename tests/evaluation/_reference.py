@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from contrastive.evaluation.neighbors import tie_order
+
 # Unit vectors whose pairwise dot products (0, +-0.5, +-1) are exact whatever the BLAS kernel does
 EXACT_POOL = torch.tensor(
     [[1, 0, 0, 0], [0, 1, 0, 0], [0.5, 0.5, 0.5, 0.5], [0.5, -0.5, 0.5, -0.5], [-1, 0, 0, 0]], dtype=torch.float64
@@ -13,7 +15,8 @@ EXACT_POOL = torch.tensor(
 
 
 def ranked(query: list[float], refs: list[list[float]], skip: int | None, metric: str) -> list[int]:
-    """Reference indices sorted by similarity (descending), ties by index (ascending)."""
+    """Reference indices sorted by similarity (descending), ties by their place in ``tie_order``."""
+    _, position = tie_order(len(refs))
 
     def sim(a: list[float], b: list[float]) -> float:
         if metric == "euclidean":
@@ -22,8 +25,8 @@ def ranked(query: list[float], refs: list[list[float]], skip: int | None, metric
         nb = math.sqrt(sum(x * x for x in b)) or 1.0
         return sum(x * y for x, y in zip(a, b)) / (na * nb)
 
-    scored = [(-sim(query, r), j) for j, r in enumerate(refs) if j != skip]
-    return [j for _, j in sorted(scored)]
+    scored = [(-sim(query, r), int(position[j]), j) for j, r in enumerate(refs) if j != skip]
+    return [j for _, _, j in sorted(scored)]
 
 
 def knn_loop(train: torch.Tensor, train_y: torch.Tensor, query: torch.Tensor, num_classes: int, k: int,

@@ -7,6 +7,7 @@ import torch
 from sklearn.metrics import accuracy_score
 
 from contrastive.evaluation import knn_predict, knn_top1
+from contrastive.evaluation.neighbors import tie_order
 
 from ._reference import EXACT_POOL, knn_loop
 
@@ -30,15 +31,16 @@ def test_weighted_and_majority_differ_on_hand_made_case() -> None:
     assert knn_predict(train, labels, query, 2, k=3, weighted=False).tolist() == [1]
 
 
-def test_tie_rules_lowest_train_index_then_lowest_class() -> None:
+def test_tie_rules_tie_order_then_lowest_class() -> None:
     # query (1, 0): train 0 (label 2) at sim 1, then train 1 (label 1) and train 2 (label 0) tied at sim 0.
-    # k = 2 takes train 1 (lower index), so the votes are {2: 1, 1: 1}: a tie, lowest class -> 1.
-    # (Had the tie at the cut gone to train 2, the vote {2, 0} would give 0.)
+    # tie_order(3) places train 2 before train 1, so k = 2 takes train 2 and the votes are {2: 1, 0: 1}:
+    # a tie, lowest class -> 0. (The lower index, train 1, would have given {2, 1} -> 1.)
+    assert tie_order(3)[0].tolist() == [2, 0, 1]
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     labels = torch.tensor([2, 1, 0])
     query = torch.tensor([[1.0, 0.0]])
-    assert knn_predict(train, labels, query, 3, k=2, weighted=False).tolist() == [1]
-    assert knn_loop(train, labels, query, 3, 2, 0.1, weighted=False) == [1]
+    assert knn_predict(train, labels, query, 3, k=2, weighted=False).tolist() == [0]
+    assert knn_loop(train, labels, query, 3, 2, 0.1, weighted=False) == [0]
 
 
 @pytest.mark.parametrize("weighted", [True, False])

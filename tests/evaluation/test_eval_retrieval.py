@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from contrastive.evaluation import retrieval_metrics
+from contrastive.evaluation import knn_top1, retrieval_metrics
+from contrastive.evaluation.neighbors import tie_order
 
 from ._reference import EXACT_POOL, retrieval_loop
 
@@ -47,8 +48,10 @@ def test_hand_worked_map_at_r() -> None:
 
 
 @pytest.mark.parametrize(("labels", "expected"), [([1, 0], 0.0), ([0, 1], 100.0)])
-def test_similarity_ties_rank_lower_reference_index_first(labels: list[int], expected: float) -> None:
-    # both references sit at similarity 0 to the query; R = 1, so only the first ranked one counts
+def test_similarity_ties_rank_in_tie_order(labels: list[int], expected: float) -> None:
+    # both references sit at similarity 0 to the query; R = 1, so only the first ranked one counts,
+    # which tie_order(2) says is reference 0
+    assert tie_order(2)[0].tolist() == [0, 1]
     refs = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
     out = retrieval_metrics(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), refs, torch.tensor(labels), ks=(1, 2))
     assert out["precision_at_1"] == out["map_at_r"] == out["r_precision"] == expected
@@ -62,7 +65,7 @@ def test_leave_one_out_excludes_self_and_lone_classes() -> None:
     out = retrieval_metrics(x, y, ks=(1,))
     _assert_matches(out, retrieval_loop(x, y, None, None, (1,)))
     assert out["num_excluded_queries"] == 1.0 and out["num_queries"] == 5.0
-    # query 0's nearest other point is point 2 (class 1, identical vector, lower than 5): a miss
+    # query 0's nearest other point is point 2 (class 1, identical vector, before 5 in tie_order(6)): a miss
     assert out["precision_at_1"] < 100.0
 
 
@@ -126,9 +129,24 @@ def test_perfect_embedding_scores_100() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_brute_force_with_many_exact_ties(seed: int) -> None:
     # every item is one of 5 unit vectors with dyadic entries, so every similarity is exact in any
-    # summation order and most are tied; the rule (lower index first) must pick the same neighbours
-    # as the loop's sorted((-sim, index))
+    # summation order and most are tied; the rule (tie_order) must pick the same neighbours
+    # as the loop's sorted((-sim, place in tie_order))
     g = torch.Generator().manual_seed(seed)
     x = EXACT_POOL[torch.randint(0, 5, (70,), generator=g)]
     y = torch.randint(0, 3, (70,), generator=g)
     _assert_matches(retrieval_metrics(x, y, ks=(1, 5, 20), chunk_size=11), retrieval_loop(x, y, None, None, (1, 5, 20)))
+
+
+def test_ties_do_not_favour_a_data_set_stored_class_by_class() -> None:
+    """A collapsed network (zero features: every similarity 0) on 5 classes x 40 stored class by class:
+    ranking ties by index put class 0 first for every query: its 40 queries scored MAP@R 100 (20 overall
+    instead of ~6 by chance, which a shuffled order of the same data gives)."""
+    y = torch.arange(5).repeat_interleave(40)
+    sorted_out = retrieval_metrics(torch.zeros(200, 8), y)
+    shuffled = y[torch.randperm(200, generator=torch.Generator().manual_seed(1))]
+    shuffled_out = retrieval_metrics(torch.zeros(200, 8), shuffled)
+    for out in (sorted_out, shuffled_out):
+        assert out["map_at_r"] < 8 and 10 < out["precision_at_1"] < 30
+    assert abs(sorted_out["map_at_r"] - shuffled_out["map_at_r"]) < 2
+    knn = knn_top1(torch.zeros(200, 8), y, torch.zeros(50, 8), torch.arange(5).repeat(10), 5, k=20)
+    assert knn == 20.0  # every query gets the same (tied) neighbours, so one class: chance
