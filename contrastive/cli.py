@@ -183,10 +183,27 @@ def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
     return Splits(train.subset(data_cfg.subset, seed), test.subset(data_cfg.test_subset, seed))
 
 
+def check_feature_dim(backbone: torch.nn.Module, feature_dim: int, image_size: int, in_channels: int = 3) -> None:
+    """``model.feature_dim`` (the heads' input width) against one forward pass of a blank image.
+
+    A wrong value (e.g. after ``model.backbone.width=64`` or ``name=resnet50``) otherwise failed
+    with a shape error at the first step, after the untrained measurement.
+    """
+    was_training = backbone.training
+    with torch.no_grad():
+        width = backbone.eval()(torch.zeros(1, in_channels, image_size, image_size)).shape[1:]
+    backbone.train(was_training)
+    if tuple(width) != (feature_dim,):
+        got = width[0] if len(width) == 1 else f"shape {tuple(width)}"
+        raise ConfigError(f"model.feature_dim={feature_dim}, but the backbone outputs {got} features per image: "
+                          f"pass model.feature_dim={got}")
+
+
 def build_pipeline(cfg: DictConfig) -> Pipeline:
     """Instantiate every part of the run and pass the finished objects to the pipeline."""
     model = cfg.model
     backbone = instantiate(model.backbone)
+    check_feature_dim(backbone, model.feature_dim, cfg.data.image_size, model.backbone.get("in_channels", 3))
     if cfg.get("compile"):
         backbone.compile()  # in place: the state_dict keeps its keys (no "_orig_mod." prefix)
     parts: dict[str, Any] = {
@@ -337,6 +354,16 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def warmup_warning(cfg: DictConfig) -> str | None:
+    """A line to log when the LR warm-up lasts the whole run (no decay at all), else None."""
+    warmup, epochs = OmegaConf.select(cfg, "scheduler.warmup_epochs"), cfg.trainer.max_epochs
+    if not warmup or epochs == 0 or warmup < epochs:
+        return None
+    return (f"scheduler.warmup_epochs={warmup} >= trainer.max_epochs={epochs}: the whole run is warm-up (the lr "
+            f"rises to its peak and never decays); pass e.g. scheduler.warmup_epochs={max(epochs // 10, 1) if epochs > 1 else 0} "
+            "for a short run")
+
+
 def check_eval_config(cfg: DictConfig) -> None:
     """``contrastive-eval``'s values, checked before the checkpoint is read."""
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -382,6 +409,19 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
     if cfg.data.batch_size % bn_splits:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not a multiple of pipeline.bn_splits={bn_splits}"
+        )
+    if bn_splits > 1 and cfg.data.batch_size // bn_splits < 2:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} leaves one image per BatchNorm group (pipeline.bn_splits="
+            f"{bn_splits}), whose statistics are undefined: raise data.batch_size or lower pipeline.bn_splits"
+        )
+    last = len(splits.train) % (cfg.data.batch_size * world)
+    if OmegaConf.select(cfg, "sampler.drop_last") is False and last and (last % bn_splits or last // bn_splits < 2):
+        groups = f"split into pipeline.bn_splits={bn_splits} BatchNorm groups of 2 or more" if bn_splits > 1 else \
+            "normalise with BatchNorm (one image)"
+        raise ConfigError(
+            f"sampler.drop_last=false leaves a last batch of {last} image(s), which the network cannot {groups}: "
+            "use sampler.drop_last=true (the default) or another data.batch_size"
         )
 
 
@@ -494,6 +534,8 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
 def _train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_config(cfg)
+    if warning := warmup_warning(cfg):
+        log.warning("%s", warning)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path, ckpt = resume_checkpoint(cfg.resume, run_dir) or (None, None)
     # before the data: the Trainer knows the number of processes (SLURM)

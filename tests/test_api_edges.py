@@ -3,6 +3,7 @@ or refuse clearly, and settings that must survive a cast or an early stop."""
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import pytest
@@ -14,7 +15,7 @@ from contrastive.augment import Augment
 from contrastive.data import DataError, ImageTensors, IndexBatches, TensorDataModule, shapes
 from contrastive.evaluation import knn_predict, linear_probe
 from contrastive.losses import (
-    ContrastiveMargin, NTXent, SoftmaxCERegularizer, contrastive_margin, info_nce, nt_xent, pairwise_distance, sup_con,
+    ContrastiveMargin, InfoNCE, NTXent, SoftmaxCERegularizer, contrastive_margin, info_nce, nt_xent, pairwise_distance, sup_con,
     triplet_margin,
 )
 from contrastive.pipelines import SimCLR, warmup_cosine
@@ -158,3 +159,55 @@ def test_schedule_under_max_steps_equals_the_one_under_max_epochs() -> None:
 def test_bf16_true_precision_trains() -> None:
     """The views were float32 for a bf16 backbone: 'mat1 and mat2 must have the same dtype'."""
     assert len(_fit("bf16-true", max_steps=2)) == 2
+
+
+# --------------------------------------------------------------------------- pipelines in a plain Trainer
+
+
+def _trainer(**kwargs) -> pl.Trainer:  # type: ignore[no-untyped-def]
+    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+    return pl.Trainer(**(args | kwargs))
+
+
+def test_throughput_leaves_out_the_validation_pass() -> None:
+    """images/s and epoch_seconds counted the kNN pass Lightning runs inside the epoch (half the rate)."""
+
+    class SlowValidation(pl.Callback):
+        def on_validation_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            time.sleep(1.0)
+
+    pipeline = _simclr()
+    trainer = _trainer(max_epochs=1, callbacks=[SlowValidation()])
+    trainer.fit(pipeline, datamodule=TensorDataModule(shapes(num_train=32, num_test=8, size=8), batch_size=8))
+    assert pipeline.train_seconds >= 1.0  # the wall-clock still includes it
+    assert trainer.callback_metrics["train/epoch_seconds"].item() < 0.8
+    assert trainer.callback_metrics["train/images_per_s"].item() > 32 / 0.8
+
+
+def test_a_single_validation_loader_and_a_run_without_length_are_refused() -> None:
+    data = shapes(num_train=32, num_test=8, size=8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.test.images, data.test.labels), batch_size=8)
+    with pytest.raises(ValueError, match=r"needs two validation loaders.*got 1.*val_dataloaders=\[bank_loader, test_loader\]"):
+        _trainer(max_steps=1).fit(_simclr(), train_dataloaders=loader, val_dataloaders=loader)  # logged nothing before
+    with pytest.raises(ValueError, match="needs the run's length: give the Trainer max_epochs or max_steps"):
+        _trainer(max_epochs=-1, max_time="00:00:00:05", limit_val_batches=0).fit(  # OverflowError before
+            _simclr(), datamodule=TensorDataModule(data, batch_size=8))
+
+
+def test_moco_key_encoder_moves_once_per_optimiser_step_under_gradient_accumulation(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With accumulate_grad_batches=4 the EMA ran on every micro-batch: m^4 per step."""
+    import contrastive.pipelines.moco as moco_module
+    from contrastive.models import convnet, mlp
+    from contrastive.pipelines import MoCo
+
+    momenta: list[float] = []
+    ema = moco_module.ema_update
+    monkeypatch.setattr(moco_module, "ema_update", lambda t, s, m: (momenta.append(m), ema(t, s, m)))
+    torch.manual_seed(0)
+    moco = MoCo(backbone=convnet(width=4), projector=mlp(16, 16, 8), loss=InfoNCE(0.2), augment=Augment(size=8),
+                optimizer=partial(torch.optim.SGD, lr=0.05), queue_size=32, feature_dim=16, online_probe=False,
+                bn_splits=2)
+    trainer = _trainer(max_epochs=1, limit_val_batches=0, accumulate_grad_batches=4)
+    trainer.fit(moco, datamodule=TensorDataModule(shapes(num_train=64, num_test=8, size=8), batch_size=8))
+    assert trainer.global_step == 2 and len(momenta) == 2 * 2  # backbone and projector, once per step (was 8 steps)

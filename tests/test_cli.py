@@ -418,3 +418,33 @@ def test_the_tuning_keys_the_docs_name_are_plain_overrides(config) -> None:
         assert instantiate(config("train", [f"loss={loss}", "loss.chunk_size=64"]).loss).chunk_size == 64, loss
     assert instantiate(config("train", ["aug.cuda_graph=false"]).aug).cuda_graph is False
     assert instantiate(config("train").aug).cuda_graph is True
+
+
+def test_settings_the_network_cannot_run_are_refused_before_training(config) -> None:
+    """A wrong model.feature_dim failed at the first step (after the untrained measurement); MoCo's
+    BatchNorm groups of one image, or a last batch they cannot split, failed mid-epoch."""
+    from contrastive.cli import build_pipeline, check_against_data, warmup_warning
+    from contrastive.data import shapes
+
+    with pytest.raises(ConfigError, match=r"model.feature_dim=128, but the backbone outputs 256 features per image: "
+                                          r"pass model.feature_dim=256"):
+        build_pipeline(config("train", ["model.backbone.width=64"]))
+    build_pipeline(config("train", ["model.backbone.width=64", "model.feature_dim=256"]))
+    splits = shapes(num_train=70, num_test=8, size=8)
+    moco = ["experiment=moco_shapes", "data.batch_size=16", "pipeline.bn_splits=4"]
+    check_against_data(config("train", moco), splits, world=1)  # drop_last: 70 = 4 x 16 + 6 dropped
+    with pytest.raises(ConfigError, match=r"last batch of 6 image\(s\), which the network cannot split into "
+                                          r"pipeline.bn_splits=4 BatchNorm groups"):
+        check_against_data(config("train", [*moco, "sampler.drop_last=false"]), splits, world=1)
+    with pytest.raises(ConfigError, match="leaves one image per BatchNorm group"):
+        check_against_data(config("train", ["experiment=moco_shapes", "data.batch_size=4", "pipeline.bn_splits=4"]),
+                           splits, world=1)
+    with pytest.raises(ConfigError, match=r"last batch of 1 image\(s\), which the network cannot normalise"):
+        check_against_data(config("train", ["sampler.drop_last=false", "data.batch_size=23"]), splits, world=1)
+    check_against_data(config("train", ["sampler.drop_last=false", "data.batch_size=34"]), splits, world=1)  # 2 left
+
+    quick = ["experiment=simclr_cifar10", "data.subset=5000", "trainer.max_epochs=5"]
+    assert "scheduler.warmup_epochs=10 >= trainer.max_epochs=5: the whole run is warm-up" in warmup_warning(
+        config("train", quick))
+    assert warmup_warning(config("train", [*quick, "scheduler.warmup_epochs=1"])) is None  # README's quick run
+    assert warmup_warning(config("train", [])) is None

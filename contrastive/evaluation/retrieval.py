@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -35,7 +36,7 @@ def retrieval_metrics(
     query_labels: Tensor,
     reference: Tensor | None = None,
     reference_labels: Tensor | None = None,
-    ks: Sequence[int] = (1, 2, 4, 8),
+    ks: Sequence[int] | int = (1, 2, 4, 8),
     chunk_size: int = 512,
     metric: Metric = "cosine",
 ) -> dict[str, float]:
@@ -80,6 +81,10 @@ def retrieval_metrics(
         ``{"recall_at_K": ..., "precision_at_1", "r_precision", "map_at_r"}`` in percent,
         plus ``num_queries`` (queries averaged over) and ``num_excluded_queries``.
     """
+    if reference is not None and reference is query:
+        warnings.warn("reference is the query tensor itself, so every query finds itself at rank 1 (P@1 100): "
+                      "for leave-one-out retrieval within one set pass reference=None", stacklevel=2)
+    ks = (ks,) if isinstance(ks, int) else ks
     leave_one_out = reference is None
     if leave_one_out != (reference_labels is None):
         raise ValueError("give both reference and reference_labels, or neither")

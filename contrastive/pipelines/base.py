@@ -40,6 +40,17 @@ def check_loss_fits(pipeline: str, loss: nn.Module, misfits: tuple[type, ...], u
         raise ValueError(f"loss {type(loss).__name__} does not fit the {pipeline} pipeline: {use}")
 
 
+def total_steps(trainer: pl.Trainer) -> int:
+    """The optimiser steps of the whole run, which the schedules need; an error for a run without end."""
+    total = trainer.estimated_stepping_batches
+    if math.isinf(total):
+        raise ValueError(
+            "the LR schedule (and MoCo's momentum_cosine) needs the run's length: give the Trainer max_epochs "
+            "or max_steps (max_time alone has no step count), or use no scheduler"
+        )
+    return int(total)
+
+
 def warmup_cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 10.0,
                   final_lr_fraction: float = 0.0) -> LambdaLR:
     """Linear warm-up for ``warmup_epochs`` then cosine decay to ``final_lr_fraction`` (per step).
@@ -245,6 +256,12 @@ class Pipeline(pl.LightningModule):
         return all_feats[order], all_labels[order]
 
     def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and len(self.trainer.num_val_batches) != 2:  # silently nothing before
+            raise ValueError(
+                f"the kNN monitor needs two validation loaders, [memory bank, test] (unaugmented training images, "
+                f"then the test images), got {len(self.trainer.num_val_batches)}: pass "
+                "val_dataloaders=[bank_loader, test_loader], or a contrastive.data.TensorDataModule"
+            )
         if set(self._val_outputs) != {0, 1}:
             return
         bank, bank_labels = self._gathered(0)
@@ -274,7 +291,7 @@ class Pipeline(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         trainer = self.trainer
-        total = int(trainer.estimated_stepping_batches)
+        total = total_steps(trainer)
         if trainer.train_dataloader is None:  # only max_steps given (max_epochs -1): not loaded by the estimate
             trainer.fit_loop.setup_data()  # what estimated_stepping_batches does otherwise
         # this process's batches per epoch (finite: index batches); not total // max_epochs, as max_epochs may be -1
@@ -292,7 +309,14 @@ class Pipeline(pl.LightningModule):
 
     # ------------------------------------------------------------------ throughput
     def on_train_epoch_start(self) -> None:
-        self._epoch_start, self._epoch_images = time.perf_counter(), 0
+        self._epoch_start, self._epoch_images, self._epoch_validation = time.perf_counter(), 0, 0.0
+
+    def on_validation_start(self) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        # the kNN pass Lightning runs inside a training epoch is not training throughput
+        self._epoch_validation = getattr(self, "_epoch_validation", 0.0) + time.perf_counter() - self._validation_start
 
     def on_train_batch_end(self, outputs: Any, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._epoch_images += len(batch[0])
@@ -301,11 +325,12 @@ class Pipeline(pl.LightningModule):
         """Checks the last step (before the checkpoint callbacks run); logs ``train/images_per_s``."""
         self.raise_if_nonfinite()
         seconds = time.perf_counter() - self._epoch_start
-        self.train_seconds += seconds
+        self.train_seconds += seconds  # validation included: the run's wall-clock
+        training = seconds - self._epoch_validation
         # summed over processes: the whole job's throughput; the slowest process's epoch time
-        self.log("train/images_per_s", self._epoch_images / max(seconds, 1e-9), prog_bar=True, sync_dist=True,
+        self.log("train/images_per_s", self._epoch_images / max(training, 1e-9), prog_bar=True, sync_dist=True,
                  reduce_fx="sum")
-        self.log("train/epoch_seconds", seconds, sync_dist=True, reduce_fx="max")
+        self.log("train/epoch_seconds", training, sync_dist=True, reduce_fx="max")
 
     # ------------------------------------------------------------------ state
     def on_fit_start(self) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from contrastive.distributed import rank, world_size
 from contrastive.losses import ContrastiveMargin, NTXent, SupCon, TripletMargin, l2_normalize
 from contrastive.models import ema_update, momentum_copy
-from contrastive.pipelines.base import Pipeline, check_loss_fits
+from contrastive.pipelines.base import Pipeline, check_loss_fits, total_steps
 from contrastive.queue import KeyQueue, all_gather_no_grad
 
 
@@ -147,6 +147,7 @@ class MoCo(Pipeline):
         self.queue = KeyQueue(queue_size, self._out_dim())
         self.momentum, self.momentum_cosine = momentum, momentum_cosine
         self.symmetric, self.bn_splits = symmetric, bn_splits
+        self._ema_step = -1  # the optimiser step whose EMA is done (accumulated micro-batches share one)
 
     def _out_dim(self) -> int:
         """D, the projector's output width (the key dimension)."""
@@ -160,7 +161,7 @@ class MoCo(Pipeline):
         """m of this step (``global_step`` of ``estimated_stepping_batches``)."""
         if not self.momentum_cosine or self._trainer is None:
             return self.momentum
-        return momentum_at(self.global_step, int(self.trainer.estimated_stepping_batches), self.momentum, True)
+        return momentum_at(self.global_step, total_steps(self.trainer), self.momentum, True)
 
     @torch.no_grad()
     def keys(self, x: Tensor) -> Tensor:
@@ -201,8 +202,10 @@ class MoCo(Pipeline):
         images, labels = batch
         self.check_queue(len(images) * world_size() * (2 if self.symmetric else 1))
         m = self.current_momentum()
-        ema_update(self.key_backbone, self.backbone, m)  # before the keys, as MoCo
-        ema_update(self.key_projector, self.projector, m)
+        if self.global_step != self._ema_step:  # once per optimiser step (trainer.accumulate_grad_batches)
+            ema_update(self.key_backbone, self.backbone, m)  # before the keys, as MoCo
+            ema_update(self.key_projector, self.projector, m)
+            self._ema_step = self.global_step
         v1, v2 = self.views(images)
         negatives = self.queue()  # (K, D)
         h1 = self.backbone(v1)  # (B, F); separate passes: BN groups of B/G, as the demo

@@ -150,3 +150,10 @@ def test_ties_do_not_favour_a_data_set_stored_class_by_class() -> None:
     assert abs(sorted_out["map_at_r"] - shuffled_out["map_at_r"]) < 2
     knn = knn_top1(torch.zeros(200, 8), y, torch.zeros(50, 8), torch.arange(5).repeat(10), 5, k=20)
     assert knn == 20.0  # every query gets the same (tied) neighbours, so one class: chance
+
+
+def test_the_query_set_passed_again_as_reference_warns_and_an_int_k_works() -> None:
+    x, y = torch.randn(12, 3, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 3
+    with pytest.warns(UserWarning, match="every query finds itself at rank 1.*pass reference=None"):
+        assert retrieval_metrics(x, y, x, y)["precision_at_1"] == 100.0
+    assert retrieval_metrics(x, y, ks=4) == retrieval_metrics(x, y, ks=(4,))  # a TypeError before
