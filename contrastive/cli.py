@@ -217,6 +217,19 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
     return instantiate(cfg.pipeline, **parts)
 
 
+def resolve_accelerator(accelerator: str) -> str:
+    """``auto`` never picks Apple's MPS, and ``mps`` is refused: MPS has no float64, which the losses'
+    fixed temperature and the evaluation (kNN votes, retrieval sums) use. CUDA, else the CPU."""
+    apple = not torch.cuda.is_available() and torch.backends.mps.is_available()
+    if accelerator == "mps" or (accelerator == "gpu" and apple):  # Lightning's "gpu" is MPS on a Mac
+        raise ConfigError(f"trainer.accelerator={accelerator}: Apple's GPU backend has no float64, which the losses "
+                          "and the evaluation use: use trainer.accelerator=cpu (or a CUDA GPU)")
+    if accelerator == "auto" and apple:
+        log.info("Apple's MPS backend is visible but not used (it has no float64): training on the CPU")
+        return "cpu"
+    return accelerator
+
+
 def resolve_precision(precision: Any, accelerator: str) -> Any:
     """``auto``: bf16 autocast when training on a GPU, fp32 otherwise."""
     if precision != "auto":
@@ -509,6 +522,7 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_args, dict)
+    trainer_args["accelerator"] = resolve_accelerator(trainer_args["accelerator"])
     trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
     try:
         return pl.Trainer(

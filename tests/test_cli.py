@@ -448,3 +448,18 @@ def test_settings_the_network_cannot_run_are_refused_before_training(config) -> 
         config("train", quick))
     assert warmup_warning(config("train", [*quick, "scheduler.warmup_epochs=1"])) is None  # README's quick run
     assert warmup_warning(config("train", [])) is None
+
+
+def test_apple_mps_is_not_picked_by_auto_and_refused_by_name(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """MPS has no float64 (the fixed temperature buffer, kNN votes): Lightning's auto picked it on a Mac."""
+    from contrastive.cli import resolve_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_accelerator("auto") == "cpu" and resolve_accelerator("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="trainer.accelerator=mps: Apple's GPU backend has no float64.*accelerator=cpu"):
+        resolve_accelerator("mps")
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu: Apple's GPU backend"):
+        resolve_accelerator("gpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_accelerator("auto") == "auto"  # Lightning resolves CUDA or the CPU

@@ -105,9 +105,15 @@ def triplet_margin(
     squared: bool = False,
     normalize: bool = True,
     *,
+    soft: bool = False,
     gather: bool = False,
 ) -> Tensor:
     """Triplet margin loss ``[d(a, p) - d(a, n) + margin]_+`` with in-batch mining.
+
+    ``soft=True`` replaces the hinge ``[x]_+`` by ``softplus(x) = log(1 + e^x)``: the soft
+    margin of Hermans et al. 2017 (their best variant, with ``margin=0``), which keeps
+    pulling already-separated triplets instead of stopping at the margin
+    (pytorch-metric-learning's ``smooth_loss`` is the same with a margin).
 
     Mining:
         ``"all"``: every valid triplet (a, p, n); the mean is over the triplets
@@ -130,6 +136,7 @@ def triplet_margin(
         mining: "all", "batch_hard" or "semi_hard".
         squared: use squared Euclidean distances.
         normalize: L2-normalise the embeddings first (default True).
+        soft: softplus instead of the hinge (see above).
         gather: under torch.distributed, mine the local anchors' positives and
             negatives among all ranks' embeddings (see the module docstring).
 
@@ -139,21 +146,25 @@ def triplet_margin(
     """
     check_triplet_args(margin, mining)
     d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize, gather)
+
+    def hinge(x: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(x + margin) if soft else torch.relu(x + margin)
+
     if mining == "all":
-        per_triplet = torch.relu(d[:, :, None] - d[:, None, :] + margin)  # (a, p, n)
+        per_triplet = hinge(d[:, :, None] - d[:, None, :])  # (a, p, n)
         valid = positive[:, :, None] & negative[:, None, :]  # (a, p, n)
-        return _masked_mean(per_triplet, valid & (per_triplet > 0), gather)
+        return _masked_mean(per_triplet, valid if soft else valid & (per_triplet > 0), gather)  # soft: all > 0
     inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
     if mining == "batch_hard":
         hardest_positive = torch.where(positive, d, -inf).amax(dim=1)  # (a,)
         hardest_negative = torch.where(negative, d, inf).amin(dim=1)  # (a,)
-        per_anchor = torch.relu(hardest_positive - hardest_negative + margin)  # (a,)
+        per_anchor = hinge(hardest_positive - hardest_negative)  # (a,)
         return _masked_mean(per_anchor, positive.any(dim=1) & negative.any(dim=1), gather)
     farther = negative[:, None, :] & (d[:, None, :] > d[:, :, None])  # (a, p, n)
     closest_farther = torch.where(farther, d[:, None, :], inf).amin(dim=2)  # (a, p)
     farthest = torch.where(negative, d, -inf).amax(dim=1, keepdim=True)  # (a, 1)
     chosen = torch.where(farther.any(dim=2), closest_farther, farthest)  # (a, p)
-    per_pair = torch.relu(d - chosen + margin)  # (a, p)
+    per_pair = hinge(d - chosen)  # (a, p)
     return _masked_mean(per_pair, positive & negative.any(dim=1, keepdim=True), gather)
 
 

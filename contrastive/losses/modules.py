@@ -90,21 +90,23 @@ class TripletMargin(nn.Module):
         squared: bool = False,
         normalize: bool = True,
         gather: bool = False,
+        soft: bool = False,
     ) -> None:
         super().__init__()
         check_triplet_args(margin, mining)
         self.margin, self.mining, self.squared, self.normalize = margin, mining, squared, normalize
-        self.gather = gather
+        self.gather, self.soft = gather, soft
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return triplet_margin(
-            embeddings, labels, self.margin, self.mining, self.squared, self.normalize, gather=self.gather
+            embeddings, labels, self.margin, self.mining, self.squared, self.normalize, soft=self.soft,
+            gather=self.gather,
         )
 
     def extra_repr(self) -> str:
         return (
             f"margin={self.margin}, mining={self.mining!r}, squared={self.squared}, normalize={self.normalize}, "
-            f"gather={self.gather}"
+            f"soft={self.soft}, gather={self.gather}"
         )
 
 

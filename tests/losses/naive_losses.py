@@ -82,8 +82,13 @@ def _distances(x: Tensor, squared: bool, normalize: bool) -> list[list[float]]:
     return [[dist(a, b, squared) for b in xs] for a in xs]
 
 
-def triplet(x: Tensor, labels: Tensor, margin: float, mining: str, squared: bool, normalize: bool) -> float:
+def triplet(x: Tensor, labels: Tensor, margin: float, mining: str, squared: bool, normalize: bool,
+            soft: bool = False) -> float:
     d, y = _distances(x, squared, normalize), labels.tolist()
+
+    def hinge(v: float) -> float:  # v = d(a, p) - d(a, n) + margin
+        return math.log1p(math.exp(v)) if soft else max(0.0, v)
+
     n = len(y)
     losses = []
     for a in range(n):
@@ -94,16 +99,16 @@ def triplet(x: Tensor, labels: Tensor, margin: float, mining: str, squared: bool
         if mining == "all":
             for p in pos:
                 for k in neg:
-                    value = max(0.0, d[a][p] - d[a][k] + margin)
+                    value = hinge(d[a][p] - d[a][k] + margin)
                     if value > 0:
                         losses.append(value)
         elif mining == "batch_hard":
-            losses.append(max(0.0, max(d[a][p] for p in pos) - min(d[a][k] for k in neg) + margin))
+            losses.append(hinge(max(d[a][p] for p in pos) - min(d[a][k] for k in neg) + margin))
         else:  # semi_hard: closest negative farther than the positive, else the farthest negative
             for p in pos:
                 farther = [d[a][k] for k in neg if d[a][k] > d[a][p]]
                 chosen = min(farther) if farther else max(d[a][k] for k in neg)
-                losses.append(max(0.0, d[a][p] - chosen + margin))
+                losses.append(hinge(d[a][p] - chosen + margin))
     return sum(losses) / len(losses) if losses else 0.0
 
 

@@ -33,6 +33,19 @@ def test_triplet_matches_loop(
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("mining", MINING)
+@pytest.mark.parametrize("margin", [0.0, 0.3])
+def test_soft_margin_triplet_matches_loop(mining: str, margin: float) -> None:
+    """softplus(d_ap - d_an + margin) (Hermans et al. 2017 with margin 0); 'all' averages every valid triplet."""
+    x, y = batch(10, 5, 3, seed=4)
+    got = triplet_margin(x, y, margin, mining, soft=True)
+    assert got.item() == pytest.approx(naive.triplet(x, y, margin, mining, False, True, soft=True), rel=1e-12)
+    assert got.item() > triplet_margin(x, y, margin, mining).item()  # softplus(v) > max(0, v)
+    assert TripletMargin(margin, mining, soft=True)(x, y).item() == got.item()
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda e: triplet_margin(e, y, margin, mining, soft=True), (x,))
+
+
 def test_semi_hard_fallback_uses_farthest_negative() -> None:
     # anchor 0 at origin-ish; its positive farther than every negative -> no semi-hard negative
     x = torch.tensor([[0.0, 0.0], [3.0, 0.0], [1.0, 0.0], [0.0, 2.0]], dtype=F64)
