@@ -512,10 +512,10 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks: list[Callback] = [
         SaveRunConfig(config),  # type: ignore[arg-type]
-        # save_on_train_epoch_end: at every epoch's end, not only after the (sparser) validations
         LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
         EpochCheckpoint(
             dirpath=run_dir / "checkpoints", filename="epoch={epoch:04d}", auto_insert_metric_name=False,
+            # save_on_train_epoch_end: at every epoch's end, not only after the (sparser) validations
             save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
         ),
         LearningRateMonitor(logging_interval="step"),

@@ -27,14 +27,26 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+@torch.no_grad()
+def all_gather(x: Tensor) -> Tensor:
+    """``cat([x_0, ..., x_{W-1}])`` along dim 0 over ranks, (W*n, ...), without gradient.
+
+    Identity in one process. Every rank must pass the same shape (pad first otherwise).
+    For what carries no gradient (MoCo's keys, evaluation features); see :func:`gather_with_grad`.
+    """
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums the gradient over ranks."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(x) for _ in range(world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)  # (W*n, ...)
+        return all_gather(x)  # (W*n, ...)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]

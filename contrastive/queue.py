@@ -3,25 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from contrastive.distributed import world_size
-
-
-@torch.no_grad()
-def all_gather_no_grad(x: Tensor) -> Tensor:
-    """``cat([x_0, ..., x_{W-1}])`` over ranks, (W*n, ...), without gradient; identity in one process.
-
-    For keys: they carry no gradient, so the plain ``all_gather`` suffices (unlike
-    ``contrastive.distributed.gather_with_grad``). Every rank must pass the same shape.
-    """
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 class KeyQueue(nn.Module):

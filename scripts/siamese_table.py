@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from contrastive.evaluation import read_run, summarize_runs
-from contrastive.evaluation.report import seed_table
+from contrastive.evaluation.report import markdown_table, seed_table
 
 BUDGET = [
     "model=convnet",
@@ -65,8 +65,7 @@ def main() -> None:
     params = ["regularizer", "regularizer.weight"]
     summarize_runs(runs, args.out, params=params)  # every metric, per run and over seeds
     header, rows = seed_table([read_run(r) for r in runs], params, METRICS)
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    print(markdown_table(header, rows), end="")
 
 
 if __name__ == "__main__":

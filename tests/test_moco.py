@@ -322,6 +322,15 @@ def test_in_batch_symmetric_loss_is_refused() -> None:
              optimizer=torch.optim.SGD, feature_dim=32)
 
 
+def test_sync_batchnorm_is_refused_at_fit_start() -> None:
+    """A plain Trainer(sync_batchnorm=True) converts SplitBatchNorm too: the positive key would leak."""
+    moco = _moco()
+    moco.on_fit_start()  # split BN: fine
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(moco)
+    with pytest.raises(ValueError, match="MoCo with SyncBatchNorm.*use sync_batchnorm=False"):
+        synced.on_fit_start()
+
+
 def test_features_are_the_query_backbone() -> None:
     moco = _moco().eval()
     images, _ = _images(4)

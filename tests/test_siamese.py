@@ -117,7 +117,7 @@ def test_loss_is_metric_plus_weighted_ce_and_the_classifier_is_optimised(config)
     logits = e @ head.classifier.weight.T + head.classifier.bias
     expected = triplet_margin(e, y, 0.2, "batch_hard") + 0.5 * F.cross_entropy(logits, y)
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-12)
-    assert terms["ce_acc"].item() == pytest.approx((logits.argmax(1) == y).double().mean().item())
+    assert terms["ce_acc"].item() == pytest.approx(100 * (logits.argmax(1) == y).double().mean().item())  # percent
 
 
 def test_features_are_the_embedding(config) -> None:

@@ -126,18 +126,16 @@ def linear_probe(
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
 
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total_steps = epochs * steps_per_epoch
-    for epoch in range(epochs):
+    total_steps = epochs * math.ceil(n / batch_size)
+    cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
+    for _ in range(epochs):
         order = torch.randperm(n, generator=generator).to(device)  # (N,)
-        for i, idx in enumerate(order.split(batch_size)):
-            step = epoch * steps_per_epoch + i
-            for group in opt.param_groups:
-                group["lr"] = 0.5 * peak * (1.0 + math.cos(math.pi * step / total_steps))
+        for idx in order.split(batch_size):
             loss = F.cross_entropy(classifier(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            cosine.step()  # per step, from the peak to 0
 
     train_pred = predict_linear(classifier, x_train)
     test_pred = predict_linear(classifier, x_test)

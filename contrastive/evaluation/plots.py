@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -319,8 +320,7 @@ def confusion_matrix(true: Tensor, pred: Tensor, num_classes: int) -> Tensor:
     Returns:
         (C, C) int64 counts.
     """
-    flat = true.long().cpu() * num_classes + pred.long().cpu()  # (N,)
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    return multiclass_confusion_matrix(pred.long().cpu(), true.long().cpu(), num_classes, validate_args=False)
 
 
 def plot_confusion_matrix(

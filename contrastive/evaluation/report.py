@@ -93,7 +93,8 @@ def _run_labels(runs: Sequence[Run]) -> list[str]:
     return ["/".join(r.path.parts[-2:]) for r in runs]
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (``|`` in cells escaped), ending in a newline."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -222,10 +223,10 @@ def summarize_runs(
 
     table = [[label, *(run.overrides.get(k, "") for k in keys), *(_fmt(run.metrics.get(m)) for m in metrics)]
              for label, run in zip(labels, runs)]
-    text = f"# Sweep summary ({len(runs)} runs)\n\n" + _markdown_table(["run", *keys, *metrics], table)
+    text = f"# Sweep summary ({len(runs)} runs)\n\n" + markdown_table(["run", *keys, *metrics], table)
     header, rows = seed_table(runs, keys, metrics)
     if rows:
-        text += "\n## Mean ± std over seeds\n\n" + _markdown_table(header, rows)
+        text += "\n## Mean ± std over seeds\n\n" + markdown_table(header, rows)
     md_path = write_bytes_atomic(out / "summary.md", text.encode())
     _plot_summary(runs, labels, keys, metrics, out / "summary.png", dpi)
     return md_path

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
-from contrastive.distributed import all_true, rank, world_size
+from contrastive.distributed import all_gather, all_true, rank, world_size
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
 from contrastive.evaluation.neighbors import Metric
 
@@ -357,6 +357,4 @@ def _all_gather_padded(x: Tensor, rows: int | None = None) -> Tensor:
     rows = len(x) if rows is None else rows
     padded = x.new_zeros((rows, *x.shape[1:]))
     padded[: len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world_size())]
-    torch.distributed.all_gather(parts, padded)
-    return torch.stack(parts)
+    return all_gather(padded).view(world_size(), rows, *x.shape[1:])

@@ -20,15 +20,17 @@ W*B keys, still in ``bn_splits`` groups per rank (W * bn_splits groups in all).
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive.distributed import rank, world_size
+from contrastive.distributed import all_gather, rank, world_size
 from contrastive.losses import ContrastiveMargin, NTXent, SupCon, TripletMargin, l2_normalize
 from contrastive.models import ema_update, momentum_copy
 from contrastive.pipelines.base import Pipeline, check_loss_fits, total_steps
-from contrastive.queue import KeyQueue, all_gather_no_grad
+from contrastive.queue import KeyQueue
 
 
 def momentum_at(step: int, total_steps: int, base: float, cosine: bool) -> float:
@@ -130,9 +132,9 @@ class MoCo(Pipeline):
         **base: the :class:`Pipeline` arguments (augment, optimizer, ...).
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, loss: nn.Module,  # type: ignore[no-untyped-def]
+    def __init__(self, backbone: nn.Module, projector: nn.Module, loss: nn.Module,
                  queue_size: int = 4096, momentum: float = 0.99, momentum_cosine: bool = False,
-                 symmetric: bool = False, bn_splits: int = 8, **base) -> None:
+                 symmetric: bool = False, bn_splits: int = 8, **base: Any) -> None:
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"pipeline.momentum={momentum} must be in [0, 1]")
         check_loss_fits("MoCo", loss, (NTXent, SupCon, TripletMargin, ContrastiveMargin),
@@ -155,6 +157,14 @@ class MoCo(Pipeline):
         if not linears:
             raise ValueError("the projector needs a final nn.Linear to infer the key dimension")
         return linears[-1].out_features
+
+    def on_fit_start(self) -> None:
+        # Lightning's sync_batchnorm=True (applied before this hook) swaps SplitBatchNorm for global statistics,
+        # through which the positive key leaks; the CLI refuses it earlier, a plain Trainer gets here.
+        if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+            raise ValueError("MoCo with SyncBatchNorm (Trainer(sync_batchnorm=True)) would replace its shuffle-BN by "
+                             "global BatchNorm statistics, through which the positive key leaks: use sync_batchnorm=False")
+        super().on_fit_start()
 
     # ------------------------------------------------------------------ parts of a step
     def current_momentum(self) -> float:
@@ -184,8 +194,8 @@ class MoCo(Pipeline):
         # that one process holding the global batch draws: the generators stay in step).
         perm = torch.randperm(w * b, generator=self.generator).to(x.device)  # (W*B,)
         mine = perm[r * b : (r + 1) * b]  # (B,) the global rows this rank encodes
-        k = self.key_projector(self.key_backbone(all_gather_no_grad(x)[mine]))  # row j: key of global row mine[j]
-        k = all_gather_no_grad(k)  # (W*B, D), row j is the key of global row perm[j]
+        k = self.key_projector(self.key_backbone(all_gather(x)[mine]))  # row j: key of global row mine[j]
+        k = all_gather(k)  # (W*B, D), row j is the key of global row perm[j]
         return torch.empty_like(k).index_copy_(0, perm, k)[r * b : (r + 1) * b]  # row i: key of x[i]
 
     def check_queue(self, keys_per_step: int) -> None:
@@ -222,5 +232,5 @@ class MoCo(Pipeline):
         out = self.finish_step({"loss": loss}, self.online_probe_loss(h, y))
         if out is not None:  # a skipped (non-finite) step enqueues nothing
             # gathered per view: [all k1; all k2] (W*B each), the order one process with the global batch enqueues
-            self.queue.enqueue(torch.cat([all_gather_no_grad(l2_normalize(k.float())) for k in new_keys]))
+            self.queue.enqueue(torch.cat([all_gather(l2_normalize(k.float())) for k in new_keys]))
         return out

@@ -4,6 +4,8 @@ classifier on the embedding."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -43,7 +45,7 @@ class Siamese(Pipeline):
         **base: the :class:`Pipeline` arguments (backbone, augment, optimizer, ...).
     """
 
-    def __init__(  # type: ignore[no-untyped-def]
+    def __init__(
         self,
         projector: nn.Module,
         loss: nn.Module,
@@ -51,7 +53,7 @@ class Siamese(Pipeline):
         regularizer_weight: float = 1.0,
         num_views: int = 1,
         eval_features: str = "embedding",
-        **base,
+        **base: Any,
     ) -> None:
         if not (isinstance(num_views, int) and num_views >= 1):
             raise ValueError(f"num_views must be a positive integer, got {num_views!r}.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -37,7 +39,7 @@ class SimCLR(Pipeline):
         **base: the :class:`Pipeline` arguments (backbone, augment, optimizer, ...).
     """
 
-    def __init__(self, projector: nn.Module, loss: nn.Module, num_views: int = 2, **base) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, projector: nn.Module, loss: nn.Module, num_views: int = 2, **base: Any) -> None:
         check_loss_fits("SimCLR", loss, (TripletMargin, ContrastiveMargin),
                         "it contrasts views of the same image; use loss=nt_xent, loss=info_nce or loss=sup_con "
                         "(class-label losses run in pipeline=siamese)")
