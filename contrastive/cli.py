@@ -557,7 +557,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     splits = build_splits(cfg.data, cfg.seed)
     check_against_data(cfg, splits, trainer.world_size)
     train_batches = instantiate(cfg.sampler)
-    train_batches(splits.train, batch_size=cfg.data.batch_size, seed=cfg.seed)  # bad settings fail before any work
+    # bad settings fail before any work, for the processes the Trainer will start
+    train_batches(splits.train, batch_size=cfg.data.batch_size, seed=cfg.seed, world=trainer.world_size)
     datamodule = TensorDataModule(
         splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed,
         train_batches=train_batches,

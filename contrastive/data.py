@@ -401,6 +401,8 @@ class IndexBatches:
         epoch_source: returns the current epoch (the trainer's), read at each
             ``iter``; without it the epoch counts the passes started (a pass
             stopped early, e.g. by ``limit_train_batches``, still moves on).
+        world: the number of processes; None: the process group's (1 without one). Given
+            only to check the settings before the processes exist.
     """
 
     def __init__(
@@ -411,6 +413,7 @@ class IndexBatches:
         drop_last: bool,
         seed: int = 0,
         epoch_source: Callable[[], int] | None = None,
+        world: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -421,7 +424,7 @@ class IndexBatches:
         self.seed = seed
         self.epoch = 0
         self.epoch_source = epoch_source
-        self.world, self.rank = dist_world_size(), dist_rank()
+        self.world, self.rank = dist_world_size() if world is None else world, dist_rank()
         global_batch = batch_size * self.world
         if drop_last and global_batch > len(data):
             raise DataError(

@@ -149,6 +149,8 @@ class PKBatches:
         epoch_source: returns the current epoch (the trainer's), read at each
             ``iter``; without it the epoch counts the passes started (a pass
             stopped early still moves on).
+        world: the number of processes; None: the process group's (1 without one). Given
+            only to check the settings before the processes exist.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class PKBatches:
         samples_per_class: int,
         seed: int = 0,
         epoch_source: Callable[[], int] | None = None,
+        world: int | None = None,
     ) -> None:
         p, k = classes_per_batch, samples_per_class
         if p * k != batch_size:
@@ -171,7 +174,7 @@ class PKBatches:
                 f"sampler.classes_per_batch={p} and sampler.samples_per_class={k} must both be >= 2 "
                 "(every anchor needs a positive and a negative)"
             )
-        self.world, self.rank = dist_world_size(), dist_rank()
+        self.world, self.rank = dist_world_size() if world is None else world, dist_rank()
         self.labels = data.labels.cpu()
         counts = torch.bincount(self.labels, minlength=data.num_classes)
         present = int((counts > 0).sum())

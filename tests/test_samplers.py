@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import contrastive.samplers as samplers_mod
-from contrastive.data import DataError, ImageTensors
+from contrastive.data import DataError, ImageTensors, IndexBatches
 from contrastive.samplers import PKBatches, SamplerError, pk_epoch, schedule_classes
 
 # imbalanced on purpose: 7, 5, 12, 4, 9 and 0 (absent) samples; class 5 never appears
@@ -107,6 +107,12 @@ def test_bad_settings_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         PKBatches(data, batch_size=12, classes_per_batch=2, samples_per_class=6)
     with pytest.raises(SamplerError, match=">= 2"):
         PKBatches(data, batch_size=5, classes_per_batch=5, samples_per_class=1)
+    # the CLI checks for the processes the Trainer will start, before they exist (it failed inside fit,
+    # after the untrained measurement)
+    with pytest.raises(SamplerError, match="3 x 2 process"):
+        PKBatches(data, batch_size=6, classes_per_batch=3, samples_per_class=2, world=2)
+    with pytest.raises(DataError, match=r"the batch \(30 x 2 processes\) is larger than the data set \(37"):
+        IndexBatches(data, batch_size=30, shuffle=True, drop_last=True, world=2)
     monkeypatch.setattr(samplers_mod, "dist_world_size", lambda: 2)
     with pytest.raises(SamplerError, match="2 process"):
         PKBatches(data, batch_size=6, classes_per_batch=3, samples_per_class=2)
