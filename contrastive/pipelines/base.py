@@ -172,7 +172,7 @@ class Pipeline(pl.LightningModule):
         the GPU never waits for the host; ``"skip"`` must decide now and syncs.
         """
         if self.on_nonfinite == "skip":
-            finite = all_true(torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()]))
+            finite = _finite_per_term(terms)
             if not bool(finite.all()):  # decided by all processes alike, so their collectives stay paired
                 self.skipped_steps += 1
                 self.print(f"skipping step: {self._nonfinite_message(terms, finite, self.global_step)}")
@@ -191,7 +191,7 @@ class Pipeline(pl.LightningModule):
 
     def _finite_flags(self, terms: dict[str, Tensor]) -> tuple[Tensor, Any, dict[str, Tensor], int]:
         terms = {k: v.detach() for k, v in terms.items()}  # the check must not keep the step's graph alive
-        flags = all_true(torch.stack([torch.isfinite(v).all() for v in terms.values()]))  # every process stops alike
+        flags = _finite_per_term(terms)
         if not flags.is_cuda:
             return flags, None, terms, self.global_step
         host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
@@ -347,6 +347,11 @@ class Pipeline(pl.LightningModule):
             self.generator.set_state(checkpoint["augment_generator"])
         self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+
+
+def _finite_per_term(terms: dict[str, Tensor]) -> Tensor:
+    """(T,) bool, term t finite on every process: all decide alike, so their collectives stay paired."""
+    return all_true(torch.stack([torch.isfinite(v.detach()).all() for v in terms.values()]))
 
 
 def _all_gather_padded(x: Tensor, rows: int | None = None) -> Tensor:
