@@ -373,8 +373,7 @@ def warmup_warning(cfg: DictConfig) -> str | None:
     if not warmup or epochs == 0 or warmup < epochs:
         return None
     return (f"scheduler.warmup_epochs={warmup} >= trainer.max_epochs={epochs}: the whole run is warm-up (the lr "
-            f"rises to its peak and never decays); pass e.g. scheduler.warmup_epochs={max(epochs // 10, 1) if epochs > 1 else 0} "
-            "for a short run")
+            "rises to its peak and never decays); pass a shorter one for a short run, e.g. scheduler.warmup_epochs=1")
 
 
 def check_eval_config(cfg: DictConfig) -> None:

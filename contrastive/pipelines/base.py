@@ -119,6 +119,7 @@ class Pipeline(pl.LightningModule):
         self.online_head = nn.Linear(feature_dim, num_classes) if online_probe else None
         self.generator = torch.Generator().manual_seed(seed)
         self._val_outputs: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._epoch_validation = 0.0  # seconds of validation inside the current training epoch
         self.train_seconds = 0.0  # wall-clock of the finished epochs (validation included), across resumes
         self.last_features: dict[str, tuple[Tensor, Tensor]] = {}
         self.skipped_steps = 0
@@ -316,7 +317,7 @@ class Pipeline(pl.LightningModule):
 
     def on_validation_end(self) -> None:
         # the kNN pass Lightning runs inside a training epoch is not training throughput
-        self._epoch_validation = getattr(self, "_epoch_validation", 0.0) + time.perf_counter() - self._validation_start
+        self._epoch_validation += time.perf_counter() - self._validation_start
 
     def on_train_batch_end(self, outputs: Any, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._epoch_images += len(batch[0])
