@@ -7,8 +7,10 @@ hands them to a pipeline and a Lightning ``Trainer``.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
+import os
 import re
 import sys
 import time
@@ -21,7 +23,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, InstantiationException
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import (
+    ConfigCompositionException, HydraException, InstantiationException, MissingConfigException, OverrideParseException,
+)
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -92,6 +98,40 @@ def _log_data_warnings() -> None:
             show(message, category, *args, **kwargs)
 
     warnings.showwarning = showwarning
+
+
+def _config_keys(config_name: str) -> list[str]:
+    """Every dotted key of the shipped config ``config_name`` (defaults only)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module("contrastive.configs", version_base="1.3"):
+        tree = OmegaConf.to_container(compose(config_name), resolve=False)
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if not isinstance(node, dict):
+            return [prefix]
+        return [k for key, value in node.items() for k in walk(value, f"{prefix}.{key}" if prefix else str(key))]
+
+    return walk(tree, "")
+
+
+def _run_hydra(main: Callable[[], Any], config_name: str) -> None:
+    """Run a ``@hydra.main`` entry point; a bad override is one line (exit status 2).
+
+    Hydra printed several lines for a misspelt key, with a hint (``+key=``) that then failed inside the run.
+    """
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us instead of Hydra's printout
+    try:
+        main()
+    except ConfigCompositionException as e:
+        found = re.search(r"Could not override '([^']+)'", str(e))
+        if found is None:
+            _exit_with(e)
+        key = found.group(1)
+        close = difflib.get_close_matches(key, _config_keys(config_name), n=1)
+        _exit_with(ConfigError(f"unknown config key {key}{f' (did you mean {close[0]}?)' if close else ''}: "
+                               f"`--cfg job` lists the keys with their values"))
+    except (MissingConfigException, OverrideParseException) as e:
+        _exit_with(ConfigError(str(e).split("Config search path")[0]))  # the options, not Hydra's search path
 
 
 def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -537,6 +577,8 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
             num_sanity_val_steps=0,
             use_distributed_sampler=False,
         )
+    except TypeError as e:  # +trainer.max_epoch=1: a key the Trainer does not take
+        raise ConfigError(f"{e}: trainer.* keys are the arguments of pytorch_lightning.Trainer") from None
     except MisconfigurationException as e:  # settings this machine cannot run, e.g. a GPU where there is none
         raise ConfigError(
             f"{e} (trainer.accelerator={trainer_args['accelerator']}, trainer.devices={trainer_args['devices']}): "
@@ -600,7 +642,7 @@ def train() -> None:
     _log_data_warnings()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     sys.argv[1:] = _quote_paths(sys.argv[1:], ("resume", "data.root"))
-    _train_main()
+    _run_hydra(_train_main, "train")
 
 
 # --------------------------------------------------------------------------- eval
@@ -736,7 +778,7 @@ def evaluate() -> None:
             load_checkpoint(path, mmap=True)
         except CheckpointError as e:
             _exit_with(e)
-    _eval_main()
+    _run_hydra(_eval_main, "eval")
 
 
 if __name__ == "__main__":  # python -m contrastive.cli [overrides] == contrastive-train
