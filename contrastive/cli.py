@@ -627,6 +627,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})
         log.info("run directory: %s", run_dir)
+        if (last := run_dir / "checkpoints" / "last.ckpt").is_file():
+            log.info("checkpoint: %s (for contrastive-eval checkpoint=...)", last)
     return metrics
 
 

@@ -125,7 +125,13 @@ def _torchvision_cifar(cls: type, root: Path, download: bool, folder: str, overr
                 "data.download=true to download it there."
             )
         root.mkdir(parents=True, exist_ok=True)
-        cls(str(root), train=True, download=True)
+        try:
+            cls(str(root), train=True, download=True)
+        except OSError as e:  # URLError included: no network, a proxy, a full disk
+            raise DataError(
+                f"could not download {cls.__name__} into {root} ({e}): check the network, or put {folder}/ "
+                f"under {override} yourself and drop data.download=true"
+            ) from None
 
     class _Lenient(cls):  # type: ignore[misc, valid-type]
         def _check_integrity(self) -> bool:  # md5 of a rebuilt copy differs from the archive's

@@ -77,6 +77,9 @@ def check_checkpoint_file(path: str | Path, key: str = "checkpoint") -> Path:
     """``path`` as a Path if it is a file, else a :class:`CheckpointError` naming it and the
     config ``key`` that takes a checkpoint."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass {key}={inside} (or an epoch*.ckpt)")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint not found: {path}; pass {key}=RUN_DIR/checkpoints/last.ckpt "

@@ -65,6 +65,8 @@ def main() -> None:
     params = ["regularizer", "regularizer.weight"]
     summarize_runs(runs, args.out, params=params)  # every metric, per run and over seeds
     header, rows = seed_table([read_run(r) for r in runs], params, METRICS)
+    if not rows:
+        sys.exit(f"mean ± std needs two seeds or more (--seeds 0,1,2); the runs are in {args.out / 'summary.md'}")
     print(markdown_table(header, rows), end="")
 
 

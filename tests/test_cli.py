@@ -472,3 +472,30 @@ def test_apple_mps_is_not_picked_by_auto_and_refused_by_name(monkeypatch) -> Non
         resolve_accelerator("gpu")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert resolve_accelerator("auto") == "auto"  # Lightning resolves CUDA or the CPU
+
+
+def test_a_folder_given_as_checkpoint_names_the_file_inside(tmp_path: Path) -> None:
+    """A run folder passed to contrastive-eval was 'checkpoint not found', though it exists."""
+    from contrastive.io import CheckpointError, check_checkpoint_file
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'run'} is a folder, not a checkpoint: pass "
+                                              rf"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"):
+        check_checkpoint_file(tmp_path / "run")
+
+
+def test_a_failed_download_says_what_to_do(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import urllib.error
+
+    import torchvision
+
+    from contrastive import data
+    from contrastive.data import DataError
+
+    def offline(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(DataError, match=r"could not download CIFAR10 into .*Name or service not known.*check the "
+                                        r"network, or put cifar-10-batches-py/ under data.root yourself"):
+        data.cifar10(str(tmp_path), download=True)
