@@ -122,16 +122,16 @@ def _run_hydra(main: Callable[[], Any], config_name: str) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us instead of Hydra's printout
     try:
         main()
+    except (MissingConfigException, OverrideParseException) as e:  # before its base class below
+        _exit_with(ConfigError(str(e).split("Config search path")[0]))  # the options, not Hydra's search path
     except ConfigCompositionException as e:
         found = re.search(r"Could not override '([^']+)'", str(e))
         if found is None:
-            _exit_with(e)
+            _exit_with(ConfigError(str(e).split("Config search path")[0]))
         key = found.group(1)
         close = difflib.get_close_matches(key, _config_keys(config_name), n=1)
         _exit_with(ConfigError(f"unknown config key {key}{f' (did you mean {close[0]}?)' if close else ''}: "
                                f"`--cfg job` lists the keys with their values"))
-    except (MissingConfigException, OverrideParseException) as e:
-        _exit_with(ConfigError(str(e).split("Config search path")[0]))  # the options, not Hydra's search path
 
 
 def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

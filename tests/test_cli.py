@@ -174,12 +174,27 @@ def test_misspelt_key_is_rejected(cli, tmp_path: Path) -> None:
     assert out.stderr.strip() == ("error: unknown config key trainer.max_epoch (did you mean trainer.max_epochs?): "
                                   "`--cfg job` lists the keys with their values")
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))
-    plus = cli("contrastive-train", "+trainer.max_epoch=1", cwd=tmp_path)
-    assert plus.returncode == 2 and "Traceback" not in plus.stderr
-    assert "unexpected keyword argument 'max_epoch': trainer.* keys are the arguments of" in plus.stderr
-    option = cli("contrastive-train", "experiment=simclr_cifar", cwd=tmp_path)
-    assert option.returncode == 2 and len(option.stderr.strip().splitlines()) == 1
-    assert "Could not find 'experiment/simclr_cifar'" in option.stderr and "simclr_cifar10" in option.stderr
+
+
+
+def test_hydra_hint_and_missing_option_are_one_line(config, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Hydra's hint for the misspelt key, +trainer.max_epoch=1, failed in the Trainer with a traceback."""
+    from hydra.errors import MissingConfigException
+
+    from contrastive.cli import _make_trainer, _run_hydra
+
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'max_epoch': trainer.* keys are the arguments"):
+        _make_trainer(config("train", ["+trainer.max_epoch=1"]), tmp_path)
+
+    def missing() -> None:
+        raise MissingConfigException("In 'train': Could not find 'experiment/simclr_cifar'\n\nAvailable options in "
+                                     "'experiment':\n\tsimclr_cifar10\nConfig search path:\n\tprovider=hydra")
+
+    with pytest.raises(SystemExit) as exit_:
+        _run_hydra(missing, "train")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: In 'train': Could not find 'experiment/simclr_cifar'  Available options "
+                                       "in 'experiment': simclr_cifar10\n")
 
 
 def test_corrupt_checkpoint_is_refused(cli, tmp_path: Path) -> None:
