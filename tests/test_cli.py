@@ -285,13 +285,13 @@ def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: P
 
 @pytest.mark.slow
 def test_simclr_cifar10_probe_beats_untrained_network(cli, cifar10_root: Path, tmp_path: Path) -> None:
-    """CPU subset of the CIFAR-10 copy: 5,000 train / 1,000 test images, the small CNN, 10 epochs
-    (about 2 minutes). The linear probe of the trained checkpoint, run by contrastive-eval, beats
-    the probe of the same network untrained (measured 42.6 -> 48.6 after 8 epochs)."""
+    """CPU subset of the CIFAR-10 copy: 4,000 train / 1,000 test images, the small CNN, 8 epochs
+    (about 80 s). The linear probe of the trained checkpoint, run by contrastive-eval, beats
+    the probe of the same network untrained (measured 43.6 -> 49.8, kNN 31.2 -> 38.7; 2026-11-23)."""
     out = cli(
         "contrastive-train", "experiment=simclr_cifar10", "model=convnet", f"data.root={cifar10_root}",
-        "data.subset=5000", "data.test_subset=1000", "data.batch_size=128", "trainer.max_epochs=10",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "eval.every_n_epochs=5",
+        "data.subset=4000", "data.test_subset=1000", "data.batch_size=128", "trainer.max_epochs=8",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "eval.every_n_epochs=4",
         "scheduler.warmup_epochs=1", "optimizer.lr=0.3", "loss.temperature=0.2", "hydra.run.dir=run", cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
