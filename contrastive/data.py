@@ -232,19 +232,37 @@ def _folder_classes(folder: Path) -> list[str]:
     return names
 
 
-def _decode_folder(folder: Path, size: int, names: list[str]) -> ImageTensors:
+def _usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM or container limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _decode_folder(folder: Path, size: int, names: list[str], workers: int | None = None) -> ImageTensors:
     """Every image of ``folder/<name>/`` decoded, resized to ``size x size`` (RGB, uint8), labelled by
-    the name's index in ``names`` (class folders of ``folder`` not in ``names`` are not read)."""
+    the name's index in ``names`` (class folders of ``folder`` not in ``names`` are not read).
+
+    ``workers`` threads decode at once (None: every usable core; decoding and resizing release the
+    GIL); the result does not depend on it. An unreadable file raises the first one's
+    :class:`DataError`, in file order.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from torchvision.transforms.v2.functional import resize
 
-    images, labels = [], []
-    for label, name in enumerate(names):
-        for file in _image_files(folder / name):
-            images.append(resize(_read_rgb(file), [size, size], antialias=True))
-            labels.append(label)
-    if not images:
+    files = [(file, label) for label, name in enumerate(names) for file in _image_files(folder / name)]
+    if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    return ImageTensors(torch.stack(images), torch.tensor(labels), len(names), names)
+
+    def load(file: Path) -> Tensor:
+        return resize(_read_rgb(file), [size, size], antialias=True)
+
+    workers = _usable_cpus() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"image_folder: workers must be >= 1, or None (null in a config) for every core, got {workers}")
+    with ThreadPoolExecutor(max_workers=min(workers, len(files))) as pool:
+        images = list(pool.map(load, (file for file, _ in files)))  # in file order
+    labels = torch.tensor([label for _, label in files])
+    return ImageTensors(torch.stack(images), labels, len(names), names)
 
 
 def _folder_fingerprint(base: Path, classes: dict[str, list[str]]) -> str:
@@ -267,7 +285,8 @@ def _folder_fingerprint(base: Path, classes: dict[str, list[str]]) -> str:
     return h.hexdigest()
 
 
-def image_folder(root: str, size: int = 32, train: str = "train", test: str = "test", cache: bool = True) -> Splits:
+def image_folder(root: str, size: int = 32, train: str = "train", test: str = "test", cache: bool = True,
+                 workers: int | None = None) -> Splits:
     """Any labelled image set laid out as ``root/{train,test}/<class>/<image>``, decoded once.
 
     Images are decoded, converted to RGB and resized to ``size x size`` once; hidden
@@ -278,7 +297,8 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
     warning, where ``root`` cannot be written).
 
     Labels index the sorted train class folders, then (with a warning that says how to
-    set up class-disjoint retrieval) the test class folders that train lacks.
+    set up class-disjoint retrieval) the test class folders that train lacks. ``workers``
+    threads decode at once (None: every core this process may use).
     """
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -307,8 +327,8 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
         if saved.get("fingerprint") == fingerprint:  # a cache without one predates fingerprints: rebuild
             return Splits(*(ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
                             for s in (saved["train"], saved["test"])))
-    train_set = _decode_folder(base / train, size, names)
-    test_set = _decode_folder(base / test, size, names)
+    train_set = _decode_folder(base / train, size, names, workers)
+    test_set = _decode_folder(base / test, size, names, workers)
     if cache:
         from contrastive.io import save_torch_atomic
 

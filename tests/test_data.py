@@ -143,6 +143,61 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
         image_folder(str(tmp_path / "bad"), cache=False)
 
 
+def _write_noise_folder(root: Path, per_class: int) -> None:
+    """Two classes of distinct random-noise PNGs (any mix-up of order or label shows)."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for j in range(per_class):
+                img = torch.randint(0, 256, (3, 9, 11), dtype=torch.uint8, generator=g)
+                torchvision.io.write_png(img, str(root / split / name / f"{j:02d}.png"))
+
+
+def test_image_folder_threaded_decode_matches_one_file_at_a_time(tmp_path: Path) -> None:
+    from torchvision.transforms.v2.functional import resize
+
+    from contrastive.data import _image_files, _read_rgb, image_folder
+
+    _write_noise_folder(tmp_path, per_class=12)
+    files = [f for name in ("a", "b") for f in _image_files(tmp_path / "train" / name)]
+    expected = torch.stack([resize(_read_rgb(f), [6, 6], antialias=True) for f in files])
+    for workers in (1, 4, None):
+        splits = image_folder(str(tmp_path), size=6, cache=False, workers=workers)
+        assert torch.equal(splits.train.images, expected), workers
+        assert splits.train.labels.tolist() == [0] * 12 + [1] * 12
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        image_folder(str(tmp_path), size=6, cache=False, workers=0)
+
+
+def test_image_folder_decodes_files_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import contrastive.data as data
+
+    _write_noise_folder(tmp_path, per_class=2)
+    barrier, read = threading.Barrier(2, timeout=10), data._read_rgb
+
+    def read_in_pairs(file: Path) -> torch.Tensor:  # passes only when two files are read at once
+        barrier.wait()
+        return read(file)
+
+    monkeypatch.setattr(data, "_read_rgb", read_in_pairs)
+    assert len(data.image_folder(str(tmp_path), size=4, cache=False, workers=2).train) == 4
+
+
+def test_image_folder_threaded_decode_names_the_first_unreadable_file(tmp_path: Path) -> None:
+    from contrastive.data import image_folder
+
+    _write_noise_folder(tmp_path, per_class=6)
+    for name in ("a/03.png", "b/01.png"):
+        (tmp_path / "train" / name).write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*train/a/03\.png"):
+        image_folder(str(tmp_path), size=4, cache=False, workers=4)
+
+
 def test_image_folder_decodes_bmp_and_tiff_like_png(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -36,3 +36,13 @@ def test_bench_losses_prints_the_table_and_reports_a_failed_measurement() -> Non
     assert failed.returncode == 1 and "the measurement of 2N=8, chunk=None failed" in failed.stderr
     refused = _script("bench_losses.py", "--chunk", "-5")
     assert refused.returncode == 2 and "must be a positive integer" in refused.stderr
+
+
+def test_bench_decode_prints_both_rows_and_checks_the_tensors_agree(tmp_path: Path) -> None:
+    out = _script("bench_decode.py", "--images", "12", "--width", "40", "--height", "30", "--size", "8",
+                  "--workers", "3", "--dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and "workers" not in line]
+    assert [row[0].strip() for row in rows] == ["1", "3"] and rows[0][2].strip() == "1.00"
+    assert float(rows[1][2]) > 0 and "12 JPEGs 40x30 -> 8x8" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # the synthetic folder is removed
