@@ -33,6 +33,14 @@ class DataWarning(UserWarning):
     """A data set loads, but not quite as given (the message says how and what to do)."""
 
 
+def seeded_indices(n: int, k: int, seed: int) -> Tensor:
+    """Sorted indices of ``min(n, k)`` of ``range(n)`` drawn without replacement from ``seed``
+    (all of them, in order, when ``k >= n``): the first ``k`` of a seeded permutation."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
 @dataclass
 class ImageTensors:
     """A labelled image set held as tensors.
@@ -81,8 +89,7 @@ class ImageTensors:
             return self
         if n <= 0:
             raise DataError(f"a subset must hold at least one image, got data.subset={n}")
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        idx = idx.sort().values
+        idx = seeded_indices(len(self), n, seed)
         return ImageTensors(self.images[idx], self.labels[idx], self.num_classes, self.class_names)
 
     def select_classes(self, classes: list[int]) -> ImageTensors:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from contrastive.data import seeded_indices
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -55,13 +57,6 @@ def _class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
     if num_classes <= 20:
         return [colormaps["tab20"](i) for i in range(num_classes)]
     return [colormaps["turbo"](i / max(num_classes - 1, 1)) for i in range(num_classes)]
-
-
-def _subsample(n: int, max_items: int, seed: int) -> Tensor:
-    """Sorted indices of ``min(n, max_items)`` items drawn without replacement from ``seed``."""
-    if n <= max_items:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
@@ -191,7 +186,7 @@ def plot_embedding_2d(
         raise ValueError(f"method must be 'tsne' or 'pca', got {method!r}")
     if features.shape[0] < 3:
         raise ValueError("need at least 3 points")
-    keep = _subsample(features.shape[0], max_points, seed)
+    keep = seeded_indices(features.shape[0], max_points, seed)
     x = F.normalize(features.detach()[keep.to(features.device)].double(), dim=1).cpu()  # (n, D)
     y = labels.detach().cpu()[keep]  # (n,)
     centred = x - x.mean(0)
