@@ -76,6 +76,22 @@ def test_bad_on_nonfinite_value() -> None:
         _pipeline("ignore")
 
 
+@pytest.mark.parametrize("key, value", [("feature_dim", 0), ("num_classes", 0), ("knn_k", -1), ("knn_temperature", 0.0)])
+def test_bad_base_arguments_name_the_key(key: str, value: float) -> None:
+    args = dict(projector=nn.Linear(4, 2), loss=NTXent(), backbone=nn.Flatten(), augment=Augment(),
+                optimizer=torch.optim.SGD, feature_dim=4, num_classes=2)
+    with pytest.raises(ValueError, match=f"invalid {key}={value}"):
+        SimCLR(**{**args, key: value})
+
+
+def test_a_backbone_wider_than_feature_dim_is_named_at_the_online_probe() -> None:
+    p = _pipeline("raise")
+    p.log = lambda *a, **k: None
+    assert p.online_probe_loss(torch.randn(3, 4), torch.tensor([0, 1, 0])) is not None
+    with pytest.raises(ValueError, match="outputs 6 features per image, but .* feature_dim=4: pass feature_dim=6"):
+        p.online_probe_loss(torch.randn(3, 6), torch.tensor([0, 1, 0]))
+
+
 def test_warmup_cosine_values() -> None:
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = warmup_cosine(opt, total_steps=20, steps_per_epoch=2, warmup_epochs=2, final_lr_fraction=0.1)

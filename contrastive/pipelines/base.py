@@ -108,6 +108,11 @@ class Pipeline(pl.LightningModule):
         super().__init__()
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        for name, value, ok in (("feature_dim", feature_dim, feature_dim >= 1), ("num_classes", num_classes, num_classes >= 1),
+                                ("knn_k", knn_k, knn_k >= 0), ("knn_temperature", knn_temperature, knn_temperature > 0)):
+            if not ok:
+                raise ValueError(f"Pipeline: invalid {name}={value} (feature_dim and num_classes >= 1, knn_k >= 0 "
+                                 "where 0 monitors MAP@R instead, knn_temperature > 0)")
         self.backbone = backbone
         self.augment = augment
         self.optimizer_factory = optimizer
@@ -157,6 +162,9 @@ class Pipeline(pl.LightningModule):
         """Cross-entropy of the online linear probe on detached features; logs its accuracy."""
         if self.online_head is None:
             return None
+        if features.shape[-1] != self.online_head.in_features:  # else a bare matmul shape error
+            raise ValueError(f"the backbone outputs {features.shape[-1]} features per image, but the pipeline was "
+                             f"built with feature_dim={self.online_head.in_features}: pass feature_dim={features.shape[-1]}")
         logits = self.online_head(features.detach().to(self.online_head.weight.dtype))
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean() * 100
