@@ -437,6 +437,7 @@ def test_cli_trains_and_resumes_on_two_cpu_processes(cli, tmp_path: Path) -> Non
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert "Starting with 2 processes" in log and log.count("metrics: {") == 1
+    assert "sync_dist=True" not in log  # no Lightning warning that a logged metric is not synced
     run = tmp_path / "run"
     first = json.loads((run / "metrics.json").read_text())
     assert first["epochs"] == 1

@@ -284,13 +284,15 @@ class Pipeline(pl.LightningModule):
                     "The last good checkpoint is untouched."
                 ) from None
         # Every rank holds the full, ordered bank and test set, so every rank computes the
-        # same figure as one process would: no sync_dist (a mean of W equal floats can round).
+        # same figure as one process would. Synced by max, which returns it exactly (a mean of W
+        # equal floats can round); without a sync Lightning warns on every validation under DDP.
+        log = dict(prog_bar=True, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
         if self.knn_k > 0:
             top1 = knn_top1(bank, bank_labels, test, test_labels, self.num_classes, self.knn_k, self.knn_temperature)
-            self.log("val/knn_top1", top1, prog_bar=True, add_dataloader_idx=False)
+            self.log("val/knn_top1", top1, **log)
         else:  # test classes differ from the train classes: retrieval among the test images
             map_at_r = retrieval_metrics(test, test_labels, metric=self.retrieval_metric)["map_at_r"]
-            self.log("val/map_at_r", map_at_r, prog_bar=True, add_dataloader_idx=False)
+            self.log("val/map_at_r", map_at_r, **log)
         self.last_features = {"train": (bank, bank_labels), "test": (test, test_labels)}
         self._val_outputs = {}
 
