@@ -100,6 +100,15 @@ def _log_data_warnings() -> None:
     warnings.showwarning = showwarning
 
 
+def _quiet_library_notices() -> None:
+    """Drop two lines Lightning prints in every training run that no user of this CLI can act on:
+    its advertisement for litlogger and a deprecation inside its own pytree code."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # batches come from tensors
+
+
 def _config_keys(config_name: str) -> list[str]:
     """Every dotted key of the shipped config ``config_name`` (defaults only)."""
     GlobalHydra.instance().clear()
@@ -642,7 +651,7 @@ def train() -> None:
     """``contrastive-train [overrides]``."""
     _resolvers()
     _log_data_warnings()
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    _quiet_library_notices()
     sys.argv[1:] = _quote_paths(sys.argv[1:], ("resume", "data.root"))
     _run_hydra(_train_main, "train")
 

@@ -64,6 +64,7 @@ def test_compiled_run_writes_plain_checkpoint_keys(cli, config, tmp_path: Path) 
 def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
     out = cli("contrastive-train", *SHRINK, "trainer.max_time=00:01:00:00", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "litlogger" not in out.stdout + out.stderr and "LeafSpec" not in out.stderr  # Lightning's notices
     run = tmp_path / "outputs" / "simclr_shapes"
     (run_dir,) = [p for p in run.iterdir() if p.is_dir()]
     # a time limit is not a new run: the folder is named by the other overrides alone
