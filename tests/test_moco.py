@@ -107,12 +107,11 @@ def test_ema_update_equals_its_formula() -> None:
 
 
 def test_momentum_schedule() -> None:
-    assert momentum_at(37, 100, 0.99, cosine=False) == 0.99
-    assert momentum_at(0, 100, 0.99, cosine=True) == pytest.approx(0.99, abs=1e-15)
-    assert momentum_at(50, 100, 0.99, cosine=True) == pytest.approx(0.995)
-    assert momentum_at(100, 100, 0.99, cosine=True) == 1.0
+    assert momentum_at(0, 100, 0.99) == pytest.approx(0.99, abs=1e-15)
+    assert momentum_at(50, 100, 0.99) == pytest.approx(0.995)
+    assert momentum_at(100, 100, 0.99) == momentum_at(130, 100, 0.99) == 1.0
     for t in range(0, 100, 7):
-        assert momentum_at(t, 100, 0.9, True) == pytest.approx(1 - 0.1 * (math.cos(math.pi * t / 100) + 1) / 2)
+        assert momentum_at(t, 100, 0.9) == pytest.approx(1 - 0.1 * (math.cos(math.pi * t / 100) + 1) / 2)
 
 
 # --------------------------------------------------------------------------- split BN

@@ -33,13 +33,11 @@ from contrastive.pipelines.base import Pipeline, check_loss_fits, total_steps
 from contrastive.queue import KeyQueue
 
 
-def momentum_at(step: int, total_steps: int, base: float, cosine: bool) -> float:
-    """EMA momentum at ``step``: ``m0`` constant, or raised to 1 on a cosine (BYOL).
+def momentum_at(step: int, total_steps: int, base: float) -> float:
+    """EMA momentum at ``step`` raised from ``m0 = base`` to 1 on a cosine (BYOL).
 
-    ``m_t = 1 - (1 - m0) * (cos(pi t / T) + 1) / 2``, so ``m_0 = m0`` and ``m_T = 1``.
+    ``m_t = 1 - (1 - m0) * (cos(pi t / T) + 1) / 2``, so ``m_0 = m0`` and ``m_T = 1`` (held after T).
     """
-    if not cosine:
-        return base
     progress = min(step / max(total_steps, 1), 1.0)
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
@@ -171,7 +169,7 @@ class MoCo(Pipeline):
         """m of this step (``global_step`` of ``estimated_stepping_batches``)."""
         if not self.momentum_cosine or self._trainer is None:
             return self.momentum
-        return momentum_at(self.global_step, total_steps(self.trainer), self.momentum, True)
+        return momentum_at(self.global_step, total_steps(self.trainer), self.momentum)
 
     @torch.no_grad()
     def keys(self, x: Tensor) -> Tensor:
