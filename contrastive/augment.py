@@ -334,11 +334,20 @@ def solarize(images: Tensor, threshold: float = 0.5) -> Tensor:
     return torch.where(images >= threshold, 1 - images, images)
 
 
-def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
-    """``(x - mean_c) / std_c`` per channel; images (B, C, H, W) float."""
-    stats = torch.stack([torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)])
-    mean_t, std_t = _to_device(stats, images.device).to(images.dtype).view(2, 1, -1, 1, 1).unbind(0)
-    return (images - mean_t) / std_t
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(x - mean_c) / std_c`` per channel; images (B, C, H, W) float, ``mean``/``std`` C floats (or one
+    for every channel).
+
+    The statistics enter as Python scalars, not as a tensor copied from the host: ``Augment``
+    runs this inside a captured CUDA graph, which would keep reading that host buffer at
+    every replay after its memory was freed and reused.
+    """
+    pairs = [(float(m), float(s)) for m, s in zip(mean, std, strict=True)]
+    if len(pairs) == 1:
+        return (images - pairs[0][0]) / pairs[0][1]
+    if len(pairs) != images.shape[1]:
+        raise ValueError(f"normalize: {len(pairs)} mean/std entries for {images.shape[1]} channels")
+    return torch.stack([(images[:, c] - m) / s for c, (m, s) in enumerate(pairs)], dim=1)
 
 
 def normalize_uint8(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
@@ -549,6 +558,10 @@ class Augment:
         )
         _check_kernel_size(blur_kernel)
         self.blur_kernel = int(blur_kernel)
+        if self.blur_p > 0 and self.blur_kernel // 2 >= self.size:  # reflect padding needs pad < side, as torchvision
+            raise ValueError(f"blur_kernel={self.blur_kernel} is too large for size={self.size}: its half-width "
+                             f"{self.blur_kernel // 2} must be < {self.size}; pass blur_kernel <= {2 * self.size - 1} "
+                             "(SimCLR: about 10% of the image side, odd)")
         self.blur_sigma = _pair("blur_sigma", blur_sigma, 0.0)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)

@@ -452,6 +452,39 @@ def test_augment_rejects_bad_arguments(kwargs):
         Augment(**kwargs)
 
 
+def test_a_blur_kernel_wider_than_the_image_is_refused_only_where_blur_is_on():
+    """It failed on the first batch inside F.pad, with no word of blur_kernel or size."""
+    with pytest.raises(ValueError, match="blur_kernel=23 is too large for size=8: .* pass blur_kernel <= 15"):
+        Augment(size=8, blur_p=0.5, blur_kernel=23)
+    assert Augment(size=8, blur_p=0.0, blur_kernel=23)(raw_batch(2)).shape == (2, 3, 8, 8)  # unused kernel
+    assert Augment(size=8, blur_p=1.0, blur_kernel=15)(raw_batch(2)).shape == (2, 3, 8, 8)  # widest that fits
+
+
+def test_apply_copies_nothing_from_the_host(monkeypatch):
+    """``apply`` runs inside a captured CUDA graph: a host buffer read there is read again at every replay,
+    after the caching host allocator may have handed its memory to another tensor."""
+    import contrastive.augment as aug
+
+    augment = Augment(size=16, blur_p=0.5, blur_kernel=3, solarize_p=0.5, gray_p=0.5)
+    raw = raw_batch(6)
+    params = augment.sample(6, 32, 32, torch.Generator().manual_seed(3))
+    expected = augment.apply(raw, params)
+
+    def no_host_copy(*args, **kwargs):
+        raise AssertionError("apply copied a tensor from the host")
+
+    monkeypatch.setattr(aug, "_to_device", no_host_copy)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_host_copy)
+    assert torch.equal(augment.apply(raw, params), expected)
+
+
+def test_normalize_takes_one_statistic_for_every_channel_and_names_a_mismatch():
+    x = images(2)
+    assert torch.equal(normalize(x, (0.5,), (0.25,)), (x - 0.5) / 0.25)
+    with pytest.raises(ValueError, match="2 mean/std entries for 3 channels"):
+        normalize(x, (0.5, 0.5), (0.2, 0.2))
+
+
 def test_augment_rejects_channel_mismatch_and_integer_images():
     with pytest.raises(ValueError):
         Augment()(raw_batch(2, channels=1))
