@@ -175,24 +175,30 @@ def _quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
 
     Run folders are named after their overrides (``a=1,b=2``) and periodic checkpoints are
     ``epoch=0049.ckpt``, so ``checkpoint=<a path the CLI printed>`` is not a valid override
-    as typed. A value that parses as it is (or is quoted already) is left alone.
+    as typed, nor is a path holding a comma (a sweep to Hydra) without ``-m``. A value that parses
+    as it is (or is quoted already) is left alone.
     """
     parser = OverridesParser.create()
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+") in keys and value[:1] not in ("'", '"'):
-            try:
-                parser.parse_override(arg)
+            try:  # a sweep (a path with a comma) is one path unless -m asks for a sweep
+                quote = parser.parse_override(arg).is_sweep_override() and not multirun
             except HydraException:  # the grammar cannot read it as typed
+                quote = True
+            if quote:
                 arg = f"{key}='" + value.replace("'", "\\'") + "'"
         out.append(arg)
     return out
 
 
-def _override_value(arg: str) -> Any:
-    """The value Hydra reads from one ``key=value`` override."""
-    return OverridesParser.create().parse_override(arg).value()
+def _override_paths(arg: str) -> list[str]:
+    """The string values of one ``key=value`` override: one, or each of a sweep's (``-m key=A,B``)."""
+    override = OverridesParser.create().parse_override(arg)
+    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    return [v for v in values if isinstance(v, str)]
 
 
 def _run_dir_of(checkpoint: str) -> str:
@@ -688,6 +694,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         if not isinstance(e.__cause__, DataError):
             raise
         raise DataError(f"{e.__cause__} For contrastive-eval the data folder is data_root=PATH.") from None
+    check_eval_data(run_cfg, splits, cfg.data_root)
 
     features = {}
     for split, data in (("train", splits.train), ("test", splits.test)):
@@ -708,7 +715,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     written = write_plots(out_dir, features, probe_out, splits, run_dir=Path(_run_dir_of(cfg.checkpoint))) \
         if cfg.plots else []
     if cfg.export:
-        written.append(save_torch_atomic(export_backbone(pipeline, probe_out.get("classifier")),
+        written.append(save_torch_atomic(export_backbone(pipeline, exportable_classifier(probe_out)),
                                          out_dir / "backbone_torchvision.pt"))
         log.info("backbone state dict written to %s", written[-1])
     for name in set(EVAL_OUTPUTS) - {p.name for p in written}:  # an earlier eval's, e.g. before linear_probe=false
@@ -716,6 +723,14 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})
     log.info("written to %s", out_dir / "metrics.json")
     return metrics
+
+
+def check_eval_data(run_cfg: DictConfig, splits: Splits, data_root: str | None) -> None:
+    """The data set found has the run's number of classes (else kNN and the probe score another task)."""
+    if splits.num_classes != run_cfg.data.num_classes:
+        where = f"data_root={data_root}" if data_root is not None else f"data.root={run_cfg.data.get('root')}"
+        raise ConfigError(f"the run trained on {run_cfg.data.num_classes} classes, but the data at {where} has "
+                          f"{splits.num_classes}: point data_root at the data set the run trained on")
 
 
 # What contrastive-eval writes beside metrics.json; a later eval of the same checkpoint removes those it
@@ -746,6 +761,20 @@ def write_plots(out_dir: Path, features: dict[str, tuple[torch.Tensor, torch.Ten
         written.append(plot_confusion_matrix(yte, probe_out["test_predictions"].cpu(), splits.test.num_classes,
                                              out_dir / "confusion_matrix.png", class_names=names))
     return written
+
+
+def exportable_classifier(probe_out: dict[str, Any]) -> torch.nn.Linear | None:
+    """The probe's classifier where it takes the raw features, as a ResNet's ``fc`` does; else None, logged.
+
+    With ``probe.normalize=l2`` it takes unit-length features, and its bias makes the argmax depend on
+    the features' length, so no ``fc`` on the raw features predicts as it does.
+    """
+    if probe_out.get("normalize") == "l2":
+        log.warning("backbone_torchvision.pt holds no fc: the probe was trained on L2-normalised features "
+                    "(probe.normalize=l2), which an fc on the raw features cannot reproduce; "
+                    "probe.normalize=standardize (the default) exports it")
+        return None
+    return probe_out.get("classifier")
 
 
 def export_backbone(pipeline: Pipeline, classifier: torch.nn.Linear | None) -> dict[str, torch.Tensor]:
@@ -780,7 +809,7 @@ def evaluate() -> None:
     # Hydra creates the output folder (beside the checkpoint) before the job runs: check the
     # checkpoint first (memory-mapped, so cheap), so that a typo or a foreign or truncated file
     # leaves no eval_* folder (or parent folders) behind.
-    paths = [v for arg in sys.argv[1:] if arg.startswith("checkpoint=") and isinstance(v := _override_value(arg), str)]
+    paths = [p for arg in sys.argv[1:] if arg.startswith("checkpoint=") for p in _override_paths(arg)]
     if not paths and not any(arg.startswith("-") for arg in sys.argv[1:]):  # --help, --cfg job: no checkpoint needed
         _exit_with(ConfigError("contrastive-eval needs the checkpoint to evaluate: pass "
                                "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of contrastive-train)"))
@@ -788,7 +817,9 @@ def evaluate() -> None:
         try:
             load_checkpoint(path, mmap=True)
         except CheckpointError as e:
-            _exit_with(e)
+            several = "," in path and not Path(path).expanduser().exists()
+            _exit_with(CheckpointError(f"{str(e).rstrip('.')}. To evaluate several checkpoints, add -m: contrastive-eval -m "
+                                       "checkpoint=A,B") if several else e)
     _run_hydra(_eval_main, "eval")
 
 

@@ -116,7 +116,8 @@ def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
     # the same checkpoint, features and kNN rule: the same figure as at the end of training
     assert metrics["knn_top1"] == pytest.approx(train_metrics["knn_top1"], abs=1e-6)
     # Again without the probe and export: the folder then holds this evaluation only (no stale confusion matrix).
-    ev = cli("contrastive-eval", f"checkpoint={tmp_path / 'run/checkpoints/last.ckpt'}", "linear_probe=false",
+    # As a (one-job) sweep: -m writes beside the checkpoint too, not into ./multirun/<date>/<time>/0.
+    ev = cli("contrastive-eval", "-m", f"checkpoint={tmp_path / 'run/checkpoints/last.ckpt'}", "linear_probe=false",
              "export=false", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "run" / "eval_last").iterdir() if p.name != ".hydra") == [
@@ -435,6 +436,53 @@ def test_eval_without_a_checkpoint_says_what_to_pass(monkeypatch: pytest.MonkeyP
                                            "contrastive-train)\n")
 
 
+def test_eval_on_data_with_another_class_count_is_refused(config) -> None:
+    """data_root at another data set was scored silently (100% on a 4-class set for a 3-class run)."""
+    from contrastive.cli import check_eval_data
+    from contrastive.data import Splits, shapes
+
+    run_cfg, data = config("train"), shapes(num_train=40, num_test=20, size=8)
+    check_eval_data(run_cfg, data, None)  # 10 classes, as trained
+    four = Splits(data.train.select_classes([0, 1, 2, 3]), data.test.select_classes([0, 1, 2, 3]))
+    with pytest.raises(ConfigError, match="the run trained on 10 classes, but the data at data_root=/other has 4: "
+                                          "point data_root at the data set the run trained on"):
+        check_eval_data(run_cfg, four, "/other")
+
+
+def test_an_l2_probe_exports_no_fc(caplog: pytest.LogCaptureFixture) -> None:
+    """Its classifier takes unit-length features: as a ResNet's fc on the raw features it predicts otherwise."""
+    from contrastive.cli import exportable_classifier
+
+    fc = torch.nn.Linear(4, 3)
+    assert exportable_classifier({"normalize": "standardize", "classifier": fc}) is fc
+    assert exportable_classifier({"normalize": "none", "classifier": fc}) is fc
+    assert exportable_classifier({}) is None  # no probe
+    with caplog.at_level("WARNING", logger="contrastive"):
+        assert exportable_classifier({"normalize": "l2", "classifier": fc}) is None
+    assert "holds no fc: the probe was trained on L2-normalised features" in caplog.text
+
+
+def test_a_checkpoint_path_with_a_comma_is_one_path_unless_m(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    from contrastive.cli import _quote_paths, evaluate
+
+    assert _quote_paths(["checkpoint=/r/a,b/last.ckpt"], ("checkpoint",)) == ["checkpoint='/r/a,b/last.ckpt'"]
+    assert _quote_paths(["-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"], ("checkpoint",)) == [
+        "-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"]  # a sweep where asked for
+    monkeypatch.setattr(sys, "argv", ["contrastive-eval", "checkpoint=/nowhere/a.ckpt,/nowhere/b.ckpt"])
+    with pytest.raises(SystemExit):
+        evaluate()
+    err = capsys.readouterr().err
+    assert "checkpoint not found: /nowhere/a.ckpt,/nowhere/b.ckpt" in err  # not 'needs the checkpoint'
+    assert err.rstrip().endswith("To evaluate several checkpoints, add -m: contrastive-eval -m checkpoint=A,B")
+    monkeypatch.setattr(sys, "argv", ["contrastive-eval", "-m", "checkpoint=/nowhere/a.ckpt,/nowhere/b.ckpt"])
+    with pytest.raises(SystemExit):
+        evaluate()
+    assert "checkpoint not found: /nowhere/a.ckpt;" in capsys.readouterr().err  # each checked before the sweep
+
+
 def test_the_tuning_keys_the_docs_name_are_plain_overrides(config) -> None:
     """docs/benchmarks.md names loss.chunk_size and aug.cuda_graph: no ``+`` needed, and they arrive."""
     from hydra.utils import instantiate
@@ -443,6 +491,10 @@ def test_the_tuning_keys_the_docs_name_are_plain_overrides(config) -> None:
         assert instantiate(config("train", [f"loss={loss}", "loss.chunk_size=64"]).loss).chunk_size == 64, loss
     assert instantiate(config("train", ["aug.cuda_graph=false"]).aug).cuda_graph is False
     assert instantiate(config("train").aug).cuda_graph is True
+    probe = instantiate(config("eval", ["checkpoint=x.ckpt", "probe.lr=0.5", "probe.normalize=l2",
+                                        "probe.weight_decay=0", "probe.optimizer=adamw"]).probe)
+    assert probe.keywords == dict(epochs=100, lr=0.5, weight_decay=0, batch_size=512, optimizer="adamw",
+                                  normalize="l2", seed=0)  # every linear_probe setting, without a '+'
 
 
 def test_settings_the_network_cannot_run_are_refused_before_training(config) -> None:

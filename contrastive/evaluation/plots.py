@@ -167,7 +167,7 @@ def plot_embedding_2d(
     ``pca``: the top two principal components (centred SVD). At most ``max_points``
     points, drawn without replacement from ``seed``, so the picture is reproducible.
     Identical features (a collapsed network: unit features within 1e-6 of their mean) are drawn by PCA, titled so, as t-SNE is
-    undefined for them. A legend is drawn for up to 20 classes. Image ``7.5 x 6`` inches at ``dpi``.
+    undefined for them; so are 1-D features, on a line. A legend is drawn for up to 20 classes. Image ``7.5 x 6`` inches at ``dpi``.
 
     Args:
         features: (N, D) features.
@@ -192,6 +192,8 @@ def plot_embedding_2d(
     centred = x - x.mean(0)
     if method == "tsne" and float(centred.abs().max()) < 1e-6:  # (nearly) equal unit features, a collapsed
         method = "pca"  # network: t-SNE's affinities and PCA start are 0/0 there (scikit-learn segfaults)
+    if x.shape[1] == 1:  # 1-D features: t-SNE and a second component do not exist; drawn on a line
+        method = "pca"
     if method == "tsne":
         from sklearn.manifold import TSNE
 
@@ -199,7 +201,8 @@ def plot_embedding_2d(
         xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x.numpy())  # (n, 2)
     else:
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        xy = (centred @ vh[:2].T).numpy()  # (n, 2)
+        projected = centred @ vh[:2].T  # (n, min(2, D))
+        xy = F.pad(projected, (0, 2 - projected.shape[1])).numpy()  # (n, 2)
 
     classes = sorted(set(y.tolist()))
     colors = _class_colors(max(classes) + 1)

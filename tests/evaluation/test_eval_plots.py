@@ -103,6 +103,13 @@ def test_embedding_subsample_is_deterministic(tmp_path: Path) -> None:
     assert a == b and a != c
 
 
+@pytest.mark.parametrize("method", ["tsne", "pca"])
+def test_one_dimensional_features_are_drawn_on_a_line(tmp_path: Path, method: str) -> None:
+    """They crashed (PCA: no second component; t-SNE: scikit-learn refuses n_components=2 for 1-D)."""
+    x, y = torch.randn(12, 1, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 3
+    _assert_png(plot_embedding_2d(x, y, tmp_path / "e.png", method=method, dpi=DPI), EMBEDDING_SIZE)
+
+
 def test_similarity_histogram_png(tmp_path: Path) -> None:
     x, y = _blobs()
     _assert_png(plot_similarity_histograms(x, y, tmp_path / "h.png", max_pairs=2000, dpi=DPI), HISTOGRAM_SIZE)
