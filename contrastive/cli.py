@@ -50,6 +50,7 @@ from contrastive.io import (
     write_json_atomic,
 )
 from contrastive.pipelines import NonFiniteLossError, Pipeline
+from contrastive.pipelines.base import steps_per_epoch
 
 log = logging.getLogger("contrastive")
 
@@ -636,7 +637,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     metrics = {f"{k}_untrained": v for k, v in measure().items()}
     trainer.fit(pipeline, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics |= measure()
-    metrics["epochs"] = trainer.global_step / max(trainer.num_training_batches, 1)  # fractional if stopped early
+    metrics["epochs"] = trainer.global_step / steps_per_epoch(trainer)  # fractional if stopped early
     metrics["train_seconds"] = pipeline.train_seconds  # summed over every call of a resumed run
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from contrastive.augment import Augment, normalize_uint8
 from contrastive.data import TensorDataModule, shapes
-from contrastive.distributed import gather_with_grad
+from contrastive.distributed import gather_with_grad, rank
 from contrastive.losses import InfoNCE, NTXent
 from contrastive.models import convnet, mlp
 from contrastive.pipelines import MoCo, SimCLR
@@ -60,7 +60,7 @@ def _everything_on_this_rank(tmp_path: Path) -> dict[str, Any]:
     # one spawn for every check: starting a process (importing Lightning) is the slow part
     return {"step": _one_step(WORLD), "validate": _validate(WORLD), "resume": _fit_then_resume(WORLD, tmp_path),
             "moco": _moco_steps(WORLD), "moco_symmetric": _moco_steps(WORLD, symmetric=True),
-            "shuffle_bn": _shuffle_bn_keys(), "nonfinite": _inf_on_rank_0_only()}
+            "shuffle_bn": _shuffle_bn_keys(), "nonfinite": _inf_on_rank_0_only(), "skip_fit": _skip_fit(WORLD)}
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def _inf_on_rank_0_only() -> dict[str, Any]:
     skip = _simclr_without_bn()
     skip.on_nonfinite = "skip"
     skip.print = lambda *args, **kwargs: None  # LightningModule.print needs a Trainer
-    out: dict[str, Any] = {"skip": (skip.finish_step({"loss": loss}), skip.skipped_steps)}
+    out: dict[str, Any] = {"skip": (float(skip.finish_step({"loss": loss})), skip.skipped_steps)}
     stop = _simclr_without_bn()
     stop.finish_step({"loss": loss})
     try:
@@ -324,10 +324,56 @@ def _inf_on_rank_0_only() -> dict[str, Any]:
     return out
 
 
+class _InfAtSecondCall(NTXent):
+    """NT-Xent whose second call gives inf on rank 0 only (a NaN/Inf one process alone sees)."""
+
+    calls = 0
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        loss, self.calls = super().forward(z1, z2), self.calls + 1
+        return loss + float("inf") if self.calls == 2 and rank() == 0 else loss
+
+
+class _Weights(pl.Callback):
+    """The parameters after every training step."""
+
+    def __init__(self) -> None:
+        self.after: list[dict[str, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        self.after.append({n: p.detach().clone() for n, p in module.named_parameters()})
+
+
+def _skip_fit(devices: int) -> dict[str, Any]:
+    """Three steps through the Trainer with on_nonfinite=skip (SGD with momentum), the second non-finite."""
+    splits = shapes(num_train=WORLD * PER_RANK, num_test=4, size=16, seed=1)
+    datamodule = TensorDataModule(splits, batch_size=PER_RANK * WORLD // devices, eval_batch_size=8, seed=3)
+    pipeline = _simclr_without_bn(momentum=0.9)
+    pipeline.loss = _InfAtSecondCall(temperature=0.3, gather=True)
+    pipeline.on_nonfinite = "skip"
+    weights = _Weights()
+    trainer = _trainer(devices, max_steps=3, limit_val_batches=0, precision="64-true", callbacks=[weights])
+    trainer.fit(pipeline, datamodule=datamodule)
+    return {"after": weights.after, "skipped": pipeline.skipped_steps, "global_step": trainer.global_step}
+
+
+def test_a_skipped_step_under_ddp_updates_nothing_and_ends_as_one_process(two_ranks: list[dict[str, Any]]) -> None:
+    """Lightning refuses a None loss under DDP: the run crashed at the first non-finite step."""
+    ref = _skip_fit(1)
+    assert ref["skipped"] == 1 and ref["global_step"] == 3
+    for r, out in enumerate(two_ranks):
+        got = out["skip_fit"]
+        assert got["skipped"] == 1 and got["global_step"] == 3, r  # rank 1's finite loss is skipped too
+        for name, value in got["after"][1].items():  # the skipped step moved nothing (momentum 0.9)
+            assert torch.equal(value, got["after"][0][name]), (r, name)
+        for name, value in ref["after"][2].items():
+            torch.testing.assert_close(got["after"][2][name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_a_nonfinite_loss_on_one_rank_is_skipped_or_raised_on_every_rank(two_ranks: list[dict[str, Any]]) -> None:
     """One rank alone skipping (or stopping) would leave the other waiting in DDP's all-reduce."""
     for r, out in enumerate(two_ranks):
-        assert out["nonfinite"]["skip"] == (None, 1), r
+        assert out["nonfinite"]["skip"] == (0.0, 1), r  # a zero loss on every rank: the backward stays paired
         assert out["nonfinite"]["raise"] is not None, r
         assert f"loss={'inf' if r == 0 else '1.5'} (this process's value; non-finite on at least one of the 2 " \
                "processes)" in out["nonfinite"]["raise"], r

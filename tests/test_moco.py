@@ -267,6 +267,22 @@ def test_step_uses_the_queue_as_negatives_then_enqueues_the_keys(symmetric: bool
     assert moco.backbone[0].weight.grad is not None
 
 
+class _NaNLoss(nn.Module):
+    def forward(self, q: Tensor, k: Tensor, negatives: Tensor) -> Tensor:
+        return (q * k).sum() + float("nan")
+
+
+def test_a_skipped_step_enqueues_nothing() -> None:
+    moco = _moco()
+    moco.on_nonfinite = "skip"
+    moco.print = lambda *a, **k: None  # no Trainer attached
+    moco.loss = _NaNLoss()
+    queue_before, ptr_before = moco.queue.keys.clone(), int(moco.queue.ptr)
+    loss = moco.training_step(_images(), 0)
+    assert moco.skipped_steps == 1 and loss.requires_grad  # the zero loss every process backpropagates
+    assert torch.equal(moco.queue.keys, queue_before) and int(moco.queue.ptr) == ptr_before
+
+
 def test_step_updates_the_key_encoder_by_the_ema_formula() -> None:
     moco = _moco(momentum=0.9)
     with torch.no_grad():

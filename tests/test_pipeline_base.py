@@ -41,12 +41,24 @@ def test_pending_check_holds_no_autograd_graph() -> None:
     assert not flags.requires_grad and all(not v.requires_grad and v.grad_fn is None for v in terms.values())
 
 
-def test_nonfinite_skip_returns_none() -> None:
+def test_nonfinite_skip_returns_a_zero_on_every_parameter_and_the_step_updates_nothing() -> None:
+    """Not None, which Lightning refuses under DDP: every parameter joins the backward with a zero
+    gradient, and the optimiser step after a wholly skipped step drops those gradients."""
     p = _pipeline("skip")
     p.log = lambda *a, **k: None
     p.print = lambda *a, **k: None
-    assert p.finish_step({"loss": torch.tensor(float("inf"))}) is None and p.skipped_steps == 1
+    skipped = p.finish_step({"loss": torch.tensor(float("inf"))})
+    assert p.skipped_steps == 1 and float(skipped) == 0.0
+    skipped.backward()
+    params = [q for q in p.parameters() if q.requires_grad]
+    assert params and all(q.grad is not None and not q.grad.any() for q in params)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
+    p.on_before_optimizer_step(opt)
+    assert all(q.grad is None for q in params)  # so SGD's momentum and weight decay leave them alone
     assert p.finish_step({"loss": torch.tensor(2.0)}) == 2.0
+    params[0].grad = torch.ones_like(params[0])
+    p.on_before_optimizer_step(opt)  # a step with a real loss keeps its gradients
+    assert params[0].grad is not None
 
 
 def test_nonfinite_features_stop_the_knn_monitor() -> None:
@@ -90,6 +102,17 @@ def test_a_backbone_wider_than_feature_dim_is_named_at_the_online_probe() -> Non
     assert p.online_probe_loss(torch.randn(3, 4), torch.tensor([0, 1, 0])) is not None
     with pytest.raises(ValueError, match="outputs 6 features per image, but .* feature_dim=4: pass feature_dim=6"):
         p.online_probe_loss(torch.randn(3, 6), torch.tensor([0, 1, 0]))
+
+
+def test_steps_per_epoch_counts_optimiser_steps() -> None:
+    """metrics.json's epochs divided optimiser steps by batches: 0.5 for one epoch under accumulation 2."""
+    from types import SimpleNamespace
+
+    from contrastive.pipelines.base import steps_per_epoch
+
+    for batches, accumulate, steps in ((4, 1, 4), (4, 2, 2), (5, 2, 3), (0, 1, 1)):
+        trainer = SimpleNamespace(num_training_batches=batches, accumulate_grad_batches=accumulate)
+        assert steps_per_epoch(trainer) == steps, (batches, accumulate)  # type: ignore[arg-type]
 
 
 def test_warmup_cosine_values() -> None:

@@ -51,6 +51,12 @@ def total_steps(trainer: pl.Trainer) -> int:
     return int(total)
 
 
+def steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimiser steps per epoch of this process: ``ceil(batches / accumulate_grad_batches)`` (>= 1), as
+    Lightning steps on an epoch's last, incomplete accumulation window too."""
+    return max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
+
+
 def warmup_cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 10.0,
                   final_lr_fraction: float = 0.0) -> LambdaLR:
     """Linear warm-up for ``warmup_epochs`` then cosine decay to ``final_lr_fraction`` (per step).
@@ -128,6 +134,7 @@ class Pipeline(pl.LightningModule):
         self.train_seconds = 0.0  # wall-clock of the finished epochs (validation included), across resumes
         self.last_features: dict[str, tuple[Tensor, Tensor]] = {}
         self.skipped_steps = 0
+        self._step_has_loss = False  # a batch since the last optimiser step returned a real loss
         self._pending_check: tuple[Tensor, Any, dict[str, Tensor], int] | None = None  # see finish_step
 
     # ------------------------------------------------------------------ encoding
@@ -171,7 +178,7 @@ class Pipeline(pl.LightningModule):
         self.log("train/online_probe_top1", acc, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
-    def finish_step(self, terms: dict[str, Tensor], extra: Tensor | None = None) -> Tensor | None:
+    def finish_step(self, terms: dict[str, Tensor], extra: Tensor | None = None) -> Tensor:
         """Check and log the loss terms; returns what Lightning should minimise.
 
         ``terms["loss"]`` is the objective; other entries are logged beside it.
@@ -186,7 +193,10 @@ class Pipeline(pl.LightningModule):
                 self.skipped_steps += 1
                 self.print(f"skipping step: {self._nonfinite_message(terms, finite, self.global_step)}")
                 self.log("train/skipped_steps", float(self.skipped_steps))
-                return None
+                # Not None, which Lightning refuses under DDP: a zero on every trainable parameter, so every
+                # process runs the same backward and gradient all-reduce; on_before_optimizer_step then
+                # drops the (zero) gradients, so the optimiser moves nothing, momentum and decay included.
+                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         else:
             self.raise_if_nonfinite()
             self._pending_check = self._finite_flags(terms)
@@ -196,7 +206,14 @@ class Pipeline(pl.LightningModule):
             value = value.detach().float()
             self.log(f"train/{name}_step", value, prog_bar=name == "loss", on_step=True, on_epoch=False)
             self.log(f"train/{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True)
+        self._step_has_loss = True
         return terms["loss"] if extra is None else terms["loss"] + extra
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """A step whose every (accumulated) batch was skipped updates nothing (see :meth:`finish_step`)."""
+        if self.on_nonfinite == "skip" and not self._step_has_loss:
+            optimizer.zero_grad(set_to_none=True)  # optimisers leave parameters without a gradient alone
+        self._step_has_loss = False
 
     def _finite_flags(self, terms: dict[str, Tensor]) -> tuple[Tensor, Any, dict[str, Tensor], int]:
         terms = {k: v.detach() for k, v in terms.items()}  # the check must not keep the step's graph alive
@@ -305,9 +322,8 @@ class Pipeline(pl.LightningModule):
         total = total_steps(trainer)
         if trainer.train_dataloader is None:  # only max_steps given (max_epochs -1): not loaded by the estimate
             trainer.fit_loop.setup_data()  # what estimated_stepping_batches does otherwise
-        # this process's batches per epoch (finite: index batches); not total // max_epochs, as max_epochs may be -1
-        per_epoch = max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
-        scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch)
+        # this process's steps per epoch (finite: index batches); not total // max_epochs, as max_epochs may be -1
+        scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=steps_per_epoch(trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -206,7 +206,7 @@ class MoCo(Pipeline):
             )
 
     # ------------------------------------------------------------------ the step
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         self.check_queue(len(images) * world_size() * (2 if self.symmetric else 1))
         m = self.current_momentum()
@@ -227,8 +227,9 @@ class MoCo(Pipeline):
         else:
             new_keys, h, y = (k2,), h1, labels
         self.log("train/momentum", m, on_step=True, on_epoch=False)
+        skipped = self.skipped_steps
         out = self.finish_step({"loss": loss}, self.online_probe_loss(h, y))
-        if out is not None:  # a skipped (non-finite) step enqueues nothing
+        if self.skipped_steps == skipped:  # a skipped (non-finite) step enqueues nothing
             # gathered per view: [all k1; all k2] (W*B each), the order one process with the global batch enqueues
             self.queue.enqueue(torch.cat([all_gather(l2_normalize(k.float())) for k in new_keys]))
         return out

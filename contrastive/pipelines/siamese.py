@@ -74,7 +74,7 @@ class Siamese(Pipeline):
         raw = self.eval_features == "embedding" and getattr(self.loss.metric_loss, "normalize", True) is False
         return "euclidean" if raw else "cosine"
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch  # (B, C, H, W) uint8, B = P x K (or any labelled batch)
         h = self.backbone(torch.cat(self.views(images, n=self.num_views)))  # (V*B, F), one pass
         labels = labels.repeat(self.num_views)  # (V*B,), view-major like h

@@ -52,7 +52,7 @@ class SimCLR(Pipeline):
         self.loss = loss
         self.num_views = num_views
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         h = self.backbone(torch.cat(self.views(images, n=self.num_views)))  # (V*B, F), one pass: BN sees all views
         z = self.projector(h)  # (V*B, D)
