@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -34,7 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from contrastive.data import DataError, DataWarning, Splits, TensorDataModule
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
@@ -158,6 +159,10 @@ def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
             error_file.unlink(missing_ok=True)  # from an earlier failed attempt of this job
         try:
             return fn(cfg)
+        except SIGTERMException:  # Lightning's is a SystemExit without a code: a scheduler would read success
+            print("error: stopped by SIGTERM; checkpoints/last.ckpt keeps the last whole epoch: run the same "
+                  "command to continue", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
         except USER_ERRORS as e:
             if error_file is None:
                 _exit_with(e)
@@ -330,7 +335,8 @@ class LastCheckpoint(Checkpoint):
         done = _steps_of_cut_epoch(trainer)
         if done is not None:
             log.warning("training stopped after %d of %d steps of epoch %d; %s stays at the end of the last "
-                        "whole epoch, from which the same command continues",
+                        "whole epoch, from which the command continues (with trainer.max_time, give it time "
+                        "for more than one epoch, or leave it out)",
                         done, trainer.num_training_batches, trainer.current_epoch, self.path.name)
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resume needs it
@@ -397,7 +403,14 @@ def check_config(cfg: DictConfig) -> None:
     _check(cfg, "trainer.max_epochs", (int,), lambda v: v >= 0, "a non-negative integer")
     _check(cfg, "eval.every_n_epochs", *_POSITIVE_INT)
     _check(cfg, "checkpoint.every_n_epochs", *_POSITIVE_INT)
-    _check(cfg, "seed", (int,), lambda v: True, "an integer")
+    _check(cfg, "seed", (int,), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+    if OmegaConf.select(cfg, "scheduler.warmup_epochs") is not None:
+        _check(cfg, "scheduler.warmup_epochs", (int, float), lambda v: v >= 0, "a non-negative number")
+    _check(cfg, "eval.knn_temperature", (int, float), lambda v: v > 0, "a positive number")
+    max_time = OmegaConf.select(cfg, "trainer.max_time")
+    if max_time is not None and not (isinstance(max_time, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", max_time)):
+        raise ConfigError(f"trainer.max_time={max_time!r} is invalid: it must be DD:HH:MM:SS, e.g. "
+                          "trainer.max_time=00:04:00:00 for four hours")
     _check(cfg, "data.num_classes", *_POSITIVE_INT)
     if OmegaConf.select(cfg, "optimizer.lr") is not None:
         _check(cfg, "optimizer.lr", (int, float), lambda v: v > 0, "a positive number")
@@ -497,13 +510,20 @@ def resume_checkpoint(resume: Any, run_dir: Path) -> tuple[str, dict[str, Any]] 
     """The checkpoint a run continues from, as (path, memory-mapped contents), or None.
 
     ``auto``: the run directory's ``last.ckpt`` if there is one; ``never``/null: none; else a
-    path. Read now, so that a missing, truncated or foreign file is a clear error before any work.
+    path, which starts the run: once the run has its own ``last.ckpt`` it continues from that
+    (a path inside the run directory, e.g. an earlier ``epoch=*.ckpt``, still rolls it back).
+    Read now, so that a missing, truncated or foreign file is a clear error before any work.
     """
     if resume in (None, "never", False):
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if resume == "auto" else Path(str(resume)).expanduser()
+    own = run_dir / "checkpoints" / "last.ckpt"
+    path = own if resume == "auto" else Path(str(resume)).expanduser()
     if resume == "auto" and not path.is_file():
         return None
+    if resume != "auto" and own.is_file() and not path.resolve().is_relative_to(run_dir.resolve()):
+        # the same command again after an interruption: continue this run, not from PATH again
+        log.info("resume=%s started this run; it continues from its own %s", path, own)
+        path = own
     return str(path), load_checkpoint(path, key="resume", mmap=True)
 
 
@@ -595,10 +615,12 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
         )
     except TypeError as e:  # +trainer.max_epoch=1: a key the Trainer does not take
         raise ConfigError(f"{e}: trainer.* keys are the arguments of pytorch_lightning.Trainer") from None
-    except MisconfigurationException as e:  # settings this machine cannot run, e.g. a GPU where there is none
+    except (MisconfigurationException, ValueError) as e:  # a value it refuses, e.g. precision=abc or a GPU where
+        where = " ".join(str(e).lower().split())  # there is none (the accelerator's errors get the hint)
+        hint = ("use trainer.accelerator=auto, or trainer=cpu" if re.search(r"accelerator|device|gpu|cuda|mps|tpu", where)
+                else "trainer.* values are the arguments of pytorch_lightning.Trainer")
         raise ConfigError(
-            f"{e} (trainer.accelerator={trainer_args['accelerator']}, trainer.devices={trainer_args['devices']}): "
-            "use trainer.accelerator=auto, or trainer=cpu"
+            f"{e} (trainer.accelerator={trainer_args['accelerator']}, trainer.devices={trainer_args['devices']}): {hint}"
         ) from None
 
 

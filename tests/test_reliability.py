@@ -199,3 +199,64 @@ def test_stop_inside_an_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Pa
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["epochs"] == 2
     steps, seconds, _ = _epoch_rows(tmp_path / "cut")
     assert len(seconds) == 2 and steps == sorted(steps)  # the cut epoch's rows gave way to the whole epoch's
+
+
+def test_sigterm_exits_143_with_what_to_do(capsys: pytest.CaptureFixture) -> None:
+    """Lightning's SIGTERMException is a SystemExit without a code: a killed run exited 0, as if it had finished."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from contrastive.cli import _run_guarded
+
+    def terminated(cfg: object) -> None:
+        raise SIGTERMException()
+
+    with pytest.raises(SystemExit) as exit_info:
+        _run_guarded(terminated)(None)  # type: ignore[arg-type]
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ("error: stopped by SIGTERM; checkpoints/last.ckpt keeps the last whole epoch: "
+                                       "run the same command to continue\n")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "seed=-1 is invalid: it must be an integer in"),
+    ("seed=4294967296", "seed=4294967296 is invalid"),
+    ("scheduler.warmup_epochs=abc", "scheduler.warmup_epochs='abc' is invalid: it must be a non-negative number"),
+    ("eval.knn_temperature=abc", "eval.knn_temperature='abc' is invalid: it must be a positive number"),
+    ("trainer.max_time=1", "trainer.max_time=1 is invalid: it must be DD:HH:MM:SS, e.g. trainer.max_time=00:04:00:00"),
+    ("trainer.max_time=00:00:05", "trainer.max_time='00:00:05' is invalid: it must be DD:HH:MM:SS"),
+])
+def test_values_that_crashed_with_a_traceback_are_refused_by_name(config, override: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    from contrastive.cli import ConfigError, check_config
+
+    check_config(config("train", ["trainer.max_time=00:04:00:00"]))  # the documented form passes
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        check_config(config("train", [override]))
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("trainer.precision=abc", "Precision 'abc' is invalid.*trainer.\\* values are the arguments of pytorch_lightning"),
+    ("trainer.num_nodes=0", "`num_nodes` must be a positive integer.*arguments of pytorch_lightning.Trainer"),
+])
+def test_trainer_values_it_refuses_are_one_config_error(config, tmp_path: Path, override: str, hint: str) -> None:  # type: ignore[no-untyped-def]
+    """They were a ValueError traceback (only TypeError and MisconfigurationException were caught)."""
+    from contrastive.cli import ConfigError, _make_trainer
+
+    with pytest.raises(ConfigError, match=hint):
+        _make_trainer(config("train", [override]), tmp_path)
+
+
+def test_resume_path_starts_the_run_and_its_own_last_checkpoint_continues_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Re-running a resume=PATH command after an interruption began again at PATH, redoing the epochs since."""
+    import contrastive.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "load_checkpoint", lambda path, **kwargs: {"path": str(path)})
+    run, other = tmp_path / "run", tmp_path / "other" / "checkpoints" / "epoch=0003.ckpt"
+    own = run / "checkpoints" / "last.ckpt"
+    assert cli_module.resume_checkpoint(str(other), run)[0] == str(other)  # a new run starts from PATH
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"")
+    assert cli_module.resume_checkpoint(str(other), run)[0] == str(own)  # the same command again continues
+    rollback = run / "checkpoints" / "epoch=0001.ckpt"
+    assert cli_module.resume_checkpoint(str(rollback), run)[0] == str(rollback)  # within the run: rolls back
+    assert cli_module.resume_checkpoint("auto", run)[0] == str(own)
+    assert cli_module.resume_checkpoint("never", run) is None
