@@ -40,6 +40,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from contrastive.data import DataError, DataWarning, Splits, TensorDataModule
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
 from contrastive.evaluation.neighbors import Metric
+from contrastive.evaluation.report import JOB_ERROR_FILE
 from contrastive.io import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -75,7 +76,6 @@ def _user_message(error: Exception) -> str:
     return f"{error} (while building {key})" if key else str(error)
 
 
-JOB_ERROR_FILE = "error.txt"  # in a sweep job's folder: why the job failed (read by SweepSummary)
 
 
 def _one_line(error: Exception) -> str:
@@ -148,8 +148,9 @@ def _run_hydra(main: Callable[[], Any], config_name: str) -> None:
 def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn user errors into one clear line on stderr and exit status 2 (no traceback).
 
-    In a sweep (``-m``) a job's user error does not stop the sweep: the line goes to stderr
-    and to the job's ``error.txt``, the other jobs run, and :class:`SweepSummary` reports it.
+    In a sweep (``-m``) a job's error does not stop the sweep: the line (for an unforeseen error, the
+    traceback) goes to stderr and to the job's ``error.txt``, the other jobs run, and
+    :class:`SweepSummary` reports it.
     """
 
     def wrapper(cfg: DictConfig) -> Any:
@@ -169,6 +170,13 @@ def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
             line = _one_line(e)
             print(f"error: {line}", file=sys.stderr)
             write_bytes_atomic(error_file, (line + "\n").encode())
+            return None
+        except Exception as e:  # a bug or an unforeseen failure: the traceback (a sweep's other jobs still run)
+            if error_file is None:
+                raise
+            log.exception("job failed")  # the traceback, into the job's cli.log too
+            write_bytes_atomic(error_file, f"{type(e).__name__}: {_one_line(e)} (traceback in the job's "
+                                           "cli.log)\n".encode())
             return None
 
     wrapper.__name__ = fn.__name__

@@ -260,3 +260,24 @@ def test_resume_path_starts_the_run_and_its_own_last_checkpoint_continues_it(tmp
     assert cli_module.resume_checkpoint(str(rollback), run)[0] == str(rollback)  # within the run: rolls back
     assert cli_module.resume_checkpoint("auto", run)[0] == str(own)
     assert cli_module.resume_checkpoint("never", run) is None
+
+
+def test_an_unforeseen_error_in_a_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """It ended the sweep with a traceback, the later jobs not run and no summary written."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    import contrastive.cli as cli_module
+
+    def broken(cfg: object) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    with pytest.raises(ZeroDivisionError):  # one run: the traceback, as for any bug
+        cli_module._run_guarded(broken)(None)
+    job = SimpleNamespace(mode=RunMode.MULTIRUN, runtime=SimpleNamespace(output_dir=str(tmp_path)))
+    monkeypatch.setattr(cli_module.HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(cli_module.HydraConfig, "get", staticmethod(lambda: job))
+    assert cli_module._run_guarded(broken)(None) is None  # the sweep goes on to its next job
+    assert (tmp_path / "error.txt").read_text() == (
+        "ZeroDivisionError: division by zero (traceback in the job's cli.log)\n")

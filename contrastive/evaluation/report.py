@@ -14,6 +14,7 @@ from pathlib import Path
 from contrastive.evaluation.plots import new_figure, save_figure
 
 SEED_KEYS = ("seed",)  # overrides that repeat a configuration rather than change it
+JOB_ERROR_FILE = "error.txt"  # in a sweep job's folder: why its last attempt failed (written by the CLI)
 
 
 @dataclass
@@ -38,8 +39,9 @@ def parse_override(text: str) -> tuple[str, str]:
 def read_run(run_dir: str | Path) -> Run:
     """Read ``metrics.json`` (flat name -> number) and ``.hydra/overrides.yaml`` of one run.
 
-    Missing files give empty dicts (a crashed job still gets its row); non-numeric
-    metric values are skipped and JSON ``null`` reads as ``nan``.
+    Missing files give empty dicts (a crashed job still gets its row), and so does a job whose
+    last attempt failed (its ``error.txt``), whatever ``metrics.json`` an earlier attempt left;
+    non-numeric metric values are skipped and JSON ``null`` reads as ``nan``.
 
     Args:
         run_dir: the job's output folder.
@@ -57,7 +59,7 @@ def read_run(run_dir: str | Path) -> Run:
             key, value = parse_override(str(item))
             run.overrides[key] = value
     metrics_file = path / "metrics.json"
-    if metrics_file.is_file():
+    if metrics_file.is_file() and not (path / JOB_ERROR_FILE).is_file():  # else an earlier attempt's metrics
         for name, value in json.loads(metrics_file.read_text()).items():
             if value is None:
                 run.metrics[name] = math.nan

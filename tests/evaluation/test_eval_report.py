@@ -68,3 +68,14 @@ def test_seed_table_and_missing_metrics(tmp_path: Path) -> None:
     assert "| 0.1 | 2 | 81.00 ± 1.41 |" in text  # mean and sample std of 80 and 82
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv", newline="")))
     assert rows[2] == {"run": "2", "lr": "0.3", "knn_top1": ""}
+
+
+def test_a_job_whose_last_attempt_failed_has_no_metrics(tmp_path: Path) -> None:
+    """An earlier attempt's metrics.json showed as the failed job's results in the sweep summary."""
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- loss.temperature=0.1\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"knn_top1": 7.0}))
+    assert read_run(tmp_path).metrics == {"knn_top1": 7.0}
+    (tmp_path / "error.txt").write_text("error: something\n")
+    run = read_run(tmp_path)
+    assert run.metrics == {} and run.overrides == {"loss.temperature": "0.1"}
