@@ -111,11 +111,16 @@ def _quiet_library_notices() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # batches come from tensors
 
 
-def _config_keys(config_name: str) -> list[str]:
-    """Every dotted key of the shipped config ``config_name`` (defaults only)."""
+def _config_keys(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every dotted key of the shipped config ``config_name`` with ``overrides`` (e.g. ``experiment=...``),
+    or with its defaults where those do not compose."""
     GlobalHydra.instance().clear()
     with initialize_config_module("contrastive.configs", version_base="1.3"):
-        tree = OmegaConf.to_container(compose(config_name), resolve=False)
+        try:
+            composed = compose(config_name, overrides=list(overrides))
+        except Exception:  # another bad override, or a sweep's list
+            composed = compose(config_name)
+        tree = OmegaConf.to_container(composed, resolve=False)
 
     def walk(node: Any, prefix: str) -> list[str]:
         if not isinstance(node, dict):
@@ -140,7 +145,9 @@ def _run_hydra(main: Callable[[], Any], config_name: str) -> None:
         if found is None:
             _exit_with(ConfigError(str(e).split("Config search path")[0]))
         key = found.group(1)
-        close = difflib.get_close_matches(key, _config_keys(config_name), n=1)
+        others = [a for a in sys.argv[1:] if not a.startswith("-") and a.partition("=")[0].lstrip("+~") != key]
+        keys = [k for k in _config_keys(config_name, others) if not k.rpartition(".")[2].startswith("_")]  # no _target_
+        close = [k for k in difflib.get_close_matches(key, keys, n=2) if k != key][:1]
         _exit_with(ConfigError(f"unknown config key {key}{f' (did you mean {close[0]}?)' if close else ''}: "
                                f"`--cfg job` lists the keys with their values"))
 

@@ -199,6 +199,23 @@ def test_hydra_hint_and_missing_option_are_one_line(config, tmp_path: Path, caps
                                        "in 'experiment': simclr_cifar10\n")
 
 
+def test_the_key_suggested_is_one_of_the_chosen_experiment(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Suggestions came from the default experiment: pipeline.bn_split under moco_shapes got pipeline.knn_k."""
+    import sys
+
+    from hydra.errors import ConfigCompositionException
+
+    from contrastive.cli import _run_hydra
+
+    def misspelt() -> None:
+        raise ConfigCompositionException("Could not override 'pipeline.bn_split'.")
+
+    monkeypatch.setattr(sys, "argv", ["contrastive-train", "experiment=moco_shapes", "pipeline.bn_split=2"])
+    with pytest.raises(SystemExit):
+        _run_hydra(misspelt, "train")
+    assert "unknown config key pipeline.bn_split (did you mean pipeline.bn_splits?)" in capsys.readouterr().err
+
+
 def test_corrupt_checkpoint_is_refused(cli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 truncated")
