@@ -48,7 +48,7 @@ def test_nonfinite_skip_returns_a_zero_on_every_parameter_and_the_step_updates_n
     p.log = lambda *a, **k: None
     p.print = lambda *a, **k: None
     skipped = p.finish_step({"loss": torch.tensor(float("inf"))})
-    assert p.skipped_steps == 1 and float(skipped) == 0.0
+    assert p.skipped_steps == 1 and float(skipped.detach()) == 0.0
     skipped.backward()
     params = [q for q in p.parameters() if q.requires_grad]
     assert params and all(q.grad is not None and not q.grad.any() for q in params)
