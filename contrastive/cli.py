@@ -200,7 +200,7 @@ def _quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     as it is (or is quoted already) is left alone.
     """
     parser = OverridesParser.create()
-    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    multirun = _is_multirun(argv)
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -213,6 +213,10 @@ def _quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
                 arg = f"{key}='" + value.replace("'", "\\'") + "'"
         out.append(arg)
     return out
+
+
+def _is_multirun(argv: list[str]) -> bool:
+    return any(arg in ("-m", "--multirun") for arg in argv)
 
 
 def _override_paths(arg: str) -> list[str]:
@@ -855,7 +859,7 @@ def evaluate() -> None:
         try:
             load_checkpoint(path, mmap=True)
         except CheckpointError as e:
-            several = "," in path and not Path(path).expanduser().exists()
+            several = "," in path and not Path(path).expanduser().exists() and not _is_multirun(sys.argv[1:])
             _exit_with(CheckpointError(f"{str(e).rstrip('.')}. To evaluate several checkpoints, add -m: contrastive-eval -m "
                                        "checkpoint=A,B") if several else e)
     _run_hydra(_eval_main, "eval")
