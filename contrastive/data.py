@@ -418,24 +418,57 @@ def shapes(num_train: int = 2000, num_test: int = 1000, size: int = 32, seed: in
 # --------------------------------------------------------------------------- batching
 
 
-class IndexBatches:
-    """Batches of a uint8 image tensor drawn by index; an iterable Lightning accepts.
+class EpochBatches:
+    """Base of the batch iterables Lightning accepts: epoch ``e``'s batches come from ``seed + e``.
 
-    The permutation of epoch ``e`` comes from ``seed + e``, so it is the same on
-    every process and after a resume. With ``W`` processes each rank takes its own
-    contiguous slice of every global batch (no overlap, no DataLoader sampler).
+    So the batches are the same on every process and after a resume. Subclasses give
+    :meth:`batches`, this rank's index tensors for the epoch; iterating yields
+    ``(images[idx], labels[idx])`` for each.
 
     Args:
         data: the images and labels (on the device batches should be on).
-        batch_size: the per-process batch size.
-        shuffle: draw a fresh permutation per epoch (else the natural order).
-        drop_last: drop the last incomplete global batch.
-        seed: base seed of the permutations.
+        seed: base seed; epoch ``e`` draws from ``seed + e``.
         epoch_source: returns the current epoch (the trainer's), read at each
             ``iter``; without it the epoch counts the passes started (a pass
             stopped early, e.g. by ``limit_train_batches``, still moves on).
         world: the number of processes; None: the process group's (1 without one). Given
             only to check the settings before the processes exist.
+    """
+
+    def __init__(self, data: ImageTensors, seed: int = 0, epoch_source: Callable[[], int] | None = None,
+                 world: int | None = None) -> None:
+        self.data, self.seed, self.epoch, self.epoch_source = data, seed, 0, epoch_source
+        self.world, self.rank = dist_world_size() if world is None else world, dist_rank()
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded for the current epoch (``seed + epoch``)."""
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+    def batches(self) -> Iterable[Tensor]:
+        """This rank's index tensors for the current epoch, on the data's device."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.epoch_source is not None:
+            self.epoch = self.epoch_source()
+        batches = self.batches()
+        if self.epoch_source is None:
+            self.epoch += 1  # now, not after the last batch: a pass stopped early must not repeat its batches
+        for idx in batches:
+            yield self.data.images[idx], self.data.labels[idx]
+
+
+class IndexBatches(EpochBatches):
+    """Batches of a uint8 image tensor drawn by index (:class:`EpochBatches`).
+
+    Epoch ``e`` is a permutation drawn from ``seed + e``. With ``W`` processes each rank
+    takes its own contiguous slice of every global batch (no overlap, no DataLoader sampler).
+
+    Args:
+        data, seed, epoch_source, world: as :class:`EpochBatches`.
+        batch_size: the per-process batch size.
+        shuffle: draw a fresh permutation per epoch (else the natural order).
+        drop_last: drop the last incomplete global batch.
     """
 
     def __init__(
@@ -450,14 +483,8 @@ class IndexBatches:
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.data = data
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.seed = seed
-        self.epoch = 0
-        self.epoch_source = epoch_source
-        self.world, self.rank = dist_world_size() if world is None else world, dist_rank()
+        super().__init__(data, seed, epoch_source, world)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         global_batch = batch_size * self.world
         if drop_last and global_batch > len(data):
             raise DataError(
@@ -472,26 +499,16 @@ class IndexBatches:
             return n // global_batch
         return math.ceil(n / global_batch)
 
-    def order(self) -> Tensor:
-        """Indices of this epoch, on the data's device."""
-        n = len(self.data)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            return torch.randperm(n, generator=g).to(self.data.images.device)
-        return torch.arange(n, device=self.data.images.device)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.epoch_source is not None:
-            self.epoch = self.epoch_source()
-        idx = self.order()
-        if self.shuffle and self.epoch_source is None:
-            self.epoch += 1  # now, not after the last batch: a pass stopped early must not repeat its order
+    def batches(self) -> list[Tensor]:
+        n, device = len(self.data), self.data.images.device
+        idx = torch.randperm(n, generator=self.generator()).to(device) if self.shuffle else torch.arange(n, device=device)
         global_batch = self.batch_size * self.world
+        mine = []
         for b in range(len(self)):
             chunk = idx[b * global_batch : (b + 1) * global_batch]
             per = math.ceil(len(chunk) / self.world)
-            mine = chunk[self.rank * per : (self.rank + 1) * per]
-            yield self.data.images[mine], self.data.labels[mine]
+            mine.append(chunk[self.rank * per : (self.rank + 1) * per])
+        return mine
 
 
 class TensorDataModule(pl.LightningDataModule):

@@ -28,9 +28,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from contrastive.data import DataError, ImageTensors
-from contrastive.distributed import rank as dist_rank
-from contrastive.distributed import world_size as dist_world_size
+from contrastive.data import DataError, EpochBatches, ImageTensors
 
 
 class SamplerError(DataError, ValueError):
@@ -131,7 +129,7 @@ def pk_epoch(labels: Tensor, slots: int, k: int, generator: torch.Generator) -> 
     return out.view(len(classes), slots, k)
 
 
-class PKBatches:
+class PKBatches(EpochBatches):
     """Batches of P classes x K samples from device-resident tensors (module docstring).
 
     An iterable Lightning accepts, built by the data module as
@@ -145,12 +143,7 @@ class PKBatches:
         samples_per_class: K, samples of each class (>= 2: positives). A class with
             fewer than K samples is an error rather than sampled with replacement:
             a repeated image is a zero-distance positive that teaches nothing.
-        seed: base seed; epoch ``e`` uses ``seed + e``.
-        epoch_source: returns the current epoch (the trainer's), read at each
-            ``iter``; without it the epoch counts the passes started (a pass
-            stopped early still moves on).
-        world: the number of processes; None: the process group's (1 without one). Given
-            only to check the settings before the processes exist.
+        seed, epoch_source, world: as :class:`~contrastive.data.EpochBatches`.
     """
 
     def __init__(
@@ -174,7 +167,7 @@ class PKBatches:
                 f"sampler.classes_per_batch={p} and sampler.samples_per_class={k} must both be >= 2 "
                 "(every anchor needs a positive and a negative)"
             )
-        self.world, self.rank = dist_world_size() if world is None else world, dist_rank()
+        super().__init__(data, seed, epoch_source, world)
         self.labels = data.labels.cpu()
         counts = torch.bincount(self.labels, minlength=data.num_classes)
         present = int((counts > 0).sum())
@@ -190,26 +183,15 @@ class PKBatches:
                 f"sampler.samples_per_class={k} but some classes have fewer samples ({detail}): "
                 "lower sampler.samples_per_class or raise data.subset"
             )
-        self.data, self.p, self.k = data, p, k
-        self.seed, self.epoch, self.epoch_source = seed, 0, epoch_source
+        self.p, self.k = p, k
         rows = (counts + k - 1) // k
         self.length = max(math.ceil(int(rows.sum()) / (p * self.world)), int(rows.max()))
 
     def __len__(self) -> int:
         return self.length
 
-    def order(self) -> Tensor:
+    def batches(self) -> Tensor:
         """This rank's indices for the epoch, (L, P * K), on the data's device."""
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches = pk_epoch(self.labels, self.p * self.world, self.k, g)  # (L, W*P, K)
+        batches = pk_epoch(self.labels, self.p * self.world, self.k, self.generator())  # (L, W*P, K)
         mine = batches[:, self.rank * self.p : (self.rank + 1) * self.p]  # (L, P, K)
         return mine.reshape(len(batches), -1).to(self.data.images.device)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.epoch_source is not None:
-            self.epoch = self.epoch_source()
-        order = self.order()
-        if self.epoch_source is None:
-            self.epoch += 1  # now, not after the last batch: a pass stopped early must not repeat its batches
-        for idx in order:
-            yield self.data.images[idx], self.data.labels[idx]

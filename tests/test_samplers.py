@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import contrastive.samplers as samplers_mod
+import contrastive.data as data_mod
 from contrastive.data import DataError, ImageTensors, IndexBatches
 from contrastive.samplers import PKBatches, SamplerError, pk_epoch, schedule_classes
 
@@ -73,10 +73,10 @@ def test_same_seed_same_batches_other_epoch_other_batches() -> None:
 
 def test_two_ranks_split_each_global_batch_without_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
     data = labelled(COUNTS)
-    monkeypatch.setattr(samplers_mod, "dist_world_size", lambda: 2)
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 2)
     per_rank = []
     for r in range(2):
-        monkeypatch.setattr(samplers_mod, "dist_rank", lambda r=r: r)
+        monkeypatch.setattr(data_mod, "dist_rank", lambda r=r: r)
         per_rank.append(list(PKBatches(data, batch_size=4, classes_per_batch=2, samples_per_class=2, seed=7)))
     assert len(per_rank[0]) == len(per_rank[1]) > 0
     seen: set[int] = set()
@@ -88,8 +88,8 @@ def test_two_ranks_split_each_global_batch_without_overlap(monkeypatch: pytest.M
         seen |= set(ids(x0)) | set(ids(x1))
     assert seen == set(range(len(data)))
     # the global batch of the two ranks is the single-process batch with P = 4, split by classes
-    monkeypatch.setattr(samplers_mod, "dist_world_size", lambda: 1)
-    monkeypatch.setattr(samplers_mod, "dist_rank", lambda: 0)
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 1)
+    monkeypatch.setattr(data_mod, "dist_rank", lambda: 0)
     single = list(PKBatches(data, batch_size=8, classes_per_batch=4, samples_per_class=2, seed=7))
     assert [ids(x) for x, _ in single] == [ids(x0) + ids(x1) for (x0, _), (x1, _) in zip(*per_rank)]
 
@@ -113,7 +113,7 @@ def test_bad_settings_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         PKBatches(data, batch_size=6, classes_per_batch=3, samples_per_class=2, world=2)
     with pytest.raises(DataError, match=r"the batch \(30 x 2 processes\) is larger than the data set \(37"):
         IndexBatches(data, batch_size=30, shuffle=True, drop_last=True, world=2)
-    monkeypatch.setattr(samplers_mod, "dist_world_size", lambda: 2)
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 2)
     with pytest.raises(SamplerError, match="2 process"):
         PKBatches(data, batch_size=6, classes_per_batch=3, samples_per_class=2)
 
