@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from contrastive.evaluation._common import check_finite
+from contrastive.losses._common import l2_normalize, upcast
 
 Metric = Literal["cosine", "euclidean"]
 
@@ -26,7 +26,10 @@ Metric = Literal["cosine", "euclidean"]
 def prepare_features(features: Tensor, metric: Metric = "cosine") -> Tensor:
     """Cast to a float type fit for exact search and L2-normalise for the cosine metric.
 
-    Half precision is promoted to float32; float32 and float64 are kept.
+    Half precision is promoted to float32; float32 and float64 are kept. The cosine rows are
+    normalised as the losses do (:func:`~contrastive.losses._common.l2_normalize`): each row is
+    divided by its max-abs entry first, so features of any finite scale (1e20 included) give
+    the same neighbours.
 
     Args:
         features: (N, D) feature vectors.
@@ -43,9 +46,7 @@ def prepare_features(features: Tensor, metric: Metric = "cosine") -> Tensor:
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
     check_finite(features, "features")
-    if features.dtype not in (torch.float32, torch.float64):
-        features = features.float()
-    return F.normalize(features, dim=1) if metric == "cosine" else features
+    return l2_normalize(features) if metric == "cosine" else upcast(features)
 
 
 def tie_order(n: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

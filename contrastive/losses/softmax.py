@@ -140,7 +140,10 @@ def sup_con(
     ``z`` holds all views stacked; positives of anchor i are ``P(i) = {p != i :
     y_p = y_i}``, candidates ``A(i) = {a != i}``, ``s_ij = z_i . z_j / T`` (normalised):
     ``L = 1/|V| sum_{i in V} [ log sum_{a in A(i)} exp(s_ia) - 1/|P(i)| sum_{p in P(i)} s_ip ]``
-    over the anchors ``V`` that have at least one positive.
+    over the anchors ``V`` that have at least one positive (as pytorch-metric-learning; the
+    authors' code averages over all anchors, an anchor without positives adding 0, and
+    scales the loss by ``T / 0.07``: both only rescale a batch's loss. When every anchor has a
+    positive, an SGD learning rate tuned on that code takes the same steps here times ``T / 0.07``).
 
     ``L_out`` (mean of log-probabilities, 1/|P| outside the log) rather than
     ``L_in`` (log of the mean probability): Khosla et al. (Table 2) found ``L_out``

@@ -52,3 +52,21 @@ def test_euclidean_ranking_does_not_depend_on_a_shift_of_all_features() -> None:
     _, near = topk_neighbors(x, x, 8, "euclidean", self_index=torch.arange(200))
     _, shifted = topk_neighbors(x + 1000.0, x + 1000.0, 8, "euclidean", self_index=torch.arange(200))
     assert (near == shifted).float().mean() > 0.99  # only float32 rounding of x + 1000 may swap near-ties
+
+
+def test_cosine_neighbours_and_metrics_do_not_depend_on_the_features_scale() -> None:
+    """Rows of norm 1e20 (squares overflow float32) or 1e-20 (squares underflow) rank as at norm 1."""
+    from contrastive.evaluation import knn_predict, retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=g), torch.randint(0, 4, (60,), generator=g)
+    torch.testing.assert_close(prepare_features(x * 1e20), prepare_features(x))
+    torch.testing.assert_close(prepare_features(x * 1e-20), prepare_features(x))
+    _, idx = topk_neighbors(prepare_features(x), prepare_features(x), 5, self_index=torch.arange(60))
+    base = retrieval_metrics(x, y)
+    for scale in (1e20, 1e-20):
+        _, scaled = topk_neighbors(prepare_features(x * scale), prepare_features(x * scale), 5,
+                                   self_index=torch.arange(60))
+        assert torch.equal(scaled, idx)
+        assert retrieval_metrics(x * scale, y) == base
+        assert torch.equal(knn_predict(x * scale, y, x[:10] * scale, 4, k=5), knn_predict(x, y, x[:10], 4, k=5))
