@@ -53,6 +53,7 @@ from contrastive.io import (
 )
 from contrastive.pipelines import NonFiniteLossError, Pipeline
 from contrastive.pipelines.base import steps_per_epoch
+from contrastive.pipelines.moco import queue_problem
 
 log = logging.getLogger("contrastive")
 
@@ -495,11 +496,8 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
         )
     queue = OmegaConf.select(cfg, "pipeline.queue_size")
     keys = cfg.data.batch_size * world * (2 if OmegaConf.select(cfg, "pipeline.symmetric") else 1)
-    if queue is not None and queue < keys:
-        raise ConfigError(
-            f"pipeline.queue_size={queue} is smaller than the keys enqueued per step ({keys} = data.batch_size "
-            "x processes, x 2 when pipeline.symmetric): raise pipeline.queue_size or lower data.batch_size"
-        )
+    if queue is not None and (problem := queue_problem(queue, keys)):
+        raise ConfigError(problem)
     if world > 1 and OmegaConf.select(cfg, "sampler.drop_last") is False:
         raise ConfigError(
             f"sampler.drop_last=false under {world} processes would give the processes last batches of different "

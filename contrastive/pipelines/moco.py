@@ -42,6 +42,17 @@ def momentum_at(step: int, total_steps: int, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
+def queue_problem(queue_size: int, keys_per_step: int) -> str | None:
+    """What is wrong with a queue of ``queue_size`` keys for ``keys_per_step`` keys a step
+    (``data.batch_size`` x processes, x 2 when symmetric), or None: the queue must hold
+    at least one step's keys, else the negatives are a fragment of one batch."""
+    if keys_per_step <= queue_size:
+        return None
+    return (f"pipeline.queue_size={queue_size} is smaller than the keys enqueued per step ({keys_per_step} = "
+            "data.batch_size x processes, x 2 when pipeline.symmetric): raise pipeline.queue_size or lower "
+            "data.batch_size")
+
+
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are computed per group of the batch.
 
@@ -198,12 +209,9 @@ class MoCo(Pipeline):
 
     def check_queue(self, keys_per_step: int) -> None:
         """K must hold at least one step's keys, else the negatives are a fragment of one batch."""
-        if keys_per_step > self.queue.size:
-            raise ValueError(
-                f"pipeline.queue_size={self.queue.size} is smaller than the keys enqueued per step "
-                f"({keys_per_step} = data.batch_size x processes{' x 2 (symmetric)' if self.symmetric else ''}): "
-                "raise pipeline.queue_size or lower data.batch_size"
-            )
+        problem = queue_problem(self.queue.size, keys_per_step)
+        if problem:
+            raise ValueError(problem)
 
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
