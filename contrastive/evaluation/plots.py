@@ -19,9 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from contrastive.data import seeded_indices
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -186,6 +184,8 @@ def plot_embedding_2d(
         raise ValueError(f"method must be 'tsne' or 'pca', got {method!r}")
     if features.shape[0] < 3:
         raise ValueError("need at least 3 points")
+    from contrastive.data import seeded_indices  # here: contrastive.data imports Lightning (2 s)
+
     keep = seeded_indices(features.shape[0], max_points, seed)
     x = F.normalize(features.detach()[keep.to(features.device)].double(), dim=1).cpu()  # (n, D)
     y = labels.detach().cpu()[keep]  # (n,)
@@ -318,6 +318,8 @@ def confusion_matrix(true: Tensor, pred: Tensor, num_classes: int) -> Tensor:
     Returns:
         (C, C) int64 counts.
     """
+    from torchmetrics.functional.classification import multiclass_confusion_matrix  # here: torchmetrics loads matplotlib (2 s)
+
     return multiclass_confusion_matrix(pred.long().cpu(), true.long().cpu(), num_classes, validate_args=False)
 
 

@@ -137,3 +137,15 @@ def test_confusion_matrix_counts_match_sklearn_and_png(tmp_path: Path) -> None:
     expected = sk_confusion_matrix(true.numpy(), pred.numpy(), labels=list(range(6)))
     assert confusion_matrix(true, pred, 6).tolist() == expected.tolist()
     _assert_png(plot_confusion_matrix(true, pred, 6, tmp_path / "cm.png", dpi=DPI), CONFUSION_SIZE)
+
+
+def test_importing_the_evaluation_package_loads_no_plotting_or_training_library() -> None:
+    """Its docstring's promise: matplotlib (via torchmetrics) and Lightning (via contrastive.data)
+    cost 2 s on import and are loaded only by the functions that need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contrastive.evaluation, contrastive.losses; "
+            "print(sorted(m for m in ('matplotlib', 'torchmetrics', 'pytorch_lightning', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
