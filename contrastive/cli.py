@@ -37,7 +37,7 @@ from pytorch_lightning.callbacks import Callback, Checkpoint, LearningRateMonito
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from contrastive.data import DataError, DataWarning, Splits, TensorDataModule
+from contrastive.data import DOWNLOAD_HINT, DataError, DataWarning, Splits, TensorDataModule
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
 from contrastive.evaluation.neighbors import Metric
 from contrastive.evaluation.report import JOB_ERROR_FILE
@@ -462,7 +462,8 @@ def warmup_warning(cfg: DictConfig) -> str | None:
     if not warmup or epochs == 0 or warmup < epochs:
         return None
     return (f"scheduler.warmup_epochs={warmup} >= trainer.max_epochs={epochs}: the whole run is warm-up (the lr "
-            "rises to its peak and never decays); pass a shorter one for a short run, e.g. scheduler.warmup_epochs=1")
+            f"rises to its peak and never decays); pass a shorter one, e.g. scheduler.warmup_epochs={epochs / 10:g} "
+            "(a tenth of the run; fractions of an epoch are fine)")
 
 
 def check_eval_config(cfg: DictConfig) -> None:
@@ -486,9 +487,10 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
     ``devices=auto``, torchrun and SLURM).
     """
     if cfg.data.batch_size * world > len(splits.train):
+        capped = OmegaConf.select(cfg, "data.subset") == len(splits.train)  # else raising data.subset adds nothing
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} x {world} process(es) is larger than the training set "
-            f"({len(splits.train)} images): lower data.batch_size or raise data.subset"
+            f"({len(splits.train)} images): lower data.batch_size{' or raise data.subset' if capped else ''}"
         )
     if cfg.data.num_classes != splits.num_classes:
         raise ConfigError(
@@ -733,7 +735,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     except InstantiationException as e:
         if not isinstance(e.__cause__, DataError):
             raise
-        raise DataError(f"{e.__cause__} For contrastive-eval the data folder is data_root=PATH.") from None
+        # the message names contrastive-train's keys; contrastive-eval's is data_root, and it does not download
+        message = str(e.__cause__).replace(DOWNLOAD_HINT, "").replace("data.root", "data_root")
+        raise DataError(message) from None
     check_eval_data(run_cfg, splits, cfg.data_root)
 
     features = {}

@@ -29,6 +29,9 @@ class DataError(RuntimeError):
     """A data set is missing, empty or malformed; the message says what to do."""
 
 
+DOWNLOAD_HINT = " Or add data.download=true to download it there."  # cut by contrastive-eval, which cannot download
+
+
 class DataWarning(UserWarning):
     """A data set loads, but not quite as given (the message says how and what to do)."""
 
@@ -128,8 +131,7 @@ def _torchvision_cifar(cls: type, root: Path, download: bool, folder: str, overr
         if not download:
             raise DataError(
                 f"{cls.__name__} not found: expected the folder {base}. Point {override} at the "
-                f"folder that contains {folder}/ (e.g. {override}=/path/to/data), or add "
-                "data.download=true to download it there."
+                f"folder that contains {folder}/ (e.g. {override}=/path/to/data).{DOWNLOAD_HINT}"
             )
         root.mkdir(parents=True, exist_ok=True)
         try:
@@ -489,7 +491,7 @@ class IndexBatches(EpochBatches):
         if drop_last and global_batch > len(data):
             raise DataError(
                 f"the batch ({batch_size} x {self.world} processes) is larger than the data set "
-                f"({len(data)} images): lower data.batch_size or raise data.subset"
+                f"({len(data)} images): lower data.batch_size (or raise data.subset where it caps the data)"
             )
 
     def __len__(self) -> int:

@@ -181,7 +181,7 @@ class PKBatches(EpochBatches):
             detail = ", ".join(f"class {c}: {int(counts[c])}" for c in small[:5])
             raise SamplerError(
                 f"sampler.samples_per_class={k} but some classes have fewer samples ({detail}): "
-                "lower sampler.samples_per_class or raise data.subset"
+                "lower sampler.samples_per_class (or raise data.subset where it caps the data)"
             )
         self.p, self.k = p, k
         rows = (counts + k - 1) // k

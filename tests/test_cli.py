@@ -291,7 +291,9 @@ def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: P
     assert ev.returncode == 0, ev.stderr[-3000:]
     moved = cli("contrastive-eval", f"checkpoint={ckpt}", f"data_root={tmp_path / 'moved'}", cwd=tmp_path)
     (line,) = [l for l in moved.stderr.splitlines() if l.startswith("error: ")]
-    assert moved.returncode == 2 and line.startswith("error: CIFAR10 not found") and line.endswith("data_root=PATH.")
+    assert moved.returncode == 2 and line.startswith("error: CIFAR10 not found")
+    # eval's own key, and no download advice (contrastive-eval has neither data.root nor data.download)
+    assert line.endswith("Point data_root at the folder that contains cifar-10-batches-py/ (e.g. data_root=/path/to/data).")
     assert 0 <= json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())["linear_top1"] <= 100
     # the exported backbone + probe loads into plain torchvision (CIFAR stem) and classifies like the probe
     import torchvision
@@ -542,6 +544,13 @@ def test_settings_the_network_cannot_run_are_refused_before_training(config) -> 
         config("train", quick))
     assert warmup_warning(config("train", [*quick, "scheduler.warmup_epochs=1"])) is None  # README's quick run
     assert warmup_warning(config("train", [])) is None
+    # the suggested value silences the warning, also in a one-epoch run (the old suggestion, 1, did not)
+    for epochs, warmup, expected in ((1, 1, "0.1"), (5, 10, "0.5")):
+        run = [*quick[:2], f"trainer.max_epochs={epochs}"]
+        line = warmup_warning(config("train", [*run, f"scheduler.warmup_epochs={warmup}"]))
+        suggested = line.split("e.g. ")[1].split()[0]
+        assert suggested == f"scheduler.warmup_epochs={expected}"
+        assert warmup_warning(config("train", [*run, suggested])) is None
 
 
 def test_apple_mps_is_not_picked_by_auto_and_refused_by_name(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -87,6 +87,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
         ("loss.temperature=0", "temperature"),
         ("loss.temperature=-0.5", "temperature"),
         ("data.batch_size=5000", "larger than the training set"),
+        ("data.subset=100 data.batch_size=200", "(100 images): lower data.batch_size or raise data.subset"),
         ("trainer=ddp_cpu trainer.devices=2 data.batch_size=1500", "data.batch_size=1500 x 2 process(es)"),
         ("data.batch_size=abc", "data.batch_size"),
         ("trainer.max_epochs=1.5", "trainer.max_epochs"),
@@ -107,6 +108,8 @@ def test_bad_values_are_refused_before_training(cli, tmp_path: Path, override: s
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    if "data.subset" not in override:  # raising data.subset helps only where it caps the data
+        assert "data.subset" not in lines[0]
     assert "Traceback" not in out.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
 
