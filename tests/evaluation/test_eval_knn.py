@@ -95,3 +95,20 @@ def test_matches_brute_force_with_many_exact_ties(weighted: bool) -> None:
     y = torch.randint(0, 3, (90,), generator=g)
     pred = knn_predict(x, y, x, 3, k=7, weighted=weighted, exclude_self=True, chunk_size=8)
     assert pred.tolist() == knn_loop(x, y, x, 3, 7, 0.1, weighted, exclude_self=True)
+
+
+def test_leave_one_out_with_k_past_the_set_never_votes_for_itself() -> None:
+    """k >= N with exclude_self clamps to the N - 1 others; at k = N the query's own label was counted."""
+    x = torch.eye(3)  # each label is unique: the query's own label wins only through itself
+    y = torch.tensor([0, 1, 2])
+    for k in (3, 50):
+        pred = knn_predict(x, y, x, 3, k=k, weighted=False, exclude_self=True)
+        assert (pred != y).all(), pred
+        assert knn_top1(x, y, x, y, 3, k=k, weighted=False, exclude_self=True) == 0.0
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), 0.0, -0.1])
+def test_a_nan_or_non_positive_temperature_is_refused(temperature: float) -> None:
+    x = torch.randn(6, 2)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        knn_predict(x, torch.tensor([0, 1, 0, 1, 0, 1]), x, 2, temperature=temperature)

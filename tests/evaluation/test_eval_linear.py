@@ -57,3 +57,50 @@ def test_rejects_unknown_options() -> None:
         linear_probe(x, y, x, y, 2, normalize="whiten")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         linear_probe(x, y, x, y, 2, optimizer="lbfgs")  # type: ignore[arg-type]
+
+
+def _reference_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, c: int, *, epochs: int,
+                     batch_size: int, seed: int, lr: float = 0.1, wd: float = 1e-5, momentum: float = 0.9
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The documented recipe in float64 by hand: standardise with the train mean and population std
+    (a constant column becomes 0), zero init, Nesterov SGD with L2 decay, cosine lr per step to 0."""
+    x_train, x_test = x_train.double(), x_test.double()
+    mean, std = x_train.mean(0), x_train.std(0, correction=0)
+    std = torch.where(std > 0, std, torch.inf)  # constant column -> 0
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    w, b = torch.zeros(c, x_train.shape[1], dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    buf_w, buf_b = torch.zeros_like(w), torch.zeros_like(b)
+    g = torch.Generator().manual_seed(seed)
+    total = epochs * -(-len(x_train) // batch_size)
+    step = 0
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x_train), generator=g).split(batch_size):
+            p = torch.softmax(x_train[idx] @ w.T + b, 1) - torch.nn.functional.one_hot(y_train[idx], c)
+            grad_w, grad_b = p.T @ x_train[idx] / len(idx) + wd * w, p.mean(0) + wd * b
+            rate = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / total, dtype=torch.float64)))
+            buf_w, buf_b = momentum * buf_w + grad_w, momentum * buf_b + grad_b
+            w, b = w - rate * (grad_w + momentum * buf_w), b - rate * (grad_b + momentum * buf_b)
+            step += 1
+    return w, b, x_test @ w.T + b
+
+
+def test_default_recipe_matches_a_float64_reference_with_a_constant_feature() -> None:
+    """Pins every part of the documented recipe (train-only statistics, population std, Nesterov, decay,
+    cosine schedule, 100 epochs) and that a constant feature (a dead unit) is ignored, not NaN."""
+    x, y = _blobs(200, 6, 3, spread=8.0, seed=4)  # overlapping classes: the weights keep moving
+    x[:, 2] = 3.0  # a dead unit: std 0
+    x[100:, 0] += 5.0  # the test set's own mean differs: only the train statistics may be used
+    out = linear_probe(x[:100], y[:100], x[100:], y[100:], 3, batch_size=32)
+    w, b, logits = _reference_probe(x[:100], y[:100], x[100:], 3, epochs=100, batch_size=32, seed=0)
+    assert torch.isfinite(out["classifier"].weight).all()
+    torch.testing.assert_close(out["classifier"](x[100:]).double(), logits, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(torch.tensor(out["linear_test_loss"], dtype=torch.float64),
+                               torch.nn.functional.cross_entropy(logits, y[100:]), atol=1e-4, rtol=1e-4)
+    assert out["linear_top1"] == 100.0 * (logits.argmax(1) == y[100:]).double().mean().item()
+    # the decay itself (its documented default, 1e-5, moves these weights below float32 noise)
+    import inspect
+
+    assert inspect.signature(linear_probe).parameters["weight_decay"].default == 1e-5
+    out = linear_probe(x[:100], y[:100], x[100:], y[100:], 3, batch_size=32, epochs=20, weight_decay=0.05)
+    logits = _reference_probe(x[:100], y[:100], x[100:], 3, epochs=20, batch_size=32, seed=0, wd=0.05)[2]
+    torch.testing.assert_close(out["classifier"](x[100:]).double(), logits, atol=2e-3, rtol=1e-3)
