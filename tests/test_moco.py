@@ -267,6 +267,17 @@ def test_step_uses_the_queue_as_negatives_then_enqueues_the_keys(symmetric: bool
     assert moco.backbone[0].weight.grad is not None
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_the_step_loss_is_the_mean_over_the_directions(symmetric: bool) -> None:
+    """Symmetric MoCo (v3 / the demo's option) averages the two directions: a sum doubled lr and gradient."""
+    moco = _moco(symmetric=symmetric, online_probe=False)
+    moco.loss = _Recorder(moco.loss)
+    loss = moco.training_step(_images(), 0)
+    expected = torch.stack([moco.loss.inner(q, k, neg) for q, k, neg in moco.loss.calls]).mean()
+    assert len(moco.loss.calls) == (2 if symmetric else 1)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+
+
 class _NaNLoss(nn.Module):
     def forward(self, q: Tensor, k: Tensor, negatives: Tensor) -> Tensor:
         return (q * k).sum() + float("nan")

@@ -151,3 +151,25 @@ def test_gather_is_the_identity_in_one_process(loss: torch.nn.Module) -> None:
         results.append((value.detach(), e.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert results[0][0] > 0
+
+
+def test_semi_hard_takes_only_strictly_farther_negatives() -> None:
+    """FaceNet's semi-hard negative has d(a, p) < d(a, n): one exactly as far as the positive is not one."""
+    x = torch.tensor([[0.0], [1.0], [-1.0], [1.5]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    loss = triplet_margin(x, y, margin=1.0, mining="semi_hard", normalize=False)
+    # (anchor, positive): chosen negative -> [d_ap - d_an + 1]_+
+    # (0, 1) d_ap 1: negatives at 1 (tie, not farther) and 1.5 -> 1.5: 0.5 (the tie taken: 1)
+    # (1, 0) d_ap 1: negatives at 2 and 0.5 -> 2: 0
+    # (2, 3) d_ap 2.5: none farther -> the farthest, 2: 1.5;  (3, 2) d_ap 2.5: farthest 1.5: 2
+    assert loss.item() == pytest.approx((0.5 + 0 + 1.5 + 2) / 4, abs=1e-12)
+
+
+@pytest.mark.parametrize("margins", [(0.5, 0.5), (0.7, 0.5)])
+def test_pair_margins_must_be_ordered_strictly(margins: tuple[float, float]) -> None:
+    pos, neg = margins
+    x, y = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="must be larger than pos_margin"):
+        contrastive_margin(x, y, pos_margin=pos, neg_margin=neg)
+    with pytest.raises(ValueError, match="must be larger than pos_margin"):
+        ContrastiveMargin(pos_margin=pos, neg_margin=neg)

@@ -297,3 +297,12 @@ def test_info_nce_takes_mixed_float_dtypes_in_the_widest() -> None:
 def test_invalid_arguments_raise(make, match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+def test_sup_con_of_one_row_is_a_zero_with_finite_gradient(chunk_size: int | None) -> None:
+    """One row has no candidate at all: log-sum-exp over nothing is -inf, whose gradient is NaN."""
+    z = torch.randn(1, 5, dtype=torch.float64, requires_grad=True)
+    loss = sup_con(z, torch.tensor([0]), 0.1, chunk_size=chunk_size)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
