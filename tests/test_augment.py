@@ -534,3 +534,134 @@ def test_cuda_graph_replay_equals_eager() -> None:
         out = graphed(images, g1)
         assert torch.equal(out, eager(images, g2))
         images = images.flip(0).contiguous()
+
+
+# ------------------------------------------------------- boundaries and defaults
+
+
+@pytest.mark.parametrize(("height", "width"), [(40, 20), (20, 40)])
+def test_crop_sampler_accepts_a_box_exactly_as_wide_or_tall_as_the_image(height, width):
+    """torchvision accepts ``0 < w <= width and 0 < h <= height``: a 20x20 box (scale 1/2, ratio 1)
+    spans the short side exactly, so every attempt is valid and the offset is uniform, not centred."""
+    ours = sample_crop_boxes(200, height, width, (0.5, 0.5), (1.0, 1.0), torch.Generator().manual_seed(19))
+    theirs = _torchvision_boxes(200, height, width, (0.5, 0.5), (1.0, 1.0))
+    assert (theirs[:, 2:] == 20).all()  # torchvision takes the first attempt, full-side box
+    assert (ours[:, 2:] == 20).all()
+    moving = 0 if height > width else 1  # the offset along the long side
+    assert (ours[:, 1 - moving] == 0).all()
+    offsets = ours[:, moving]
+    assert offsets.min() == 0 and offsets.max() == 20  # uniform over 0..20, both ends reached
+    assert len(offsets.unique()) == 21
+    assert ks_statistic(offsets.double(), theirs[:, moving].double()) < 1.95 * math.sqrt(2 / 200)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "ratio", "expected"),
+    [
+        (10, 100, (1.5, 2.0), [0, 40, 10, 20]),  # too wide: h = height, w = round(h * max(ratio))
+        (10, 101, (1.5, 2.0), [0, 40, 10, 20]),  # odd margin 81: left = 81 // 2
+        (100, 10, (0.5, 0.75), [40, 0, 20, 10]),  # too tall: w = width, h = round(w / min(ratio))
+        (101, 10, (0.5, 0.75), [40, 0, 20, 10]),  # odd margin 81: top = 81 // 2
+    ],
+)
+def test_crop_sampler_fallback_on_non_square_central_crop_matches_torchvision(height, width, ratio, expected):
+    # scale >= 0.9 of a 1000-pixel image: every attempt is >= 21 pixels along the short side, none fits
+    ours = sample_crop_boxes(4, height, width, (0.9, 1.0), ratio, torch.Generator().manual_seed(20))
+    theirs = _torchvision_boxes(1, height, width, (0.9, 1.0), ratio)
+    assert theirs[0].tolist() == expected
+    assert torch.equal(ours, theirs.expand(4, 4))
+
+
+def test_augment_jitter_without_hue_still_jitters():
+    """hue=0 only drops the hue op (as torchvision); brightness, contrast and saturation still apply."""
+    raw = raw_batch(8)
+    x = to_float(raw)
+    augment = _plain(jitter_p=1.0, jitter=(0.4, 0.4, 0.4, 0.0))
+    assert augment.jitter[3] is None
+    params = augment.sample(8, 32, 32, torch.Generator().manual_seed(21))
+    assert (params.factors[:, 3] == 0).all()  # hue factor
+    out = augment.apply(raw, params)
+    assert torch.equal(out, color_jitter(x, params.factors, params.order, hue=False))
+    assert (out - x).abs().amax((1, 2, 3)).gt(1e-2).all()  # every sample changed
+    assert max_err(out, per_image(_jitter_reference, x, params.factors, params.order)) < TOL
+
+
+@pytest.mark.parametrize(
+    ("jitter", "reference"),
+    [
+        (((1.2, 1.2), 0, 0, 0), lambda img: TF.adjust_brightness(img, 1.2)),
+        ((0, (0.7, 0.7), 0, 0), lambda img: TF.adjust_contrast(img, 0.7)),
+        ((0, 0, (1.5, 1.5), 0), lambda img: TF.adjust_saturation(img, 1.5)),
+        ((0, 0, 0, (0.1, 0.1)), lambda img: TF.adjust_hue(img, 0.1)),
+    ],
+)
+def test_augment_fixed_factor_jitter_applies_that_factor(jitter, reference):
+    """A degenerate range (f, f) is a fixed factor; only (1, 1) (hue (0, 0)) is the identity."""
+    raw = raw_batch(4)
+    x = to_float(raw)
+    augment = _plain(jitter_p=1.0, jitter=jitter)
+    fixed = next(r for r in augment.jitter if r is not None)
+    assert fixed[0] == fixed[1] and sum(r is not None for r in augment.jitter) == 1
+    out = augment(raw, torch.Generator().manual_seed(22))
+    ref = torch.stack([reference(img) for img in x])
+    assert max_err(out, ref) < TOL
+    assert (out - x).abs().max() > 0.01
+    identity = _plain(jitter_p=1.0, jitter=((1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (0.0, 0.0)))
+    assert identity.jitter == (None, None, None, None)
+    assert torch.equal(identity(raw), x)
+
+
+def test_augment_scalar_jitter_strength_clamps_the_lower_bound_at_zero():
+    """torchvision: brightness=v gives [max(0, 1 - v), 1 + v]; v > 1 is allowed."""
+    augment = Augment(jitter=(1.5, 2.0, 1.0, 0.5))
+    assert augment.jitter == ((0.0, 2.5), (0.0, 3.0), (0.0, 2.0), (-0.5, 0.5))
+    factors = augment.sample(2000, 32, 32, torch.Generator().manual_seed(23)).factors
+    assert factors.min() >= -0.5 and (factors[:, :3] >= 0).all()
+    assert factors[:, 0].max() <= 2.5 and factors[:, 0].min() < 0.05
+
+
+@pytest.mark.parametrize("threshold", [0.25, 64 / 255, 0.75])
+def test_solarize_inverts_a_pixel_exactly_at_the_threshold(threshold):
+    x = torch.tensor([threshold - 1 / 255, threshold, threshold + 1 / 255]).view(1, 1, 1, 3)
+    out = solarize(x, threshold)
+    assert torch.equal(out, TF.solarize(x, threshold))
+    assert torch.equal(out.flatten(), torch.stack([x.flatten()[0], 1 - x.flatten()[1], 1 - x.flatten()[2]]))
+
+
+def test_blur_kernel_whose_half_width_equals_the_size_is_refused():
+    """Reflect padding needs kernel // 2 < side: for size 8, kernel 17 (half-width 8) already fails in F.pad."""
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.pad(torch.zeros(1, 3, 8, 8), (8, 8, 8, 8), mode="reflect")
+    with pytest.raises(ValueError, match="blur_kernel=17 is too large for size=8: .* pass blur_kernel <= 15"):
+        Augment(size=8, blur_p=0.5, blur_kernel=17)
+    with pytest.raises(ValueError, match="blur_kernel=3 is too large for size=1"):
+        Augment(size=1, blur_p=0.5, blur_kernel=3)
+    assert Augment(size=1, blur_p=0.5, blur_kernel=1).blur_kernel == 1
+
+
+def test_augment_defaults_are_the_simclr_config():
+    """The constructor defaults are the documented SimCLR CIFAR recipe of configs/aug/simclr.yaml:
+    crop scale (0.08, 1), flip 0.5, jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, no blur/solarise."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    import contrastive
+
+    cfg = yaml.safe_load((Path(contrastive.__file__).parent / "configs" / "aug" / "simclr.yaml").read_text())
+    augment = Augment()
+    for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+        assert getattr(augment, name) == cfg[name], name
+    assert (augment.flip_p, augment.jitter_p, augment.gray_p, augment.blur_p, augment.solarize_p) == (
+        0.5, 0.8, 0.2, 0.0, 0.0,
+    )
+    assert augment.scale == tuple(cfg["scale"]) == (0.08, 1.0)
+    assert augment.ratio == (3 / 4, 4 / 3)
+    assert cfg["jitter"] == [0.4, 0.4, 0.4, 0.1]
+    assert augment.jitter == Augment(jitter=cfg["jitter"]).jitter
+    assert augment.jitter == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
+    defaults = inspect.signature(Augment).parameters
+    assert tuple(defaults["jitter"].default) == (0.4, 0.4, 0.4, 0.1)
+    sampler = inspect.signature(sample_jitter).parameters
+    assert tuple(tuple(sampler[k].default) for k in ("brightness", "contrast", "saturation", "hue")) == augment.jitter
