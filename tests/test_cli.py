@@ -593,3 +593,58 @@ def test_a_failed_download_says_what_to_do(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(DataError, match=r"could not download CIFAR10 into .*Name or service not known.*check the "
                                         r"network, or put cifar-10-batches-py/ under data.root yourself"):
         data.cifar10(str(tmp_path), download=True)
+
+
+# Config values that deliberately differ from the Python default of their target, and why.
+DELIBERATE = {
+    "gather": "on in the configs, so a DDP run scores the global batch; off in Python (as lightly), where one "
+              "process makes it the identity anyway",
+    "optimizer/lars.yaml:lr": "SimCLR's 0.3 x batch / 256 at the configs' batch of 512",
+    "scheduler/constant.yaml:warmup_epochs": "the constant schedule is warmup_cosine with no warm-up ...",
+    "scheduler/constant.yaml:final_lr_fraction": "... and no decay",
+}
+
+
+def test_config_literals_are_the_python_defaults() -> None:
+    """A value a config spells out for one of our classes or functions is its Python default, so the
+    Python API and the CLI give the same recipe (torch's own classes, e.g. SGD, are not ours: skipped)."""
+    import inspect
+
+    import yaml
+    from hydra.utils import _locate
+
+    import contrastive
+    from contrastive.evaluation import knn_predict, knn_top1
+    from contrastive.pipelines import Pipeline
+
+    root = Path(contrastive.__file__).parent / "configs"
+    checked, differ = 0, set()
+
+    def walk(node: object, file: str) -> None:
+        nonlocal checked
+        if not isinstance(node, dict):
+            return
+        target = node.get("_target_", "")
+        if target.startswith("contrastive."):
+            params = inspect.signature(_locate(target)).parameters
+            for key, value in node.items():
+                default = params[key].default if key in params else inspect.Parameter.empty
+                if key.startswith("_") or "${" in str(value) or default is inspect.Parameter.empty:
+                    continue
+                checked += 1
+                if (list(default) if isinstance(default, tuple) else default) != value:
+                    differ.add(key if key in DELIBERATE else f"{file}:{key}")
+        for value in node.values():
+            walk(value, file)
+
+    for f in sorted(root.rglob("*.yaml")):
+        walk(yaml.safe_load(f.read_text()), f.relative_to(root).as_posix())
+    assert checked > 60
+    assert differ == set(DELIBERATE), f"config values that are not the Python default: {differ - set(DELIBERATE)}"
+    for name in ("train.yaml", "eval.yaml"):
+        cfg = yaml.safe_load((root / name).read_text())
+        ev = cfg.get("eval", cfg)
+        for fn, k, t in ((knn_predict, "k", "temperature"), (knn_top1, "k", "temperature"),
+                         (Pipeline, "knn_k", "knn_temperature")):
+            params = inspect.signature(fn).parameters
+            assert (params[k].default, params[t].default) == (ev["knn_k"], ev["knn_temperature"]) == (200, 0.1)

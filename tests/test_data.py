@@ -72,18 +72,51 @@ def test_index_batches_cover_epoch_and_reshuffle() -> None:
     assert ordered.tolist() == list(range(10))
 
 
-def test_index_batches_shard_without_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+def _numbered(n: int) -> ImageTensors:
+    """n one-pixel images whose pixel is their index."""
+    data = ImageTensors(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), 1)
+    data.images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    return data
+
+
+def _per_rank(monkeypatch: pytest.MonkeyPatch, world: int, make_batches) -> list[list[list[int]]]:  # type: ignore[no-untyped-def]
+    """The image indices of each batch ``make_batches()`` gives on each of ``world`` ranks."""
     import contrastive.data as data_mod
 
-    data = ImageTensors(torch.zeros(16, 1, 1, 1, dtype=torch.uint8), torch.zeros(16, dtype=torch.long), 1)
-    data.images[:, 0, 0, 0] = torch.arange(16, dtype=torch.uint8)
-    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 2)
-    shards = []
-    for r in range(2):
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: world)
+    out = []
+    for r in range(world):
         monkeypatch.setattr(data_mod, "dist_rank", lambda r=r: r)
-        shards.append(torch.cat([x.flatten() for x, _ in IndexBatches(data, 4, True, True, seed=5)]))
-    assert len(shards[0]) == len(shards[1]) == 8
-    assert sorted(torch.cat(shards).tolist()) == list(range(16))
+        out.append([x.flatten().tolist() for x, _ in make_batches()])
+    return out
+
+
+def test_index_batches_shard_without_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _numbered(16)
+    shards = _per_rank(monkeypatch, 2, lambda: IndexBatches(data, 4, True, True, seed=5))
+    assert [sum(map(len, s)) for s in shards] == [8, 8]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(16))
+
+
+def test_index_batches_uneven_last_batch_is_split_without_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """drop_last=false under 2 processes (the evaluation batches): 11 images, global batch 4 -> 3 batches;
+    the last 3 are split 2 + 1 (ceil per rank), so every image is seen exactly once."""
+    data = _numbered(11)
+    shards = _per_rank(monkeypatch, 2, lambda: IndexBatches(data, 2, shuffle=False, drop_last=False))
+    assert shards == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7], [10]]]
+
+
+def test_batch_as_large_as_the_data_is_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contrastive.data as data_mod
+
+    data = shapes(num_train=20, num_test=10).train
+    batches = list(IndexBatches(data, batch_size=20, shuffle=True, drop_last=True))
+    assert len(batches) == 1 and sorted(batches[0][0].flatten(1).sum(1).tolist()) == sorted(
+        data.images.flatten(1).sum(1).tolist())
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 2)
+    assert len(IndexBatches(data, batch_size=10, shuffle=True, drop_last=True)) == 1
+    with pytest.raises(DataError, match=r"\(11 x 2 processes\) is larger than the data set \(20 images\)"):
+        IndexBatches(data, batch_size=11, shuffle=True, drop_last=True)
 
 
 def test_batch_larger_than_data_is_refused() -> None:

@@ -340,6 +340,10 @@ def test_queue_smaller_than_a_step_is_a_clear_error() -> None:
     ok.training_step(_images(), 0)
     ok.training_step(_images(seed=2), 1)
     assert int(ok.queue.ptr) == 32 % 24
+    exact = _moco(queue_size=32, symmetric=True)  # a queue of exactly one step's keys is allowed
+    before = exact.queue.keys.clone()
+    exact.training_step(_images(), 0)
+    assert int(exact.queue.ptr) == 0 and not torch.isclose(exact.queue.keys, before).all(1).any()  # all replaced
 
 
 def test_in_batch_symmetric_loss_is_refused() -> None:
