@@ -8,9 +8,11 @@ needed and augmentation runs batched on that device (``contrastive.augment``).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import partial
@@ -23,6 +25,8 @@ from torch import Tensor
 
 from contrastive.distributed import rank as dist_rank
 from contrastive.distributed import world_size as dist_world_size
+
+log = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -303,7 +307,8 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
     ``root/.contrastive_cache_<size>.pt`` (written atomically) together with a
     fingerprint of the files they came from (relative paths, sizes, mtimes); the
     cache is reused only while that fingerprint matches, else rebuilt (and skipped, with a
-    warning, where ``root`` cannot be written).
+    warning, where ``root`` cannot be written). Processes building it at once (the ranks
+    under torchrun) take turns through ``<cache>.lock``: one decodes, the others load its cache.
 
     Labels index the sorted train class folders, then (with a warning that says how to
     set up class-disjoint retrieval) the test class folders that train lacks. ``workers``
@@ -327,18 +332,19 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
             DataWarning, stacklevel=2,
         )
     cache_file = base / f".contrastive_cache_{size}.pt"
-    fingerprint = _folder_fingerprint(base, {train: train_names, test: test_names}) if cache else ""
-    if cache and cache_file.is_file():
-        try:
-            saved = torch.load(cache_file, weights_only=True)
-        except Exception:  # a cache cut short (a killed write of an older version): rebuild it
-            saved = {}
-        if saved.get("fingerprint") == fingerprint:  # a cache without one predates fingerprints: rebuild
-            return Splits(*(ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
-                            for s in (saved["train"], saved["test"])))
-    train_set = _decode_folder(base / train, size, names, workers)
-    test_set = _decode_folder(base / test, size, names, workers)
-    if cache:
+    if not cache:
+        return Splits(*(_decode_folder(base / split, size, names, workers) for split in (train, test)))
+    fingerprint = _folder_fingerprint(base, {train: train_names, test: test_names})
+    with _cache_lock(cache_file):  # processes started together (torchrun): one decodes, the others load its cache
+        if cache_file.is_file():
+            try:
+                saved = torch.load(cache_file, weights_only=True)
+            except Exception:  # a cache cut short (a killed write of an older version): rebuild it
+                saved = {}
+            if saved.get("fingerprint") == fingerprint:  # a cache without one predates fingerprints: rebuild
+                return Splits(*(ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
+                                for s in (saved["train"], saved["test"])))
+        train_set, test_set = (_decode_folder(base / split, size, names, workers) for split in (train, test))
         from contrastive.io import save_torch_atomic
 
         try:
@@ -350,6 +356,32 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
                           "decoded again next run. Pass data.source.cache=false to skip the cache.", DataWarning,
                           stacklevel=2)
     return Splits(train_set, test_set)
+
+
+@contextmanager
+def _cache_lock(cache_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<cache_file>.lock`` (none where the folder cannot be written).
+
+    Several processes that build the same cache at once (every rank under torchrun) would each
+    decode the whole folder on every core; with the lock the first decodes and writes the cache,
+    the others wait and then load it. The OS releases the lock of a process that dies.
+    """
+    from filelock import FileLock, Timeout
+
+    lock: FileLock | None = FileLock(f"{cache_file}.lock")
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("another process is decoding into %s: waiting for it", cache_file)
+            lock.acquire()
+    except OSError:  # a read-only folder: no lock (image_folder warns when it cannot write the cache)
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 SHAPE_NAMES = [

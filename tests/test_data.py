@@ -367,6 +367,57 @@ def test_image_folder_trains_without_cache_when_root_is_read_only(tmp_path: Path
     assert len(splits.train) == 2 and not (tmp_path / ".contrastive_cache_4.pt").exists()
 
 
+def _decode_at_once(rank: int, root: str, scratch: str) -> None:
+    """A process of :func:`test_processes_started_together_decode_the_folder_once`."""
+    import time
+
+    import contrastive.data as data_mod
+
+    decode = data_mod._decode_folder
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with open(Path(scratch) / "decodes.log", "a") as f:
+            f.write(f"{rank}\n")
+        time.sleep(1.0)  # long enough for the other process to look for the cache meanwhile
+        return decode(*args, **kwargs)
+
+    data_mod._decode_folder = counted
+    (Path(scratch) / f"ready{rank}").touch()
+    while not all((Path(scratch) / f"ready{r}").exists() for r in range(2)):  # start together
+        time.sleep(0.01)
+    splits = data_mod.image_folder(root, size=8)
+    torch.save(splits.train.images, Path(scratch) / f"train{rank}.pt")
+
+
+@pytest.mark.slow
+def test_processes_started_together_decode_the_folder_once(tmp_path: Path) -> None:
+    """Two processes (two ranks under torchrun) load a new image folder at the same moment: one decodes
+    (train and test: 2 calls) and writes the cache, the other waits for the lock and loads the cache."""
+    import torch.multiprocessing as mp
+
+    root, scratch = tmp_path / "data", tmp_path / "scratch"
+    _write_folder(root, {"cat": 3, "dog": 2})
+    scratch.mkdir()
+    mp.start_processes(_decode_at_once, args=(str(root), str(scratch)), nprocs=2, join=True, start_method="spawn")
+    decoders = (scratch / "decodes.log").read_text().split()
+    assert len(decoders) == 2 and len(set(decoders)) == 1, decoders
+    assert torch.equal(torch.load(scratch / "train0.pt"), torch.load(scratch / "train1.pt"))
+
+
+def test_image_folder_works_where_the_lock_cannot_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import filelock
+
+    from contrastive.data import image_folder
+
+    def refuse(self, *args: object, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied", self.lock_file)
+
+    _write_folder(tmp_path, {"cat": 2})
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    assert len(image_folder(str(tmp_path), size=4).train) == 2
+    assert (tmp_path / ".contrastive_cache_4.pt").is_file()
+
+
 def test_the_cli_logs_data_warnings_as_one_line(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import warnings
 
