@@ -494,7 +494,8 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
         )
     if cfg.data.num_classes != splits.num_classes:
         raise ConfigError(
-            f"data.num_classes={cfg.data.num_classes} but the training split has {splits.num_classes} classes"
+            f"data.num_classes={cfg.data.num_classes} but the training split has {splits.num_classes} classes: "
+            f"pass data.num_classes={splits.num_classes}"
         )
     queue = OmegaConf.select(cfg, "pipeline.queue_size")
     keys = cfg.data.batch_size * world * (2 if OmegaConf.select(cfg, "pipeline.symmetric") else 1)

@@ -92,7 +92,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
         ("data.batch_size=abc", "data.batch_size"),
         ("trainer.max_epochs=1.5", "trainer.max_epochs"),
         ("eval.every_n_epochs=0", "eval.every_n_epochs"),
-        ("data.num_classes=7", "data.num_classes=7"),
+        ("data.num_classes=7", "data.num_classes=7 but the training split has 10 classes: pass data.num_classes=10"),
         ("optimizer.lr=-1", "optimizer.lr"),
         ("experiment=moco_shapes pipeline.queue_size=32", "pipeline.queue_size=32"),
         ("experiment=moco_shapes loss=sup_con", "loss SupCon does not fit the MoCo pipeline"),
