@@ -452,8 +452,19 @@ def shapes(num_train: int = 2000, num_test: int = 1000, size: int = 32, seed: in
 # --------------------------------------------------------------------------- batching
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of epoch ``epoch`` of a run seeded ``seed``:
+    ``(epoch + seed * 0x9E3779B9) mod 2**32`` (torch's CPU generator keeps only 32 bits of a seed).
+
+    ``seed + epoch`` gave run 1's epoch 0 the order of run 0's epoch 1, so a seed sweep saw shifted
+    copies of one order; with the golden-ratio step, seeds up to 1000 apart share no epoch order
+    below 1.8 million epochs. Seed 0's epochs keep their old seeds.
+    """
+    return (epoch + seed * 0x9E3779B9) % 2**32
+
+
 class EpochBatches:
-    """Base of the batch iterables Lightning accepts: epoch ``e``'s batches come from ``seed + e``.
+    """Base of the batch iterables Lightning accepts: epoch ``e``'s batches come from ``(seed, e)``.
 
     So the batches are the same on every process and after a resume. Subclasses give
     :meth:`batches`, this rank's index tensors for the epoch; iterating yields
@@ -461,7 +472,7 @@ class EpochBatches:
 
     Args:
         data: the images and labels (on the device batches should be on).
-        seed: base seed; epoch ``e`` draws from ``seed + e``.
+        seed: base seed; epoch ``e`` draws from :func:`epoch_seed` ``(seed, e)``.
         epoch_source: returns the current epoch (the trainer's), read at each
             ``iter``; without it the epoch counts the passes started (a pass
             stopped early, e.g. by ``limit_train_batches``, still moves on).
@@ -475,8 +486,8 @@ class EpochBatches:
         self.world, self.rank = dist_world_size() if world is None else world, dist_rank()
 
     def generator(self) -> torch.Generator:
-        """A CPU generator seeded for the current epoch (``seed + epoch``)."""
-        return torch.Generator().manual_seed(self.seed + self.epoch)
+        """A CPU generator seeded for the current epoch (:func:`epoch_seed`)."""
+        return torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
 
     def batches(self) -> Iterable[Tensor]:
         """This rank's index tensors for the current epoch, on the data's device."""
@@ -495,7 +506,7 @@ class EpochBatches:
 class IndexBatches(EpochBatches):
     """Batches of a uint8 image tensor drawn by index (:class:`EpochBatches`).
 
-    Epoch ``e`` is a permutation drawn from ``seed + e``. With ``W`` processes each rank
+    Epoch ``e`` is a permutation drawn from ``(seed, e)``. With ``W`` processes each rank
     takes its own contiguous slice of every global batch (no overlap, no DataLoader sampler).
 
     Args:

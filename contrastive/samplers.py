@@ -17,7 +17,7 @@ With ``W`` processes the global batch holds ``W * P`` distinct classes and rank 
 takes the ``r``-th P of them: every rank gets a full P x K batch (the triplet loss
 is computed per rank, so each rank's batch must be one), no image appears twice in a
 global batch, and all ranks yield the same number of batches. The schedule of epoch
-``e`` comes from ``seed + e`` only, so it is the same on every rank and after a resume.
+``e`` comes from ``(seed, e)`` only, so it is the same on every rank and after a resume.
 """
 
 from __future__ import annotations

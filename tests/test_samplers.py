@@ -65,7 +65,7 @@ def test_same_seed_same_batches_other_epoch_other_batches() -> None:
     assert epoch(3, 0) == epoch(3, 0)
     assert epoch(3, 0) != epoch(3, 1)
     assert epoch(3, 0) != epoch(4, 0)
-    # epoch e is drawn from seed + e: a resumed run at epoch 1 sees what an uninterrupted one sees
+    # epoch e is drawn from (seed, e): a resumed run at epoch 1 sees what an uninterrupted one sees
     sampler = PKBatches(data, 6, 2, 3, seed=3)
     list(sampler)
     assert [ids(x) for x, _ in sampler] == epoch(3, 1)
