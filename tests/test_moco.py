@@ -495,3 +495,25 @@ def test_a_loss_that_does_not_take_the_queue_is_refused(config) -> None:
 
     with pytest.raises(InstantiationException, match="loss NTXent does not fit the MoCo pipeline.*loss=info_nce"):
         build_pipeline(config("train", ["experiment=moco_shapes", "loss=nt_xent"]))
+
+
+def test_queue_refuses_a_zero_dim_and_keys_that_are_not_a_matrix() -> None:
+    """dim 0 is refused like size 0; keys that are not (n, D) are a ValueError, not an IndexError or a broadcast."""
+    with pytest.raises(ValueError, match=r"size and dim must be >= 1, got size=4, dim=0"):
+        KeyQueue(4, 0)
+    q = KeyQueue(4, 3)
+    with pytest.raises(ValueError, match=r"keys must be \(n, 3\), got \(3,\)"):
+        q.enqueue(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"keys must be \(n, 3\), got \(2, 3, 3\)"):
+        q.enqueue(torch.zeros(2, 3, 3))
+    assert int(q.ptr) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_enqueued_keys_are_cast_to_the_queue_dtype(dtype: torch.dtype) -> None:
+    """Keys of another dtype (float64 features, bf16 autocast) are stored cast to the queue's float32."""
+    q = KeyQueue(3, 2)
+    keys = torch.tensor([[1 / 3, -2 / 3], [0.1, 1e-3]], dtype=dtype)
+    q.enqueue(keys)
+    assert q.keys.dtype == torch.float32 and int(q.ptr) == 2
+    assert torch.equal(q.keys[:2], keys.to(torch.float32))

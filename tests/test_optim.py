@@ -92,6 +92,36 @@ def test_optimizer_lars_is_one_override(config) -> None:
     assert all(p.ndim <= 1 for p in opt.param_groups[1]["params"])
 
 
+def test_zero_gradient_on_an_adapted_weight_leaves_it_unchanged() -> None:
+    """||u|| = 0 (zero gradient, no weight decay): the trust ratio falls back to 1, not eta * ||w|| / 0 = inf."""
+    w = torch.nn.Parameter(torch.full((2, 3), 2.0, dtype=torch.float64))
+    opt = LARS([w], lr=1.0, momentum=0.9, weight_decay=0.0)
+    for _ in range(2):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    assert torch.equal(w.detach(), torch.full((2, 3), 2.0, dtype=torch.float64))  # not NaN (0 * inf)
+    assert torch.equal(opt.state[w]["momentum_buffer"], torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_step_does_not_modify_the_gradient() -> None:
+    """The update is a copy of the gradient: scaling it by the trust ratio must not rescale ``p.grad`` in place."""
+    w = torch.nn.Parameter(torch.ones(2, 2, dtype=torch.float64))
+    opt = LARS([w], lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=0.01)
+    w.grad = torch.full_like(w, 3.0)
+    opt.step()
+    assert torch.equal(w.grad, torch.full((2, 2), 3.0, dtype=torch.float64))
+    # ||w|| = ||g|| / 3 = 2: the step is 0.01 * 2 / 6 * 3 = 0.01 per entry
+    torch.testing.assert_close(w.detach(), torch.full((2, 2), 0.99, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_lars_defaults_are_simclrs() -> None:
+    """Without arguments LARS is SimCLR's: lr 0.3 (per 256), momentum 0.9, wd 1e-6, eta 1e-3, biases exempt."""
+    assert LARS([torch.nn.Parameter(torch.zeros(2))]).defaults == {
+        "lr": 0.3, "momentum": 0.9, "weight_decay": 1e-6, "trust_coefficient": 1e-3, "exclude_1d": True,
+        "nesterov": False,
+    }
+
+
 @pytest.mark.slow
 def test_lars_trains_through_the_cli(cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The default run with optimizer=lars, 5 epochs (measured: kNN 24.7 -> 37.8). With eta = 0.001

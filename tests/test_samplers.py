@@ -147,3 +147,27 @@ def test_schedule_takes_the_fullest_classes_first() -> None:
     assert classes.shape == (3, 2)
     assert (classes == 0).any(dim=1).all()  # class 0 (3 rows) is in every batch
     assert fresh.sum() == 5 and not (classes == 3).any()  # 5 rows, one filler slot; the empty class never
+
+
+def test_len_with_two_ranks_is_the_number_of_batches_each_rank_yields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With W ranks a global batch holds W * P rows, so ``len`` divides the rows by P * W, not by P."""
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 2)
+    # K = 2. COUNTS: rows 4, 3, 6, 2, 5 = 20; 20 / (2 * 2) = 5 < 6 rows of class 2, so 6 batches.
+    # [4] * 8: 2 rows each = 16; 16 / (2 * 2) = 4 batches per rank (16 / 2 would be 8).
+    for counts, batches in ((COUNTS, 6), ([4] * 8, 4)):
+        data = labelled(counts)
+        for r in range(2):
+            monkeypatch.setattr(data_mod, "dist_rank", lambda r=r: r)
+            sampler = PKBatches(data, batch_size=4, classes_per_batch=2, samples_per_class=2, seed=7)
+            assert len(sampler) == len(list(sampler)) == batches
+
+
+def test_schedule_assigns_the_chosen_classes_to_slots_at_random() -> None:
+    """The fullest class is not always in slot 0 (rank 0): the chosen classes are permuted, as the docstring says."""
+    slots_of_fullest = set()
+    for seed in range(20):
+        classes, _ = schedule_classes(torch.tensor([4, 1, 1, 1]), 2, torch.Generator().manual_seed(seed))
+        first = classes[0].tolist()  # class 0 (4 rows vs 1) is always chosen for the first batch
+        assert 0 in first
+        slots_of_fullest.add(first.index(0))
+    assert slots_of_fullest == {0, 1}

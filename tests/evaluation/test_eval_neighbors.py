@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -70,3 +71,19 @@ def test_cosine_neighbours_and_metrics_do_not_depend_on_the_features_scale() -> 
         assert torch.equal(scaled, idx)
         assert retrieval_metrics(x * scale, y) == base
         assert torch.equal(knn_predict(x * scale, y, x[:10] * scale, 4, k=5), knn_predict(x, y, x[:10], 4, k=5))
+
+
+def test_prepare_features_refuses_a_vector() -> None:
+    """A 1-D tensor is not N rows of D features: refused with the expected shape, not searched as N scalars."""
+    with pytest.raises(ValueError, match=r"features must be \(N, D\), got shape \(3,\)"):
+        prepare_features(torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"features must be \(N, D\), got shape \(1, 2, 3\)"):
+        prepare_features(torch.zeros(1, 2, 3), "euclidean")
+
+
+def test_leave_one_out_excludes_self_at_any_euclidean_distance() -> None:
+    """Euclidean similarities reach -4e6 here: the own row must be set to -inf, not a finite 'very low' value."""
+    x = prepare_features(torch.tensor([[0.0], [1000.0], [2000.0]], dtype=torch.float64), "euclidean")
+    values, idx = topk_neighbors(x, x, 2, "euclidean", self_index=torch.arange(3))
+    assert idx.tolist() == [[1, 2], [0, 2], [1, 0]]  # row 1: 0 and 2 tie at distance 1000, lower index first
+    assert values.tolist() == [[-1e6, -4e6], [-1e6, -1e6], [-1e6, -4e6]]

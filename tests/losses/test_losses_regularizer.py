@@ -85,3 +85,14 @@ def test_without_regulariser_and_validation() -> None:
     assert math.isclose(SoftmaxCERegularizer(4, 2, kind="cosine").temperature, 0.05)
     with pytest.raises(ValueError, match=r"labels must be integer class ids in \[0, 2\), got torch.float32"):
         linear(f, y.float() + 0.7)  # .long() would have truncated 1.7 to 1 for the CE only
+
+
+def test_one_class_and_nan_weight_are_refused() -> None:
+    """One class gives a constant cross-entropy (nothing to learn); a NaN weight would pass a ``weight < 0`` check."""
+    with pytest.raises(ValueError, match=r"need embed_dim >= 1 and num_classes >= 2, got 4 and 1\."):
+        SoftmaxCERegularizer(4, 1)
+    with pytest.raises(ValueError, match=r"need embed_dim >= 1 and num_classes >= 2, got 0 and 3\."):
+        SoftmaxCERegularizer(0, 3)
+    with pytest.raises(ValueError, match=r"weight must be >= 0, got nan\."):
+        RegularizedMetricLoss(TripletMargin(), SoftmaxCERegularizer(4, 2), weight=float("nan"))
+    assert RegularizedMetricLoss(TripletMargin(), weight=0.0).weight == 0.0  # the boundary is allowed
