@@ -274,10 +274,12 @@ def check_feature_dim(backbone: torch.nn.Module, feature_dim: int, image_size: i
     with torch.no_grad():
         width = backbone.eval()(torch.zeros(1, in_channels, image_size, image_size)).shape[1:]
     backbone.train(was_training)
-    if tuple(width) != (feature_dim,):
-        got = width[0] if len(width) == 1 else f"shape {tuple(width)}"
-        raise ConfigError(f"model.feature_dim={feature_dim}, but the backbone outputs {got} features per image: "
-                          f"pass model.feature_dim={got}")
+    if len(width) != 1:
+        raise ConfigError(f"the backbone outputs shape {tuple(width)} per image, not a feature vector: end "
+                          "model.backbone with a global pooling and a flatten (as the built-in backbones do)")
+    if width[0] != feature_dim:
+        raise ConfigError(f"model.feature_dim={feature_dim}, but the backbone outputs {width[0]} features per "
+                          f"image: pass model.feature_dim={width[0]}")
 
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:

@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 from contrastive.augment import Augment
+from contrastive.cli import (
+    ConfigError, build_pipeline, check_against_data, check_config, check_eval_config, check_feature_dim,
+)
 from contrastive.data import DataError, ImageTensors, IndexBatches, TensorDataModule, shapes
 from contrastive.evaluation import knn_predict, linear_probe
 from contrastive.losses import (
@@ -211,3 +214,95 @@ def test_moco_key_encoder_moves_once_per_optimiser_step_under_gradient_accumulat
     trainer = _trainer(max_epochs=1, limit_val_batches=0, accumulate_grad_batches=4)
     trainer.fit(moco, datamodule=TensorDataModule(shapes(num_train=64, num_test=8, size=8), batch_size=8))
     assert trainer.global_step == 2 and len(momenta) == 2 * 2  # backbone and projector, once per step (was 8 steps)
+
+
+# --------------------------------------------------------------------------- CLI validation, at its boundaries
+
+
+@pytest.mark.parametrize(("valid", "invalid", "message"), [
+    ("eval.every_n_epochs=1", "eval.every_n_epochs=true",
+     "eval.every_n_epochs=True is invalid: it must be a positive integer"),  # a bool is an int to isinstance
+    ("data.batch_size=2", "data.batch_size=1",
+     "data.batch_size=1 is invalid: it must be an integer >= 2 (a contrastive batch needs pairs)"),
+    # scheduler=constant keeps the experiment's warm-up (2 in simclr_shapes): warmup_epochs=0 means none
+    ("scheduler=constant scheduler.warmup_epochs=0", "scheduler=constant scheduler.warmup_epochs=-0.5",
+     "scheduler.warmup_epochs=-0.5 is invalid: it must be a non-negative number"),
+    ("eval.knn_temperature=1e-9", "eval.knn_temperature=0",
+     "eval.knn_temperature=0 is invalid: it must be a positive number"),
+    ("trainer.max_time=00:04:00:00", "trainer.max_time=00:04:00:00x",
+     "trainer.max_time='00:04:00:00x' is invalid: it must be DD:HH:MM:SS, e.g. trainer.max_time=00:04:00:00 "
+     "for four hours"),  # the whole value, not a valid prefix
+    ("optimizer.lr=1e-9", "optimizer.lr=0", "optimizer.lr=0 is invalid: it must be a positive number"),
+], ids=["every_n_epochs", "batch_size", "warmup_epochs", "knn_temperature", "max_time", "lr"])
+def test_train_values_pass_at_the_boundary_and_are_refused_past_it(config, valid: str, invalid: str,  # type: ignore[no-untyped-def]
+                                                                   message: str) -> None:
+    """check_config: the smallest valid value passes, the first invalid one is one ConfigError naming it."""
+    check_config(config("train", valid.split()))
+    with pytest.raises(ConfigError) as error:
+        check_config(config("train", invalid.split()))
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("key", ["subset", "test_subset"])
+def test_eval_subset_of_zero_is_refused_and_one_passes(config, key: str) -> None:  # type: ignore[no-untyped-def]
+    """contrastive-eval subset=0 (falsy, not None) is refused, not read as 'keep the run's setting'."""
+    check_eval_config(config("eval", ["checkpoint=x.ckpt", f"{key}=1"]))
+    with pytest.raises(ConfigError) as error:
+        check_eval_config(config("eval", ["checkpoint=x.ckpt", f"{key}=0"]))
+    assert str(error.value) == f"{key}=0 is invalid: it must be a positive integer"
+
+
+def test_eval_on_cuda_needs_a_visible_gpu(config, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """device=cuda where no CUDA GPU is visible is one ConfigError before the checkpoint is read (on any machine:
+    CUDA's presence is patched)."""
+    cfg = config("eval", ["checkpoint=x.ckpt", "device=cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_eval_config(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as error:
+        check_eval_config(cfg)
+    assert str(error.value) == "device=cuda, but no CUDA GPU is visible here: use device=auto or device=cpu"
+
+
+@pytest.mark.parametrize(("world", "fits"), [(1, 40), (2, 20)])
+def test_a_batch_of_the_whole_training_set_passes_and_one_more_is_refused(config, world: int, fits: int) -> None:  # type: ignore[no-untyped-def]
+    """data.batch_size x processes may equal the training set's size; one image more is refused."""
+    splits = shapes(num_train=40, num_test=8, size=8)
+    check_against_data(config("train", [f"data.batch_size={fits}"]), splits, world=world)
+    with pytest.raises(ConfigError) as error:
+        check_against_data(config("train", [f"data.batch_size={fits + 1}"]), splits, world=world)
+    assert str(error.value) == (f"data.batch_size={fits + 1} x {world} process(es) is larger than the training set "
+                                "(40 images): lower data.batch_size")
+
+
+def test_symmetric_moco_enqueues_twice_the_batch(config) -> None:  # type: ignore[no-untyped-def]
+    """pipeline.symmetric=true enqueues both views' keys (2 x 64 a step): a queue of 96 is refused, 128 passes."""
+    splits = shapes(num_train=128, num_test=8, size=8)
+    check_against_data(config("train", ["experiment=moco_shapes", "pipeline.queue_size=96"]), splits, world=1)
+    moco = ["experiment=moco_shapes", "pipeline.symmetric=true"]
+    check_against_data(config("train", [*moco, "pipeline.queue_size=128"]), splits, world=1)
+    with pytest.raises(ConfigError) as error:
+        check_against_data(config("train", [*moco, "pipeline.queue_size=96"]), splits, world=1)
+    assert str(error.value) == ("pipeline.queue_size=96 is smaller than the keys enqueued per step (128 = "
+                                "data.batch_size x processes, x 2 when pipeline.symmetric): raise "
+                                "pipeline.queue_size or lower data.batch_size")
+
+
+def test_the_shape_check_leaves_the_backbone_in_its_mode(config) -> None:  # type: ignore[no-untyped-def]
+    """check_feature_dim runs the backbone in eval mode: build_pipeline must hand it on in training mode
+    (else BatchNorm trains on running statistics), and an eval-mode backbone stays in eval mode."""
+    pipeline = build_pipeline(config("train"))
+    assert pipeline.backbone.training and all(m.training for m in pipeline.backbone.modules())
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    check_feature_dim(backbone, 4, image_size=8)
+    assert not any(m.training for m in backbone.modules())
+
+
+def test_a_backbone_that_does_not_output_feature_vectors_is_refused() -> None:
+    """A backbone whose output is not (N, feature_dim), e.g. (N, 3, 8, 8) with feature_dim=3 (its first
+    dimension), is refused with the shape it gives."""
+    check_feature_dim(nn.Flatten(), 3 * 8 * 8, image_size=8)
+    with pytest.raises(ConfigError) as error:
+        check_feature_dim(nn.Identity(), 3, image_size=8)
+    assert str(error.value) == ("the backbone outputs shape (3, 8, 8) per image, not a feature vector: end "
+                                "model.backbone with a global pooling and a flatten (as the built-in backbones do)")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from omegaconf import open_dict
 
 from contrastive.cli import build_pipeline
 from contrastive.losses import ContrastiveMargin, SoftmaxCERegularizer, SupCon, TripletMargin, sup_con, triplet_margin
@@ -165,6 +167,43 @@ def test_backbone_eval_features(config) -> None:
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(pipeline.features(images), super(type(pipeline), pipeline).features(images))
     assert pipeline.features(images).shape == (4, 128)  # the convnet's width, not the 64-d head
+
+
+def test_sup_con_without_a_normalize_attribute_ranks_by_cosine(config) -> None:
+    """SupCon has no ``normalize`` attribute and compares unit-length embeddings: retrieval ranks by cosine."""
+    pipeline = build_pipeline(config("train", ["experiment=siamese_shapes", "loss=sup_con"]))
+    assert isinstance(pipeline.loss.metric_loss, SupCon) and not hasattr(pipeline.loss.metric_loss, "normalize")
+    assert pipeline.retrieval_metric == "cosine"
+
+
+def test_unknown_eval_features_are_refused(config) -> None:
+    """pipeline.eval_features=foo is refused when built, not silently treated as the embedding."""
+    with pytest.raises(InstantiationException) as error:
+        build_pipeline(config("train", ["experiment=siamese_shapes", "pipeline.eval_features=foo"]))
+    cause = error.value.__cause__
+    assert type(cause) is ValueError
+    assert str(cause) == "eval_features must be 'embedding' or 'backbone', got 'foo'."
+
+
+def test_regularizer_weight_defaults_to_one_and_the_loss_carries_it(config) -> None:
+    """Siamese(regularizer_weight=...) defaults to 1.0, the weight RegularizedMetricLoss applies to the CE."""
+    import inspect
+
+    from contrastive.pipelines import Siamese
+
+    assert inspect.signature(Siamese).parameters["regularizer_weight"].default == 1.0
+    cfg = config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce"])
+    with open_dict(cfg):
+        del cfg.pipeline.regularizer_weight  # the Python default, not the config's literal
+    pipeline = build_pipeline(cfg)
+    assert pipeline.loss.weight == 1.0
+    torch.manual_seed(0)
+    e, y = torch.randn(12, 64, dtype=torch.float64), torch.arange(12) % 3
+    pipeline.loss.double()
+    terms = pipeline.loss(e, y)
+    assert terms["loss"].item() == pytest.approx((terms["metric"] + terms["ce"]).item(), rel=1e-12)
+    cfg = config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=0.25"])
+    assert build_pipeline(cfg).loss.weight == 0.25
 
 
 # --------------------------------------------------------------------------- end to end
