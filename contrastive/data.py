@@ -370,11 +370,10 @@ def _cache_lock(cache_file: Path) -> Iterator[None]:
 
     lock: FileLock | None = FileLock(f"{cache_file}.lock")
     try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("another process is decoding into %s: waiting for it", cache_file)
-            lock.acquire()
+        lock.acquire(timeout=0)
+    except Timeout:  # an OSError too, so caught first: another process holds the lock
+        log.info("another process is decoding into %s: waiting for it", cache_file)
+        lock.acquire()
     except OSError:  # a read-only folder: no lock (image_folder warns when it cannot write the cache)
         lock = None
     try:
