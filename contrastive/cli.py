@@ -52,7 +52,7 @@ from contrastive.io import (
     write_json_atomic,
 )
 from contrastive.pipelines import NonFiniteLossError, Pipeline
-from contrastive.pipelines.base import steps_per_epoch
+from contrastive.pipelines.base import channels_last, steps_per_epoch
 from contrastive.pipelines.moco import queue_problem
 
 log = logging.getLogger("contrastive")
@@ -733,6 +733,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     except RuntimeError as e:
         raise CheckpointError(f"{cfg.checkpoint}: weights do not match the run's model: {e}") from None
     pipeline.to(device).eval()
+    if channels_last(device):  # the layout the run trained and evaluated in
+        pipeline.to(memory_format=torch.channels_last)
     try:
         splits = build_splits(run_cfg.data, int(run_cfg.seed))
     except InstantiationException as e:

@@ -4,17 +4,19 @@ In ONE process on ONE device, the same model (ResNet-18, CIFAR stem, 2-layer hea
 loss (NT-Xent) and optimiser step are fed three ways:
 
   (a) ours: uint8 data set on the device, index batches, batched augmentation there
-      (``contrastive.augment.Augment``, replayed as a CUDA graph), bf16 autocast + channels_last
-      on a GPU; (a0) the same with the augmentation run eagerly;
+      (``contrastive.augment.Augment``, replayed as a CUDA graph), channels_last (as training
+      runs on CPU and GPU) + bf16 autocast on a GPU; (a0) the same with the augmentation run eagerly;
   (b) baseline: torchvision.transforms.v2 SimCLR transforms in a DataLoader with all
       CPU cores as workers (pinned memory, non-blocking copies), as the other toolkits do;
   (c) ceiling: two pre-made views already on the device (model + loss + step only).
 
 images/s counts source images (each gives two views). Prints a/b, a/c and peak GPU memory (n/a on the CPU);
-``--compile`` adds (c) and (a) with the backbone under ``torch.compile`` and their ratios.
+``--compile`` adds (c) and (a) with the backbone under ``torch.compile`` and their ratios;
+``--nchw`` adds them in the NCHW layout, and the ratios channels_last / NCHW.
 
     python scripts/bench_throughput.py --device cuda --batch-size 512
     python scripts/bench_throughput.py --device cpu --batch-size 32 --steps 5 --model convnet  # smoke
+    python scripts/bench_throughput.py --device cpu --batch-size 64 --steps 30 --warmup 5 --model convnet --nchw
 """
 
 from __future__ import annotations
@@ -31,25 +33,28 @@ from contrastive.augment import Augment
 from contrastive.data import IndexBatches, ImageTensors
 from contrastive.losses import nt_xent
 from contrastive.models import convnet, mlp, resnet
+from contrastive.pipelines.base import channels_last
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def build(model: str, device: torch.device, compile: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(model: str, device: torch.device, compile: bool = False,
+          nhwc: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
     backbone, dim = (resnet("resnet18", cifar_stem=True), 512) if model == "resnet18" else (convnet(32), 128)
     if compile:
         backbone.compile()  # what contrastive-train compile=true does
     net = nn.Sequential(backbone, mlp(dim, 2048, 128)).to(device)
-    if device.type == "cuda":
+    if nhwc:
         net = net.to(memory_format=torch.channels_last)
     return net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-def make_step(net: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> Callable[[Tensor, Tensor], None]:
+def make_step(net: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+              nhwc: bool = True) -> Callable[[Tensor, Tensor], None]:
     amp = device.type == "cuda"
 
     def step(v1: Tensor, v2: Tensor) -> None:
-        if amp:
+        if nhwc:
             v1 = v1.contiguous(memory_format=torch.channels_last)
             v2 = v2.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -138,6 +143,7 @@ def main() -> None:
     p.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py (else random images)")
     p.add_argument("--compile", action="store_true",
                    help="also time (c) and (a) with the backbone under torch.compile (contrastive-train compile=true)")
+    p.add_argument("--nchw", action="store_true", help="also time (c) and (a) in the NCHW layout")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -151,22 +157,27 @@ def main() -> None:
                             torch.zeros(args.images, dtype=torch.long), 1)
 
     rows = {}
-    cases = [
-        ("(c) ceiling: views pre-made on device", lambda: ceiling(args.batch_size, device), False),
-        ("(a) ours: device-resident data + batched aug", lambda: ours(data, args.batch_size, device), False),
-        ("(a0) ours without the CUDA graph (eager aug)", lambda: ours(data, args.batch_size, device, False), False),
+    nhwc = channels_last(device)  # the layout contrastive-train uses on this device
+    cases = [  # name, source, compiled backbone, channels_last
+        ("(c) ceiling: views pre-made on device", lambda: ceiling(args.batch_size, device), False, nhwc),
+        ("(a) ours: device-resident data + batched aug", lambda: ours(data, args.batch_size, device), False, nhwc),
+        ("(a0) ours without the CUDA graph (eager aug)", lambda: ours(data, args.batch_size, device, False), False,
+         nhwc),
         (f"(b) torchvision v2 + DataLoader({args.workers} workers)",
-         lambda: baseline(data, args.batch_size, device, args.workers), False),
+         lambda: baseline(data, args.batch_size, device, args.workers), False, nhwc),
     ]
     if args.compile:  # warm-up steps absorb the compile time
-        cases += [("(cC) ceiling, compiled backbone", lambda: ceiling(args.batch_size, device), True),
-                  ("(aC) ours, compiled backbone", lambda: ours(data, args.batch_size, device), True)]
-    for name, source, compiled in cases:
+        cases += [("(cC) ceiling, compiled backbone", lambda: ceiling(args.batch_size, device), True, nhwc),
+                  ("(aC) ours, compiled backbone", lambda: ours(data, args.batch_size, device), True, nhwc)]
+    if args.nchw:
+        cases += [("(cN) ceiling, NCHW", lambda: ceiling(args.batch_size, device), False, False),
+                  ("(aN) ours, NCHW", lambda: ours(data, args.batch_size, device), False, False)]
+    for name, source, compiled, layout in cases:
         torch.manual_seed(0)
-        net, opt = build(args.model, device, compiled)
+        net, opt = build(args.model, device, compiled, layout)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        ips = timed(source(), make_step(net, opt, device), args.steps, args.warmup, args.batch_size, device)
+        ips = timed(source(), make_step(net, opt, device, layout), args.steps, args.warmup, args.batch_size, device)
         # GPU memory only: on the CPU, case (b)'s DataLoader workers are other processes
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if device.type == "cuda" else "   n/a (CPU)"
         rows[name.split()[0]] = ips
@@ -176,6 +187,8 @@ def main() -> None:
           f"batch {args.batch_size}, model {args.model}, {args.workers} CPU workers)")
     if args.compile:
         print(f"compiled/eager: ceiling {rows['(cC)'] / rows['(c)']:.2f}   ours {rows['(aC)'] / rows['(a)']:.2f}")
+    if args.nchw:
+        print(f"channels_last/NCHW: ceiling {rows['(c)'] / rows['(cN)']:.2f}   ours {rows['(a)'] / rows['(aN)']:.2f}")
 
 
 if __name__ == "__main__":

@@ -163,3 +163,31 @@ def test_views_under_two_ranks_are_the_rows_of_one_process(monkeypatch: pytest.M
         mine = _pipeline("raise").views(images[4 * r : 4 * r + 4])  # same seed: generators in step
         for v in range(2):
             assert torch.equal(mine[v], whole[v][4 * r : 4 * r + 4])
+
+
+class _RecordLayout(SimCLR):
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.view_layouts = [v.is_contiguous(memory_format=torch.channels_last) for v in self.views(batch[0])]
+        return super().training_step(batch, batch_idx)
+
+
+def test_training_on_the_cpu_runs_channels_last() -> None:
+    """oneDNN's NHWC convolutions are the faster ones on the CPU too (docs/benchmarks.md): the weights
+    are channels-last from ``setup`` on (before a strategy wraps them), and so are the views."""
+    import pytorch_lightning as pl
+
+    from contrastive.data import TensorDataModule, shapes
+    from contrastive.models import convnet
+    from contrastive.pipelines.base import channels_last
+
+    assert channels_last(torch.device("cpu")) and not channels_last(torch.device("mps"))
+    p = _RecordLayout(projector=nn.Linear(32, 8), loss=NTXent(), backbone=convnet(width=8), augment=Augment(size=16),
+                      optimizer=torch.optim.SGD, feature_dim=32, num_classes=10, knn_k=5)
+    convs = [m.weight for m in p.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    data = TensorDataModule(shapes(num_train=8, num_test=4, size=16, seed=0), batch_size=8, eval_batch_size=4)
+    pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0).fit(p, datamodule=data)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert p.view_layouts == [True, True]
+    assert p.features(data.splits.test.images).shape == (4, 32)

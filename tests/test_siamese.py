@@ -129,7 +129,9 @@ def test_features_are_the_embedding(config) -> None:
     assert feats.shape == (6, 64) and not feats.requires_grad
     from contrastive.augment import normalize_uint8
 
-    x = normalize_uint8(images, pipeline.augment.mean, pipeline.augment.std)
+    # channels-last, as features() feeds the backbone on CPU and GPU (NCHW rounds differently)
+    x = normalize_uint8(images, pipeline.augment.mean, pipeline.augment.std).contiguous(
+        memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(feats, pipeline.projector(pipeline.backbone(x)))
     # precision="64-true" / "bf16-true" put the whole module in that dtype: the projector had float32 input

@@ -173,7 +173,6 @@ class MoCo(Pipeline):
         if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
             raise ValueError("MoCo with SyncBatchNorm (Trainer(sync_batchnorm=True)) would replace its shuffle-BN by "
                              "global BatchNorm statistics, through which the positive key leaks: use sync_batchnorm=False")
-        super().on_fit_start()
 
     # ------------------------------------------------------------------ parts of a step
     def current_momentum(self) -> float:
