@@ -3,7 +3,9 @@
 One step: update the key encoder ``xi <- m xi + (1 - m) theta``, encode the query view
 with the trained encoder and the key view with the key encoder, InfoNCE of each query
 against its key and the K queued keys, then enqueue the new keys. The loss stays pure:
-the queue changes only after the loss has been computed (and checked).
+the queue changes only after the loss has been computed. A non-finite loss is checked one
+step late under ``on_nonfinite=raise`` (its keys are enqueued, but the run stops before the
+next checkpoint), at once under ``skip`` (its keys are not enqueued).
 
 Batch statistics must not leak the positive. MoCo's shuffle-BN computes the key
 encoder's BN statistics on G GPUs after shuffling the keys across them, so a query
