@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import QuotedString
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import (
@@ -197,8 +198,9 @@ def _quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
 
     Run folders are named after their overrides (``a=1,b=2``) and periodic checkpoints are
     ``epoch=0049.ckpt``, so ``checkpoint=<a path the CLI printed>`` is not a valid override
-    as typed, nor is a path holding a comma (a sweep to Hydra) without ``-m``. A value that parses
-    as it is (or is quoted already) is left alone.
+    as typed, nor is a path holding a comma (a sweep to Hydra) without ``-m``. With ``-m`` the
+    commas are split into the existing paths they join into (:func:`_existing_paths`), each quoted.
+    A value that parses as it is (or is quoted already) is left alone.
     """
     parser = OverridesParser.create()
     multirun = _is_multirun(argv)
@@ -206,6 +208,10 @@ def _quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+") in keys and value[:1] not in ("'", '"'):
+            paths = _existing_paths(value) if multirun else None
+            if paths is not None:
+                out.append(key + "=" + ",".join("'" + p.replace("'", "\\'") + "'" for p in paths))
+                continue
             try:  # a sweep (a path with a comma) is one path unless -m asks for a sweep
                 quote = parser.parse_override(arg).is_sweep_override() and not multirun
             except HydraException:  # the grammar cannot read it as typed
@@ -216,6 +222,20 @@ def _quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     return out
 
 
+def _existing_paths(value: str) -> list[str] | None:
+    """``A,B,...`` read as existing paths whose own names may hold commas (run folders are named
+    ``a=1,b=2``): from the left, the longest run of comma-separated pieces that exists is one path.
+    None where some piece belongs to no existing path (Hydra then reads the value as typed)."""
+    pieces, paths, i = value.split(","), [], 0
+    while i < len(pieces):
+        j = next((j for j in range(len(pieces), i, -1) if Path(",".join(pieces[i:j])).expanduser().exists()), None)
+        if j is None:
+            return None
+        paths.append(",".join(pieces[i:j]))
+        i = j
+    return paths
+
+
 def _is_multirun(argv: list[str]) -> bool:
     return any(arg in ("-m", "--multirun") for arg in argv)
 
@@ -223,8 +243,9 @@ def _is_multirun(argv: list[str]) -> bool:
 def _override_paths(arg: str) -> list[str]:
     """The string values of one ``key=value`` override: one, or each of a sweep's (``-m key=A,B``)."""
     override = OverridesParser.create().parse_override(arg)
-    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-    return [v for v in values if isinstance(v, str)]
+    values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    # a quoted element of a sweep ('A','B') comes as a QuotedString, not unquoted as a lone value is
+    return [v.text if isinstance(v, QuotedString) else v for v in values if isinstance(v, (str, QuotedString))]
 
 
 def _run_dir_of(checkpoint: str) -> str:

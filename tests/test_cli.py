@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 from functools import partial
@@ -116,13 +117,17 @@ def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
     # the same checkpoint, features and kNN rule: the same figure as at the end of training
     assert metrics["knn_top1"] == pytest.approx(train_metrics["knn_top1"], abs=1e-6)
     # Again without the probe and export: the folder then holds this evaluation only (no stale confusion matrix).
-    # As a (one-job) sweep: -m writes beside the checkpoint too, not into ./multirun/<date>/<time>/0.
-    ev = cli("contrastive-eval", "-m", f"checkpoint={tmp_path / 'run/checkpoints/last.ckpt'}", "linear_probe=false",
-             "export=false", cwd=tmp_path)
+    # As a sweep: -m writes beside each checkpoint too, not into ./multirun/<date>/<time>/N. The paths are
+    # typed as training prints them: run folders hold '=' and ',', periodic checkpoints are epoch=NNNN.ckpt.
+    (tmp_path / "a=1,b=2").symlink_to(tmp_path / "run")
+    shutil.copy(tmp_path / "run/checkpoints/last.ckpt", tmp_path / "run/checkpoints/epoch=0000.ckpt")
+    ev = cli("contrastive-eval", "-m", f"checkpoint={tmp_path / 'a=1,b=2/checkpoints/last.ckpt'},"
+             f"{tmp_path / 'run/checkpoints/epoch=0000.ckpt'}", "linear_probe=false", "export=false", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "run" / "eval_last").iterdir() if p.name != ".hydra") == [
-        "cli.log", "embedding_tsne.png", "metrics.json", "similarity_histograms.png", "training_curves.png"]
-    assert "linear_top1" not in json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())
+    for name in ("eval_last", "eval_epoch=0000"):
+        assert sorted(p.name for p in (tmp_path / "run" / name).iterdir() if p.name != ".hydra") == [
+            "cli.log", "embedding_tsne.png", "metrics.json", "similarity_histograms.png", "training_curves.png"]
+        assert "linear_top1" not in json.loads((tmp_path / "run" / name / "metrics.json").read_text())
 
 
 def test_multirun_sweep_writes_summary(cli, tmp_path: Path) -> None:
@@ -489,7 +494,7 @@ def test_a_checkpoint_path_with_a_comma_is_one_path_unless_m(monkeypatch: pytest
 
     assert _quote_paths(["checkpoint=/r/a,b/last.ckpt"], ("checkpoint",)) == ["checkpoint='/r/a,b/last.ckpt'"]
     assert _quote_paths(["-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"], ("checkpoint",)) == [
-        "-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"]  # a sweep where asked for
+        "-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"]  # a sweep where asked for (paths that do not exist: as typed)
     monkeypatch.setattr(sys, "argv", ["contrastive-eval", "checkpoint=/nowhere/a.ckpt,/nowhere/b.ckpt"])
     with pytest.raises(SystemExit):
         evaluate()
@@ -648,3 +653,20 @@ def test_config_literals_are_the_python_defaults() -> None:
                          (Pipeline, "knn_k", "knn_temperature")):
             params = inspect.signature(fn).parameters
             assert (params[k].default, params[t].default) == (ev["knn_k"], ev["knn_temperature"]) == (200, 0.1)
+
+
+def test_m_splits_commas_into_the_existing_paths_they_join_into(tmp_path: Path) -> None:
+    """Under -m, 'A,B' names the files that exist: a run folder's own commas stay inside its path."""
+    from contrastive.cli import _quote_paths
+
+    a = tmp_path / "x=1,y=2" / "checkpoints" / "last.ckpt"
+    b = tmp_path / "x=1" / "checkpoints" / "epoch=0003.ckpt"  # a prefix of a's folder name, also a folder
+    for p in (a, b):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"")
+    assert _quote_paths(["-m", f"checkpoint={a},{b}", "data_root=/d"], ("checkpoint",)) == [
+        "-m", f"checkpoint='{a}','{b}'", "data_root=/d"]
+    assert _quote_paths(["-m", f"checkpoint={b}"], ("checkpoint",)) == ["-m", f"checkpoint='{b}'"]
+    # a piece that belongs to no existing path: the value goes to Hydra as before (and fails as 'not found')
+    assert _quote_paths(["-m", f"checkpoint={a},/nowhere.ckpt"], ("checkpoint",)) == [
+        "-m", f"checkpoint='{a},/nowhere.ckpt'"]
