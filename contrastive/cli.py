@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, get_args
 
 import hydra
 import pytorch_lightning as pl
@@ -40,6 +40,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 
 from contrastive.data import DOWNLOAD_HINT, DataError, DataWarning, Splits, TensorDataModule
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
+from contrastive.evaluation.linear import Normalize, ProbeOptimizer
 from contrastive.evaluation.neighbors import Metric
 from contrastive.evaluation.report import JOB_ERROR_FILE
 from contrastive.io import (
@@ -433,6 +434,25 @@ def _check(cfg: DictConfig, key: str, kinds: tuple[type, ...], ok: Callable[[Any
 
 
 _POSITIVE_INT = (int,), lambda v: v >= 1, "a positive integer"
+_NON_NEGATIVE = (int, float), lambda v: v >= 0, "a non-negative number"
+
+
+def _check_optional(cfg: DictConfig, key: str, kinds: tuple[type, ...], ok: Callable[[Any], bool], what: str) -> None:
+    """:func:`_check` where the key is set (a group option may not have it, e.g. AdamW has no momentum)."""
+    if OmegaConf.select(cfg, key) is not None:
+        _check(cfg, key, kinds, ok, what)
+
+
+def check_probe_config(probe: DictConfig) -> None:
+    """The linear probe's settings (``probe.*`` of contrastive-train and contrastive-eval), checked up front:
+    the probe runs after training (or after feature extraction), too late to learn of a typo."""
+    cfg = OmegaConf.create({"probe": probe})
+    _check(cfg, "probe.epochs", *_POSITIVE_INT)
+    _check(cfg, "probe.batch_size", *_POSITIVE_INT)
+    _check_optional(cfg, "probe.lr", (int, float), lambda v: v > 0, "a positive number (or null for the default)")
+    _check(cfg, "probe.weight_decay", *_NON_NEGATIVE)
+    for key, choices in (("probe.optimizer", get_args(ProbeOptimizer)), ("probe.normalize", get_args(Normalize))):
+        _check(cfg, key, (str,), lambda v: v in choices, ", ".join(choices[:-1]) + " or " + choices[-1])
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -447,16 +467,20 @@ def check_config(cfg: DictConfig) -> None:
     _check(cfg, "eval.every_n_epochs", *_POSITIVE_INT)
     _check(cfg, "checkpoint.every_n_epochs", *_POSITIVE_INT)
     _check(cfg, "seed", (int,), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
-    if OmegaConf.select(cfg, "scheduler.warmup_epochs") is not None:
-        _check(cfg, "scheduler.warmup_epochs", (int, float), lambda v: v >= 0, "a non-negative number")
+    _check_optional(cfg, "scheduler.warmup_epochs", *_NON_NEGATIVE)
     _check(cfg, "eval.knn_temperature", (int, float), lambda v: v > 0, "a positive number")
     max_time = OmegaConf.select(cfg, "trainer.max_time")
     if max_time is not None and not (isinstance(max_time, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", max_time)):
         raise ConfigError(f"trainer.max_time={max_time!r} is invalid: it must be DD:HH:MM:SS, e.g. "
                           "trainer.max_time=00:04:00:00 for four hours")
     _check(cfg, "data.num_classes", *_POSITIVE_INT)
-    if OmegaConf.select(cfg, "optimizer.lr") is not None:
-        _check(cfg, "optimizer.lr", (int, float), lambda v: v > 0, "a positive number")
+    _check_optional(cfg, "optimizer.lr", (int, float), lambda v: v > 0, "a positive number")
+    _check_optional(cfg, "optimizer.weight_decay", *_NON_NEGATIVE)
+    _check_optional(cfg, "optimizer.momentum", (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
+    _check_optional(cfg, "scheduler.final_lr_fraction", (int, float), lambda v: 0 <= v <= 1,
+                    "a number in [0, 1] (the final lr as a fraction of the peak)")
+    if cfg.eval.final_probe:
+        check_probe_config(cfg.probe)
     for key in ("data.subset", "data.test_subset"):
         if OmegaConf.select(cfg, key) is not None:
             _check(cfg, key, *_POSITIVE_INT)
@@ -495,8 +519,10 @@ def check_eval_config(cfg: DictConfig) -> None:
         raise ConfigError(f"device={cfg.device!r} is invalid: it must be auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda, but no CUDA GPU is visible here: use device=auto or device=cpu")
-    for key in ("batch_size", "knn_k") + (("probe.epochs",) if cfg.linear_probe else ()):
+    for key in ("batch_size", "knn_k"):
         _check(cfg, key, *_POSITIVE_INT)
+    if cfg.linear_probe:
+        check_probe_config(cfg.probe)
     _check(cfg, "knn_temperature", (int, float), lambda v: v > 0, "a positive number")
     for key in ("subset", "test_subset"):
         if cfg[key] is not None:
@@ -519,6 +545,12 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
         raise ConfigError(
             f"data.num_classes={cfg.data.num_classes} but the training split has {splits.num_classes} classes: "
             f"pass data.num_classes={splits.num_classes}"
+        )
+    height, width = splits.train.images.shape[-2:]
+    if cfg.data.image_size != height or height != width:  # the views would be one size, kNN and probe another's
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} but the images are {height}x{width} (CIFAR's are 32x32; image "
+            f"folders are resized to data.image_size): pass data.image_size={height}"
         )
     queue = OmegaConf.select(cfg, "pipeline.queue_size")
     keys = cfg.data.batch_size * world * (2 if OmegaConf.select(cfg, "pipeline.symmetric") else 1)

@@ -233,13 +233,48 @@ def test_moco_key_encoder_moves_once_per_optimiser_step_under_gradient_accumulat
      "trainer.max_time='00:04:00:00x' is invalid: it must be DD:HH:MM:SS, e.g. trainer.max_time=00:04:00:00 "
      "for four hours"),  # the whole value, not a valid prefix
     ("optimizer.lr=1e-9", "optimizer.lr=0", "optimizer.lr=0 is invalid: it must be a positive number"),
-], ids=["every_n_epochs", "batch_size", "warmup_epochs", "knn_temperature", "max_time", "lr"])
+    # torch's own checks of these run inside trainer.fit, after the untrained kNN and probe
+    ("optimizer.momentum=0", "optimizer.momentum=-0.5", "optimizer.momentum=-0.5 is invalid: it must be a number in [0, 1)"),
+    ("optimizer=lars optimizer.momentum=0.999", "optimizer=lars optimizer.momentum=1",
+     "optimizer.momentum=1 is invalid: it must be a number in [0, 1)"),
+    ("optimizer=adamw optimizer.weight_decay=0", "optimizer=adamw optimizer.weight_decay=-1e-9",
+     "optimizer.weight_decay=-1e-09 is invalid: it must be a non-negative number"),
+    # a negative fraction made the end of the cosine a negative lr (gradient ascent); above 1 it rose
+    ("scheduler.final_lr_fraction=1", "scheduler.final_lr_fraction=-1",
+     "scheduler.final_lr_fraction=-1 is invalid: it must be a number in [0, 1] (the final lr as a fraction of the peak)"),
+    ("scheduler.final_lr_fraction=0", "scheduler.final_lr_fraction=1.5",
+     "scheduler.final_lr_fraction=1.5 is invalid: it must be a number in [0, 1] (the final lr as a fraction of the peak)"),
+    # the probe runs at the end of training: its settings are checked before
+    ("probe.optimizer=adamw", "probe.optimizer=adam", "probe.optimizer='adam' is invalid: it must be sgd or adamw"),
+    ("probe.normalize=l2", "probe.normalize=L2",
+     "probe.normalize='L2' is invalid: it must be standardize, l2 or none"),
+    ("probe.batch_size=1", "probe.batch_size=0", "probe.batch_size=0 is invalid: it must be a positive integer"),
+    ("probe.lr=null", "probe.lr=-1", "probe.lr=-1 is invalid: it must be a positive number (or null for the default)"),
+    ("probe.weight_decay=0", "probe.weight_decay=-1", "probe.weight_decay=-1 is invalid: it must be a non-negative number"),
+    ("eval.final_probe=false probe.epochs=0", "probe.epochs=0", "probe.epochs=0 is invalid: it must be a positive integer"),
+], ids=["every_n_epochs", "batch_size", "warmup_epochs", "knn_temperature", "max_time", "lr", "momentum", "lars_momentum",
+        "weight_decay", "final_lr_fraction_low", "final_lr_fraction_high", "probe_optimizer", "probe_normalize",
+        "probe_batch_size", "probe_lr", "probe_weight_decay", "probe_only_with_final_probe"])
 def test_train_values_pass_at_the_boundary_and_are_refused_past_it(config, valid: str, invalid: str,  # type: ignore[no-untyped-def]
                                                                    message: str) -> None:
     """check_config: the smallest valid value passes, the first invalid one is one ConfigError naming it."""
     check_config(config("train", valid.split()))
     with pytest.raises(ConfigError) as error:
         check_config(config("train", invalid.split()))
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(("valid", "invalid", "message"), [
+    ("probe.optimizer=sgd", "probe.optimizer=adam", "probe.optimizer='adam' is invalid: it must be sgd or adamw"),
+    ("probe.lr=1e-9", "probe.lr=0", "probe.lr=0 is invalid: it must be a positive number (or null for the default)"),
+    ("linear_probe=false probe.batch_size=0", "probe.batch_size=0",
+     "probe.batch_size=0 is invalid: it must be a positive integer"),
+])
+def test_eval_probe_values_are_checked_before_the_checkpoint_is_read(config, valid: str, invalid: str,  # type: ignore[no-untyped-def]
+                                                                      message: str) -> None:
+    check_eval_config(config("eval", ["checkpoint=x.ckpt", *valid.split()]))
+    with pytest.raises(ConfigError) as error:
+        check_eval_config(config("eval", ["checkpoint=x.ckpt", *invalid.split()]))
     assert str(error.value) == message
 
 
@@ -267,7 +302,7 @@ def test_eval_on_cuda_needs_a_visible_gpu(config, monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize(("world", "fits"), [(1, 40), (2, 20)])
 def test_a_batch_of_the_whole_training_set_passes_and_one_more_is_refused(config, world: int, fits: int) -> None:  # type: ignore[no-untyped-def]
     """data.batch_size x processes may equal the training set's size; one image more is refused."""
-    splits = shapes(num_train=40, num_test=8, size=8)
+    splits = shapes(num_train=40, num_test=8, size=32)
     check_against_data(config("train", [f"data.batch_size={fits}"]), splits, world=world)
     with pytest.raises(ConfigError) as error:
         check_against_data(config("train", [f"data.batch_size={fits + 1}"]), splits, world=world)
@@ -277,7 +312,7 @@ def test_a_batch_of_the_whole_training_set_passes_and_one_more_is_refused(config
 
 def test_symmetric_moco_enqueues_twice_the_batch(config) -> None:  # type: ignore[no-untyped-def]
     """pipeline.symmetric=true enqueues both views' keys (2 x 64 a step): a queue of 96 is refused, 128 passes."""
-    splits = shapes(num_train=128, num_test=8, size=8)
+    splits = shapes(num_train=128, num_test=8, size=32)
     check_against_data(config("train", ["experiment=moco_shapes", "pipeline.queue_size=96"]), splits, world=1)
     moco = ["experiment=moco_shapes", "pipeline.symmetric=true"]
     check_against_data(config("train", [*moco, "pipeline.queue_size=128"]), splits, world=1)
@@ -306,3 +341,13 @@ def test_a_backbone_that_does_not_output_feature_vectors_is_refused() -> None:
         check_feature_dim(nn.Identity(), 3, image_size=8)
     assert str(error.value) == ("the backbone outputs shape (3, 8, 8) per image, not a feature vector: end "
                                 "model.backbone with a global pooling and a flatten (as the built-in backbones do)")
+
+
+def test_an_image_size_other_than_the_images_is_refused(config) -> None:  # type: ignore[no-untyped-def]
+    """On CIFAR, data.image_size=64 trained on 64x64 views but measured kNN and the probe on the 32x32 images."""
+    splits = shapes(num_train=16, num_test=4, size=32)
+    check_against_data(config("train", ["data.batch_size=8"]), splits, world=1)
+    with pytest.raises(ConfigError) as error:
+        check_against_data(config("train", ["data.batch_size=8", "data.image_size=64"]), splits, world=1)
+    assert str(error.value) == ("data.image_size=64 but the images are 32x32 (CIFAR's are 32x32; image folders are "
+                                "resized to data.image_size): pass data.image_size=32")

@@ -531,7 +531,7 @@ def test_settings_the_network_cannot_run_are_refused_before_training(config) -> 
                                           r"pass model.feature_dim=256"):
         build_pipeline(config("train", ["model.backbone.width=64"]))
     build_pipeline(config("train", ["model.backbone.width=64", "model.feature_dim=256"]))
-    splits = shapes(num_train=70, num_test=8, size=8)
+    splits = shapes(num_train=70, num_test=8, size=32)
     moco = ["experiment=moco_shapes", "data.batch_size=16", "pipeline.bn_splits=4"]
     check_against_data(config("train", moco), splits, world=1)  # drop_last: 70 = 4 x 16 + 6 dropped
     with pytest.raises(ConfigError, match=r"last batch of 6 image\(s\), which the network cannot split into "

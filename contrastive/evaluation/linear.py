@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from contrastive.evaluation._common import accuracy, check_finite, check_labels
 
 Normalize = Literal["standardize", "l2", "none"]
+ProbeOptimizer = Literal["sgd", "adamw"]
 
 
 def predict_linear(classifier: nn.Linear, features: Tensor, chunk_size: int = 8192) -> Tensor:
@@ -44,7 +45,7 @@ def linear_probe(
     lr: float | None = None,
     weight_decay: float = 1e-5,
     batch_size: int = 512,
-    optimizer: Literal["sgd", "adamw"] = "sgd",
+    optimizer: ProbeOptimizer = "sgd",
     normalize: Normalize = "standardize",
     seed: int = 0,
 ) -> dict[str, Any]:
