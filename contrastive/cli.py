@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -602,6 +603,31 @@ def resume_checkpoint(resume: Any, run_dir: Path) -> tuple[str, dict[str, Any]] 
     return str(path), load_checkpoint(path, key="resume", mmap=True)
 
 
+def set_aside_later_checkpoints(ckpt_dir: Path, epoch: int, source: str | None) -> Path | None:
+    """Move the checkpoints of a branch the run abandons into ``ckpt_dir/set_aside_<time>/``.
+
+    A run that starts over (``resume=never``: ``epoch=-1``) or rolls back to a checkpoint of epoch
+    ``epoch`` would otherwise leave the old ``epoch=NNNN.ckpt`` of later epochs under the names the
+    new run's are looked up by (Lightning names its own ``epoch=NNNN-v1.ckpt``), and ``last.ckpt``
+    for the next plain call to continue. Nothing is deleted. Returns the folder, or None if nothing moved.
+    """
+    if not ckpt_dir.is_dir():
+        return None
+    later = [p for p in ckpt_dir.glob("epoch=*.ckpt")
+             if (m := re.fullmatch(r"epoch=(\d+)(-v\d+)?\.ckpt", p.name)) and int(m[1]) > epoch]
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file() and (source is None or not last.samefile(source)):
+        later.append(last)
+    if not later:
+        return None
+    stamp = time.strftime("set_aside_%Y%m%d-%H%M%S")
+    dest = next(d for i in itertools.count() if not (d := ckpt_dir / (stamp + (f"-{i}" if i else ""))).exists())
+    dest.mkdir()
+    for p in later:
+        p.rename(dest / p.name)
+    return dest
+
+
 def check_resumable(ckpt_path: str, ckpt: dict[str, Any], pipeline: Pipeline) -> None:
     """Refuse, before any work, a checkpoint whose weights do not fit ``pipeline`` (another experiment's)."""
     mismatch = state_dict_mismatch(ckpt["state_dict"], pipeline)
@@ -718,9 +744,14 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         train_batches=train_batches,
     )
     pipeline = build_pipeline(cfg)
+    start_epoch = -1
     if ckpt is not None:
         check_resumable(ckpt_path, ckpt, pipeline)
+        start_epoch = int(ckpt["epoch"])
         del ckpt  # memory-mapped; Lightning reads the checkpoint itself in fit
+    if trainer.is_global_zero and (moved := set_aside_later_checkpoints(run_dir / "checkpoints", start_epoch, ckpt_path)):
+        log.warning("this run starts %s: the checkpoints of the abandoned later epochs were moved to %s",
+                    "over" if ckpt_path is None else f"from {ckpt_path}", moved)
 
     # The same seed gives the same initial weights, so this is the untrained figure also on resume.
     def measure() -> dict[str, float]:

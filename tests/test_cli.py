@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -670,3 +671,28 @@ def test_m_splits_commas_into_the_existing_paths_they_join_into(tmp_path: Path) 
     # a piece that belongs to no existing path: the value goes to Hydra as before (and fails as 'not found')
     assert _quote_paths(["-m", f"checkpoint={a},/nowhere.ckpt"], ("checkpoint",)) == [
         "-m", f"checkpoint='{a},/nowhere.ckpt'"]
+
+
+def test_starting_over_or_rolling_back_sets_the_abandoned_checkpoints_aside(cli, tmp_path: Path) -> None:
+    """resume=never and a rollback left the old epoch=NNNN.ckpt under the names the README tells users to
+    evaluate (the new run's came out as epoch=NNNN-v1.ckpt), and last.ckpt for the next plain call."""
+    run = tmp_path / "run" / "checkpoints"
+    args = [*SHRINK, "trainer.max_epochs=2", "checkpoint.every_n_epochs=1", "eval.final_probe=false",
+            "hydra.run.dir=run"]
+
+    def train(*extra: str) -> dict[str, str]:
+        out = cli("contrastive-train", *args, *extra, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in run.glob("*.ckpt")}
+
+    first = train()
+    assert sorted(first) == ["epoch=0000.ckpt", "epoch=0001.ckpt", "last.ckpt"]
+    again = train("resume=never", "seed=1")  # another seed: other weights, so a stale file would show
+    assert sorted(again) == sorted(first) and all(again[n] != first[n] for n in first)
+    (aside,) = run.glob("set_aside_*")
+    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in aside.iterdir()} == first  # nothing lost
+    rolled = train(f"resume={run / 'epoch=0000.ckpt'}", "seed=1", "trainer.max_epochs=2")
+    assert sorted(rolled) == sorted(first) and rolled["epoch=0000.ckpt"] == again["epoch=0000.ckpt"]
+    (second,) = set(run.glob("set_aside_*")) - {aside}
+    assert sorted(p.name for p in second.iterdir()) == ["epoch=0001.ckpt", "last.ckpt"]
+    assert hashlib.md5((second / "epoch=0001.ckpt").read_bytes()).hexdigest() == again["epoch=0001.ckpt"]
