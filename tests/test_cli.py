@@ -64,7 +64,9 @@ def test_compiled_run_writes_plain_checkpoint_keys(cli, config, tmp_path: Path) 
 
 
 def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
-    out = cli("contrastive-train", *SHRINK, "trainer.max_time=00:01:00:00", cwd=tmp_path)
+    # data.download=true (the README's first CIFAR command) fetches nothing for shapes; a later call without it
+    # must find the same run
+    out = cli("contrastive-train", *SHRINK, "trainer.max_time=00:01:00:00", "+data.download=true", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "litlogger" not in out.stdout + out.stderr and "LeafSpec" not in out.stderr  # Lightning's notices
     run = tmp_path / "outputs" / "simclr_shapes"
