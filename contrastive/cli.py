@@ -156,6 +156,27 @@ def _run_hydra(main: Callable[[], Any], config_name: str) -> None:
                                f"`--cfg job` lists the keys with their values"))
 
 
+def _stopped_by(signum: signal.Signals) -> NoReturn:
+    """What to do after a stop by a signal; exit status 128 + its number, as a shell reports it."""
+    name = "Ctrl-C" if signum == signal.SIGINT else signum.name
+    print(f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole epoch: run the same "
+          "command to continue", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def fit_interruptible(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit``, with Ctrl-C raised as KeyboardInterrupt: Lightning ends its graceful shutdown
+    with ``sys.exit(1)``, which says neither that the run was stopped nor how to continue it."""
+    try:
+        trainer.fit(*args, **kwargs)
+    except SIGTERMException:  # a SystemExit too, after which the trainer is 'interrupted' as well
+        raise
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
 def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn user errors into one clear line on stderr and exit status 2 (no traceback).
 
@@ -172,9 +193,9 @@ def _run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]
         try:
             return fn(cfg)
         except SIGTERMException:  # Lightning's is a SystemExit without a code: a scheduler would read success
-            print("error: stopped by SIGTERM; checkpoints/last.ckpt keeps the last whole epoch: run the same "
-                  "command to continue", file=sys.stderr)
-            sys.exit(128 + signal.SIGTERM)
+            _stopped_by(signal.SIGTERM)
+        except KeyboardInterrupt:  # Ctrl-C (see fit_interruptible)
+            _stopped_by(signal.SIGINT)
         except USER_ERRORS as e:
             if error_file is None:
                 _exit_with(e)
@@ -763,7 +784,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     closed_set = cfg.data.train_classes == cfg.data.test_classes
     metrics = {f"{k}_untrained": v for k, v in measure().items()}
-    trainer.fit(pipeline, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_interruptible(trainer, pipeline, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics |= measure()
     metrics["epochs"] = trainer.global_step / steps_per_epoch(trainer)  # fractional if stopped early
     metrics["train_seconds"] = pipeline.train_seconds  # summed over every call of a resumed run

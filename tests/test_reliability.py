@@ -284,3 +284,41 @@ def test_an_unforeseen_error_in_a_sweep_job_is_recorded_and_the_sweep_goes_on(tm
     assert cli_module._run_guarded(broken)(None) is None  # the sweep goes on to its next job
     assert (tmp_path / "error.txt").read_text() == (
         "ZeroDivisionError: division by zero (traceback in the job's cli.log)\n")
+
+
+@pytest.mark.parametrize("stop", ["sigint", "sigterm"])
+def test_ctrl_c_in_fit_exits_130_with_what_to_do_and_sigterm_stays_sigterm(stop: str,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    """Lightning ends Ctrl-C with sys.exit(1) after its graceful shutdown: the user read only 'Detected
+    KeyboardInterrupt'. Its SIGTERMException also leaves the trainer 'interrupted', and must still say SIGTERM."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from torch import nn
+
+    from contrastive.augment import Augment
+    from contrastive.cli import _run_guarded, fit_interruptible
+    from contrastive.data import TensorDataModule, shapes
+    from contrastive.losses import NTXent
+    from contrastive.pipelines import SimCLR
+
+    class Stop(pl.Callback):
+        def on_train_batch_end(self, *args: object) -> None:
+            raise KeyboardInterrupt if stop == "sigint" else SIGTERMException()
+
+    pipeline = SimCLR(projector=nn.Linear(192, 4), loss=NTXent(), backbone=nn.Flatten(), augment=Augment(size=8),
+                      optimizer=torch.optim.SGD, feature_dim=192, num_classes=10, knn_k=5)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=[Stop()])
+    data = TensorDataModule(shapes(num_train=16, num_test=4, size=8), batch_size=8, eval_batch_size=4)
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT during its shutdown
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            _run_guarded(lambda cfg: fit_interruptible(trainer, pipeline, datamodule=data))(None)  # type: ignore[arg-type]
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    signum = signal.SIGINT if stop == "sigint" else signal.SIGTERM
+    assert exit_info.value.code == 128 + signum
+    name = "Ctrl-C" if stop == "sigint" else "SIGTERM"
+    assert capsys.readouterr().err.endswith(f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole "
+                                            "epoch: run the same command to continue\n")
