@@ -8,6 +8,7 @@ hands them to a pipeline and a Lightning ``Trainer``.
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import itertools
 import logging
@@ -154,6 +155,13 @@ def _run_hydra(main: Callable[[], Any], config_name: str) -> None:
         close = [k for k in difflib.get_close_matches(key, keys, n=2) if k != key][:1]
         _exit_with(ConfigError(f"unknown config key {key}{f' (did you mean {close[0]}?)' if close else ''}: "
                                f"`--cfg job` lists the keys with their values"))
+    except OSError as e:  # e.g. Hydra creating the run folder in a read-only place: one line, not three tracebacks
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or e.filename is None:
+            raise
+        _exit_with(ConfigError(
+            f"cannot write {e.filename}: {e.strerror}. contrastive-train writes its run folder under the current "
+            "folder, contrastive-eval beside the checkpoint: run from a folder you can write to, or pass "
+            "hydra.run.dir=/a/writable/folder"))
 
 
 def _stopped_by(signum: signal.Signals) -> NoReturn:

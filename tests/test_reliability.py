@@ -322,3 +322,27 @@ def test_ctrl_c_in_fit_exits_130_with_what_to_do_and_sigterm_stays_sigterm(stop:
     name = "Ctrl-C" if stop == "sigint" else "SIGTERM"
     assert capsys.readouterr().err.endswith(f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole "
                                             "epoch: run the same command to continue\n")
+
+
+def test_a_read_only_place_is_one_line_naming_it(capsys: pytest.CaptureFixture) -> None:
+    """Run from a read-only folder, contrastive-train ended in three chained tracebacks (Hydra's mkdir)."""
+    import errno
+
+    from contrastive.cli import _run_hydra
+
+    def main() -> None:
+        raise OSError(errno.EROFS, "Read-only file system", "outputs")
+
+    with pytest.raises(SystemExit) as exit_info:
+        _run_hydra(main, "train")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: cannot write outputs: Read-only file system. contrastive-train writes its run folder under the "
+        "current folder, contrastive-eval beside the checkpoint: run from a folder you can write to, or pass "
+        "hydra.run.dir=/a/writable/folder\n")
+
+    def other() -> None:  # any other OSError is not a user's setup problem: its traceback stays
+        raise OSError(errno.EIO, "Input/output error", "x")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        _run_hydra(other, "train")
