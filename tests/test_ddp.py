@@ -395,7 +395,7 @@ def test_moco_with_sync_batchnorm_and_uneven_ddp_batches_are_refused(config) -> 
                       ["pipeline=moco", "loss=info_nce", "trainer=ddp"]):
         with pytest.raises(ConfigError, match="trainer.sync_batchnorm=true would replace MoCo's shuffle-BN"):
             check_config(config("train", overrides))
-    cfg = config("train", ["sampler.drop_last=false", "data.batch_size=8"])
+    cfg = config("train", ["sampler.drop_last=false", "data.batch_size=8", "data.image_size=8"])
     splits = shapes(num_train=40, num_test=8, size=8)
     check_against_data(cfg, splits, world=1)  # one process: a smaller last batch is fine
     with pytest.raises(ConfigError, match="sampler.drop_last=false under 2 processes"):
