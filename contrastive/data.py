@@ -332,8 +332,17 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
             DataWarning, stacklevel=2,
         )
     cache_file = base / f".contrastive_cache_{size}.pt"
+
+    def decode() -> tuple[ImageTensors, ImageTensors]:
+        train_set = _decode_folder(base / train, size, names, workers)
+        counts = torch.bincount(train_set.labels, minlength=len(names))
+        if empty := [n for i, n in enumerate(train_names) if counts[i] == 0]:  # a class that no image can teach
+            raise DataError(f"{len(empty)} class folder(s) of {base / train} hold no images ({', '.join(empty[:5])}"
+                            f"{', ...' if len(empty) > 5 else ''}): remove them or add images")
+        return train_set, _decode_folder(base / test, size, names, workers)
+
     if not cache:
-        return Splits(*(_decode_folder(base / split, size, names, workers) for split in (train, test)))
+        return Splits(*decode())
     fingerprint = _folder_fingerprint(base, {train: train_names, test: test_names})
     with _cache_lock(cache_file):  # processes started together (torchrun): one decodes, the others load its cache
         if cache_file.is_file():
@@ -344,7 +353,7 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
             if saved.get("fingerprint") == fingerprint:  # a cache without one predates fingerprints: rebuild
                 return Splits(*(ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
                                 for s in (saved["train"], saved["test"])))
-        train_set, test_set = (_decode_folder(base / split, size, names, workers) for split in (train, test))
+        train_set, test_set = decode()
         from contrastive.io import save_torch_atomic
 
         try:

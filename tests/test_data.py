@@ -192,6 +192,19 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "bad" / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="cannot read image .*broken.jpg"):
         image_folder(str(tmp_path / "bad"), cache=False)
+    # an empty class folder of train/ was a class no image could teach (the num_classes hint then asked for it)
+    _write_folder(tmp_path / "hollow", {"cat": 2, "dog": 1})
+    (tmp_path / "hollow" / "train" / "emptyclass").mkdir()
+    for cache in (False, True):
+        with pytest.raises(DataError) as error:
+            image_folder(str(tmp_path / "hollow"), cache=cache)
+        assert str(error.value) == (f"1 class folder(s) of {tmp_path / 'hollow' / 'train'} hold no images "
+                                    "(emptyclass): remove them or add images")
+    (tmp_path / "hollow" / "train" / "emptyclass").rmdir()
+    assert image_folder(str(tmp_path / "hollow")).train.class_names == ["cat", "dog"]
+    (tmp_path / "hollow" / "test" / "cat" / "0.png").unlink()  # a test split without one class's images is fine
+    (tmp_path / "hollow" / "test" / "cat" / "1.png").unlink()
+    assert image_folder(str(tmp_path / "hollow"), cache=False).test.labels.tolist() == [1]
 
 
 def _write_noise_folder(root: Path, per_class: int) -> None:
