@@ -543,6 +543,14 @@ def warmup_warning(cfg: DictConfig) -> str | None:
             "(a tenth of the run; fractions of an epoch are fine)")
 
 
+def knn_k_warning(key: str, k: int, num_train: int) -> str | None:
+    """A line to log when kNN's k exceeds the training images (the vote is then over all of them), else None."""
+    if k <= num_train:
+        return None
+    return (f"{key}={k} is more than the {num_train} training images: the kNN votes over all of them (k = "
+            f"{num_train}), which is not the k-NN figure asked for; pass a smaller {key}")
+
+
 def check_eval_config(cfg: DictConfig) -> None:
     """``contrastive-eval``'s values, checked before the checkpoint is read."""
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -765,6 +773,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     trainer = _make_trainer(cfg, run_dir, None if ckpt is None else int(ckpt["global_step"]))
     splits = build_splits(cfg.data, cfg.seed)
     check_against_data(cfg, splits, trainer.world_size)
+    if warning := knn_k_warning("eval.knn_k", cfg.eval.knn_k, len(splits.train)):
+        log.warning("%s", warning)
     train_batches = instantiate(cfg.sampler)
     # bad settings fail before any work, for the processes the Trainer will start
     train_batches(splits.train, batch_size=cfg.data.batch_size, seed=cfg.seed, world=trainer.world_size)
@@ -857,6 +867,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         message = str(e.__cause__).replace(DOWNLOAD_HINT, "").replace("data.root", "data_root")
         raise DataError(message) from None
     check_eval_data(run_cfg, splits, cfg.data_root)
+    if warning := knn_k_warning("knn_k", cfg.knn_k, len(splits.train)):
+        log.warning("%s", warning)
 
     features = {}
     for split, data in (("train", splits.train), ("test", splits.test)):

@@ -351,3 +351,13 @@ def test_an_image_size_other_than_the_images_is_refused(config) -> None:  # type
         check_against_data(config("train", ["data.batch_size=8", "data.image_size=64"]), splits, world=1)
     assert str(error.value) == ("data.image_size=64 but the images are 32x32 (CIFAR's are 32x32; image folders are "
                                 "resized to data.image_size): pass data.image_size=32")
+
+
+def test_a_knn_k_beyond_the_training_images_is_named() -> None:
+    """eval.knn_k=100000 (or the default 200 on a 5-image subset) was clamped in silence."""
+    from contrastive.cli import knn_k_warning
+
+    assert knn_k_warning("eval.knn_k", 200, 200) is None and knn_k_warning("eval.knn_k", 0, 5) is None
+    assert knn_k_warning("knn_k", 201, 200) == (
+        "knn_k=201 is more than the 200 training images: the kNN votes over all of them (k = 200), which is not "
+        "the k-NN figure asked for; pass a smaller knn_k")
