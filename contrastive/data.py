@@ -167,9 +167,28 @@ def _torchvision_cifar(cls: type, root: Path, download: bool, folder: str, overr
             self.classes = [str(c) for c in meta[self.meta["key"]]]
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
+    def damaged(error: Exception) -> DataError:
+        """The first file that does not unpickle, named (torchvision's error names none)."""
+        import pickle
+
+        for name in [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]:
+            try:
+                with open(base / name, "rb") as f:
+                    pickle.load(f, encoding="latin1")
+            except Exception as e:
+                return DataError(f"cannot read {base / name} ({type(e).__name__}: {e}): the file is damaged; "
+                                 f"replace it, or {folder}/, with a fresh copy")
+        return DataError(f"cannot read {cls.__name__} under {base} ({type(error).__name__}: {error}): replace "
+                         f"{folder}/ with a fresh copy")
+
     parts = []
     for train in (True, False):
-        ds = _Lenient(str(root), train=train, download=False)
+        try:
+            ds = _Lenient(str(root), train=train, download=False)
+        except DataError:
+            raise
+        except Exception as e:  # a truncated or overwritten batch file
+            raise damaged(e) from None
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         parts.append(ImageTensors(images, torch.as_tensor(ds.targets), len(ds.classes), list(ds.classes)))
     return Splits(*parts)

@@ -41,6 +41,19 @@ def test_cifar10_incomplete_folder(tmp_path: Path, fake_cifar10) -> None:
         cifar10(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["data_batch_3", "batches.meta", "test_batch"])
+def test_a_damaged_cifar10_file_is_named(tmp_path: Path, fake_cifar10, name: str) -> None:
+    """A truncated batch said only 'pickle data was truncated', garbage meta 'invalid literal for int()'."""
+    fake_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / name
+    path.write_bytes(path.read_bytes()[:100] if name != "batches.meta" else b"garbage\n")
+    with warnings.catch_warnings(), pytest.raises(DataError) as error:
+        warnings.simplefilter("ignore")
+        cifar10(str(tmp_path))
+    assert str(error.value).startswith(f"cannot read {path} (")
+    assert str(error.value).endswith("): the file is damaged; replace it, or cifar-10-batches-py/, with a fresh copy")
+
+
 def test_labels_out_of_range_name_the_index() -> None:
     images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(DataError, match="label 7 at index 2"):
