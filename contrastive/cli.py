@@ -473,10 +473,9 @@ def _check_optional(cfg: DictConfig, key: str, kinds: tuple[type, ...], ok: Call
         _check(cfg, key, kinds, ok, what)
 
 
-def check_probe_config(probe: DictConfig) -> None:
-    """The linear probe's settings (``probe.*`` of contrastive-train and contrastive-eval), checked up front:
+def check_probe_config(cfg: DictConfig) -> None:
+    """The linear probe's settings (``probe.*``, a group of both train.yaml and eval.yaml), checked up front:
     the probe runs after training (or after feature extraction), too late to learn of a typo."""
-    cfg = OmegaConf.create({"probe": probe})
     _check(cfg, "probe.epochs", *_POSITIVE_INT)
     _check(cfg, "probe.batch_size", *_POSITIVE_INT)
     _check_optional(cfg, "probe.lr", (int, float), lambda v: v > 0, "a positive number (or null for the default)")
@@ -510,10 +509,9 @@ def check_config(cfg: DictConfig) -> None:
     _check_optional(cfg, "scheduler.final_lr_fraction", (int, float), lambda v: 0 <= v <= 1,
                     "a number in [0, 1] (the final lr as a fraction of the peak)")
     if cfg.eval.final_probe:
-        check_probe_config(cfg.probe)
+        check_probe_config(cfg)
     for key in ("data.subset", "data.test_subset"):
-        if OmegaConf.select(cfg, key) is not None:
-            _check(cfg, key, *_POSITIVE_INT)
+        _check_optional(cfg, key, *_POSITIVE_INT)
     if cfg.data.train_classes != cfg.data.test_classes and cfg.eval.knn_k != 0:
         raise ConfigError(
             "data.train_classes and data.test_classes differ (class-disjoint retrieval), so a kNN classifier "
@@ -560,11 +558,10 @@ def check_eval_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "knn_k"):
         _check(cfg, key, *_POSITIVE_INT)
     if cfg.linear_probe:
-        check_probe_config(cfg.probe)
+        check_probe_config(cfg)
     _check(cfg, "knn_temperature", (int, float), lambda v: v > 0, "a positive number")
     for key in ("subset", "test_subset"):
-        if cfg[key] is not None:
-            _check(cfg, key, *_POSITIVE_INT)
+        _check_optional(cfg, key, *_POSITIVE_INT)
 
 
 def check_against_data(cfg: DictConfig, splits: Splits, world: int) -> None:
