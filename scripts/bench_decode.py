@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from contrastive.data import _usable_cpus, image_folder
+from contrastive.data.folders import _usable_cpus, image_folder
 
 
 def write_folder(root: Path, images: int, width: int, height: int, seed: int = 0) -> None:

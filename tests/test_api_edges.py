@@ -15,14 +15,13 @@ from contrastive.augment import Augment
 from contrastive.cli import (
     ConfigError, build_pipeline, check_against_data, check_config, check_eval_config, check_feature_dim,
 )
-from contrastive.data import DataError, ImageTensors, IndexBatches, TensorDataModule, shapes
+from contrastive.data import DataError, ImageTensors, IndexBatches, PKBatches, TensorDataModule, shapes
 from contrastive.evaluation import knn_predict, linear_probe
 from contrastive.losses import (
     ContrastiveMargin, InfoNCE, NTXent, SoftmaxCERegularizer, contrastive_margin, info_nce, nt_xent, pairwise_distance, sup_con,
     triplet_margin,
 )
 from contrastive.pipelines import SimCLR, warmup_cosine
-from contrastive.samplers import PKBatches
 
 G = torch.Generator().manual_seed(0)
 

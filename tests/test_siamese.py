@@ -55,7 +55,7 @@ def test_experiment_siamese_cifar10_holds_the_recipe(config) -> None:
     assert cfg.name == "siamese_cifar10" and cfg.pipeline._target_ == "contrastive.pipelines.Siamese"
     assert cfg.data.source._target_ == "contrastive.data.cifar10" and cfg.model.backbone.name == "resnet18"
     assert (cfg.model.projector.num_layers, cfg.model.projector.out_dim) == (1, 128)  # linear 512 -> 128
-    assert cfg.sampler._target_ == "contrastive.samplers.PKBatches"
+    assert cfg.sampler._target_ == "contrastive.data.PKBatches"
     assert cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class == cfg.data.batch_size
     assert (cfg.loss._target_, cfg.loss.mining) == ("contrastive.losses.TripletMargin", "batch_hard")
     assert cfg.loss.gather is True  # mined over all processes' embeddings under DDP

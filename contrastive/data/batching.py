@@ -1,8 +1,15 @@
-"""P x K batches for metric learning: P classes, K images of each, drawn by index.
+"""Batches drawn by index from device-resident tensors, and the data module that serves them.
 
-Batch-hard triplet mining (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet
-Loss") needs every anchor to have positives and negatives in its batch; a batch of
-P classes x K samples guarantees K - 1 positives and (P - 1) K negatives per anchor.
+:class:`TensorDataModule` puts the tensors on the training device once; batches are index
+gathers, so no DataLoader workers are needed and augmentation runs batched on that device
+(``contrastive.augment``). Every batch iterable is an :class:`EpochBatches`: epoch ``e``'s
+batches come from ``(seed, e)`` only. :class:`IndexBatches` shuffles the whole set;
+:class:`PKBatches` draws P classes x K images of each.
+
+P x K batches for metric learning: batch-hard triplet mining (Hermans, Beyer & Leibe 2017,
+"In Defense of the Triplet Loss") needs every anchor to have positives and negatives in its
+batch; a batch of P classes x K samples guarantees K - 1 positives and (P - 1) K negatives per
+anchor.
 
 An *epoch* is one pass over every class's samples: each class's indices are shuffled
 and cut into rows of K (the last row completed with other samples of the same
@@ -23,12 +30,123 @@ global batch, and all ranks yield the same number of batches. The schedule of ep
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from functools import partial
+from typing import Callable, Iterable, Iterator
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from contrastive.data import DataError, EpochBatches, ImageTensors
+from contrastive.data.tensors import DataError, ImageTensors, Splits
+from contrastive.distributed import rank as dist_rank
+from contrastive.distributed import world_size as dist_world_size
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of epoch ``epoch`` of a run seeded ``seed``:
+    ``(epoch + seed * 0x9E3779B9) mod 2**32`` (torch's CPU generator keeps only 32 bits of a seed).
+
+    ``seed + epoch`` gave run 1's epoch 0 the order of run 0's epoch 1, so a seed sweep saw shifted
+    copies of one order; with the golden-ratio step, seeds up to 1000 apart share no epoch order
+    below 1.8 million epochs. Seed 0's epochs keep their old seeds.
+    """
+    return (epoch + seed * 0x9E3779B9) % 2**32
+
+
+class EpochBatches:
+    """Base of the batch iterables Lightning accepts: epoch ``e``'s batches come from ``(seed, e)``.
+
+    So the batches are the same on every process and after a resume. Subclasses give
+    :meth:`batches`, this rank's index tensors for the epoch; iterating yields
+    ``(images[idx], labels[idx])`` for each.
+
+    Args:
+        data: the images and labels (on the device batches should be on).
+        seed: base seed; epoch ``e`` draws from :func:`epoch_seed` ``(seed, e)``.
+        epoch_source: returns the current epoch (the trainer's), read at each
+            ``iter``; without it the epoch counts the passes started (a pass
+            stopped early, e.g. by ``limit_train_batches``, still moves on).
+        world: the number of processes; None: the process group's (1 without one). Given
+            only to check the settings before the processes exist.
+    """
+
+    def __init__(self, data: ImageTensors, seed: int = 0, epoch_source: Callable[[], int] | None = None,
+                 world: int | None = None) -> None:
+        self.data, self.seed, self.epoch, self.epoch_source = data, seed, 0, epoch_source
+        self.world, self.rank = dist_world_size() if world is None else world, dist_rank()
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded for the current epoch (:func:`epoch_seed`)."""
+        return torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+
+    def batches(self) -> Iterable[Tensor]:
+        """This rank's index tensors for the current epoch, on the data's device."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.epoch_source is not None:
+            self.epoch = self.epoch_source()
+        batches = self.batches()
+        if self.epoch_source is None:
+            self.epoch += 1  # now, not after the last batch: a pass stopped early must not repeat its batches
+        for idx in batches:
+            yield self.data.images[idx], self.data.labels[idx]
+
+
+class IndexBatches(EpochBatches):
+    """Batches of a uint8 image tensor drawn by index (:class:`EpochBatches`).
+
+    Epoch ``e`` is a permutation drawn from ``(seed, e)``. With ``W`` processes each rank
+    takes its own contiguous slice of every global batch (no overlap, no DataLoader sampler).
+
+    Args:
+        data, seed, epoch_source, world: as :class:`EpochBatches`.
+        batch_size: the per-process batch size.
+        shuffle: draw a fresh permutation per epoch (else the natural order).
+        drop_last: drop the last incomplete global batch.
+    """
+
+    def __init__(
+        self,
+        data: ImageTensors,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        epoch_source: Callable[[], int] | None = None,
+        world: int | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+        super().__init__(data, seed, epoch_source, world)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        global_batch = batch_size * self.world
+        if drop_last and global_batch > len(data):
+            raise DataError(
+                f"the batch ({batch_size} x {self.world} processes) is larger than the data set "
+                f"({len(data)} images): lower data.batch_size (or raise data.subset where it caps the data)"
+            )
+
+    def __len__(self) -> int:
+        global_batch = self.batch_size * self.world
+        n = len(self.data)
+        if self.drop_last:
+            return n // global_batch
+        return math.ceil(n / global_batch)
+
+    def batches(self) -> list[Tensor]:
+        n, device = len(self.data), self.data.images.device
+        idx = torch.randperm(n, generator=self.generator()).to(device) if self.shuffle else torch.arange(n, device=device)
+        global_batch = self.batch_size * self.world
+        mine = []
+        for b in range(len(self)):
+            chunk = idx[b * global_batch : (b + 1) * global_batch]
+            per = math.ceil(len(chunk) / self.world)
+            mine.append(chunk[self.rank * per : (self.rank + 1) * per])
+        return mine
+
+
+# --------------------------------------------------------------------------- P x K
 
 
 class SamplerError(DataError, ValueError):
@@ -143,7 +261,7 @@ class PKBatches(EpochBatches):
         samples_per_class: K, samples of each class (>= 2: positives). A class with
             fewer than K samples is an error rather than sampled with replacement:
             a repeated image is a zero-distance positive that teaches nothing.
-        seed, epoch_source, world: as :class:`~contrastive.data.EpochBatches`.
+        seed, epoch_source, world: as :class:`EpochBatches`.
     """
 
     def __init__(
@@ -195,3 +313,48 @@ class PKBatches(EpochBatches):
         batches = pk_epoch(self.labels, self.p * self.world, self.k, self.generator())  # (L, W*P, K)
         mine = batches[:, self.rank * self.p : (self.rank + 1) * self.p]  # (L, P, K)
         return mine.reshape(len(batches), -1).to(self.data.images.device)
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Serves :class:`Splits` from tensors on the training device.
+
+    ``train_dataloader`` yields shuffled uint8 batches for the pipeline's
+    augmentation; ``val_dataloader`` yields the train split (the kNN memory bank)
+    and the test split in order, unaugmented.
+    """
+
+    def __init__(
+        self,
+        splits: Splits,
+        batch_size: int,
+        eval_batch_size: int = 1024,
+        on_device: bool = True,
+        seed: int = 0,
+        train_batches: Callable[..., Iterable[tuple[Tensor, Tensor]]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.splits = splits
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.on_device = on_device
+        self.seed = seed
+        # train_batches(data, batch_size=, seed=, epoch_source=) -> iterable of (images, labels)
+        self.train_batches = train_batches or partial(IndexBatches, shuffle=True, drop_last=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.on_device and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            self.splits = Splits(self.splits.train.to(device), self.splits.test.to(device))
+
+    def train_dataloader(self) -> Iterable[tuple[Tensor, Tensor]]:
+        trainer = self.trainer
+        epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
+        return self.train_batches(
+            self.splits.train, batch_size=self.batch_size, seed=self.seed, epoch_source=epoch_source
+        )
+
+    def val_dataloader(self) -> list[IndexBatches]:
+        return [
+            IndexBatches(self.splits.train, self.eval_batch_size, False, False),
+            IndexBatches(self.splits.test, self.eval_batch_size, False, False),
+        ]

@@ -1,166 +1,13 @@
+"""contrastive.data.folders: image folders decoded, resized, cached, locked; errors that name the file."""
+
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from contrastive.data import DataError, ImageTensors, IndexBatches, Splits, cifar10, shapes
-
-
-def test_shapes_is_balanced_deterministic_uint8() -> None:
-    a, b = shapes(num_train=200, num_test=100, seed=3), shapes(num_train=200, num_test=100, seed=3)
-    assert a.train.images.dtype == torch.uint8 and a.train.images.shape == (200, 3, 32, 32)
-    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
-    assert a.train.labels.bincount().tolist() == [20] * 10
-    assert not torch.equal(a.train.images, shapes(num_train=200, num_test=100, seed=4).train.images)
-
-
-def test_cifar10_missing_names_path_and_override(tmp_path: Path) -> None:
-    with pytest.raises(DataError) as e:
-        cifar10(str(tmp_path / "nowhere"))
-    msg = str(e.value)
-    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in msg
-    assert "data.root=" in msg and "data.download=true" in msg
-
-
-def test_cifar10_copy_with_other_checksums_loads_with_warning(tmp_path: Path, fake_cifar10) -> None:
-    fake_cifar10(tmp_path, n_train=50, n_test=20)
-    with pytest.warns(UserWarning, match="checksums differ"):
-        splits = cifar10(str(tmp_path))
-    assert splits.train.images.shape == (50, 3, 32, 32) and len(splits.test) == 20
-    assert splits.num_classes == 10 and splits.train.class_names[0] == "airplane"
-
-
-def test_cifar10_incomplete_folder(tmp_path: Path, fake_cifar10) -> None:
-    fake_cifar10(tmp_path)
-    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with warnings.catch_warnings(), pytest.raises(DataError, match="data_batch_3"):
-        warnings.simplefilter("ignore")
-        cifar10(str(tmp_path))
-
-
-@pytest.mark.parametrize("name", ["data_batch_3", "batches.meta", "test_batch"])
-def test_a_damaged_cifar10_file_is_named(tmp_path: Path, fake_cifar10, name: str) -> None:
-    """A truncated batch said only 'pickle data was truncated', garbage meta 'invalid literal for int()'."""
-    fake_cifar10(tmp_path)
-    path = tmp_path / "cifar-10-batches-py" / name
-    path.write_bytes(path.read_bytes()[:100] if name != "batches.meta" else b"garbage\n")
-    with warnings.catch_warnings(), pytest.raises(DataError) as error:
-        warnings.simplefilter("ignore")
-        cifar10(str(tmp_path))
-    assert str(error.value).startswith(f"cannot read {path} (")
-    assert str(error.value).endswith("): the file is damaged; replace it, or cifar-10-batches-py/, with a fresh copy")
-
-
-def test_labels_out_of_range_name_the_index() -> None:
-    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
-    with pytest.raises(DataError, match="label 7 at index 2"):
-        ImageTensors(images, torch.tensor([0, 1, 7, 1]), num_classes=3)
-    with pytest.raises(DataError, match="uint8"):
-        ImageTensors(images.float(), torch.tensor([0, 1, 2, 1]), num_classes=3)
-
-
-def test_subset_is_seeded_and_capped() -> None:
-    data = shapes(num_train=100, num_test=10).train
-    s1, s2 = data.subset(30, seed=1), data.subset(30, seed=1)
-    assert len(s1) == 30 and torch.equal(s1.images, s2.images)
-    assert data.subset(None) is data and data.subset(1000) is data
-
-
-def test_index_batches_cover_epoch_and_reshuffle() -> None:
-    data = ImageTensors(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10) % 2, 2)
-    data.images[:, 0, 0, 0] = torch.arange(10, dtype=torch.uint8)
-    epochs = []
-    batches = IndexBatches(data, batch_size=3, shuffle=True, drop_last=True, seed=0)
-    for _ in range(2):
-        seen = torch.cat([x[:, 0, 0, 0] for x, _ in batches])
-        assert len(batches) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
-        epochs.append(seen)
-    assert not torch.equal(epochs[0], epochs[1])
-    again = IndexBatches(data, batch_size=3, shuffle=True, drop_last=True, seed=0)
-    assert torch.equal(torch.cat([x[:, 0, 0, 0] for x, _ in again]), epochs[0])
-    ordered = torch.cat([x[:, 0, 0, 0] for x, _ in IndexBatches(data, 4, shuffle=False, drop_last=False)])
-    assert ordered.tolist() == list(range(10))
-
-
-def _numbered(n: int) -> ImageTensors:
-    """n one-pixel images whose pixel is their index."""
-    data = ImageTensors(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), 1)
-    data.images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
-    return data
-
-
-def _per_rank(monkeypatch: pytest.MonkeyPatch, world: int, make_batches) -> list[list[list[int]]]:  # type: ignore[no-untyped-def]
-    """The image indices of each batch ``make_batches()`` gives on each of ``world`` ranks."""
-    import contrastive.data as data_mod
-
-    monkeypatch.setattr(data_mod, "dist_world_size", lambda: world)
-    out = []
-    for r in range(world):
-        monkeypatch.setattr(data_mod, "dist_rank", lambda r=r: r)
-        out.append([x.flatten().tolist() for x, _ in make_batches()])
-    return out
-
-
-def test_runs_of_neighbouring_seeds_do_not_share_an_epoch_order() -> None:
-    """With seed + epoch, seed 1's epoch 0 was seed 0's epoch 1: a seed sweep saw shifted copies of one order."""
-    from contrastive.data import epoch_seed
-
-    data = _numbered(200)
-
-    def order(seed: int, epochs: int) -> list[list[int]]:
-        batches = IndexBatches(data, 200, shuffle=True, drop_last=True, seed=seed)
-        return [x.flatten().tolist() for _ in range(epochs) for x, _ in batches]
-
-    runs = [order(seed, 3) for seed in range(3)]
-    epochs = [tuple(e) for run in runs for e in run]
-    assert len(set(epochs)) == 9
-    assert order(0, 3) == runs[0]  # and each run stays reproducible
-    assert len({epoch_seed(s, e) for s in range(1000) for e in range(1000)}) == 1000 * 1000
-    assert [epoch_seed(0, e) for e in range(3)] == [0, 1, 2]  # the seed-0 figures in the docs still hold
-    assert 0 <= epoch_seed(-1, 0) < 2**32 and epoch_seed(-1, 0) != epoch_seed(1, 0)
-
-
-def test_index_batches_shard_without_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
-    data = _numbered(16)
-    shards = _per_rank(monkeypatch, 2, lambda: IndexBatches(data, 4, True, True, seed=5))
-    assert [sum(map(len, s)) for s in shards] == [8, 8]
-    assert sorted(i for s in shards for b in s for i in b) == list(range(16))
-
-
-def test_index_batches_uneven_last_batch_is_split_without_loss(monkeypatch: pytest.MonkeyPatch) -> None:
-    """drop_last=false under 2 processes (the evaluation batches): 11 images, global batch 4 -> 3 batches;
-    the last 3 are split 2 + 1 (ceil per rank), so every image is seen exactly once."""
-    data = _numbered(11)
-    shards = _per_rank(monkeypatch, 2, lambda: IndexBatches(data, 2, shuffle=False, drop_last=False))
-    assert shards == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7], [10]]]
-
-
-def test_batch_as_large_as_the_data_is_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    import contrastive.data as data_mod
-
-    data = _numbered(20)
-    batches = list(IndexBatches(data, batch_size=20, shuffle=True, drop_last=True))
-    assert len(batches) == 1 and sorted(batches[0][0].flatten().tolist()) == list(range(20))
-    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 2)
-    assert len(IndexBatches(data, batch_size=10, shuffle=True, drop_last=True)) == 1
-    with pytest.raises(DataError, match=r"\(11 x 2 processes\) is larger than the data set \(20 images\)"):
-        IndexBatches(data, batch_size=11, shuffle=True, drop_last=True)
-
-
-def test_batch_larger_than_data_is_refused() -> None:
-    data = shapes(num_train=20, num_test=10).train
-    with pytest.raises(DataError, match="larger than the data set"):
-        IndexBatches(data, batch_size=32, shuffle=True, drop_last=True)
-
-
-def test_select_classes_relabels() -> None:
-    s: Splits = shapes(num_train=100, num_test=10)
-    part = s.train.select_classes([5, 6, 7])
-    assert part.num_classes == 3 and set(part.labels.tolist()) == {0, 1, 2}
-    assert len(part) == 30 and part.class_names == ["triangle", "x", "frame"]
+from contrastive.data import DataError
 
 
 def _write_folder(root: Path, classes: dict[str, int], size: int = 20) -> None:
@@ -236,7 +83,7 @@ def _write_noise_folder(root: Path, per_class: int) -> None:
 def test_image_folder_threaded_decode_matches_one_file_at_a_time(tmp_path: Path) -> None:
     from torchvision.transforms.v2.functional import resize
 
-    from contrastive.data import _image_files, _read_rgb, image_folder
+    from contrastive.data.folders import _image_files, _read_rgb, image_folder
 
     _write_noise_folder(tmp_path, per_class=12)
     files = [f for name in ("a", "b") for f in _image_files(tmp_path / "train" / name)]
@@ -252,7 +99,7 @@ def test_image_folder_threaded_decode_matches_one_file_at_a_time(tmp_path: Path)
 def test_image_folder_decodes_files_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    import contrastive.data as data
+    import contrastive.data.folders as data
 
     _write_noise_folder(tmp_path, per_class=2)
     barrier, read = threading.Barrier(2, timeout=10), data._read_rgb
@@ -415,7 +262,7 @@ def _decode_at_once(rank: int, root: str, scratch: str) -> None:
     """A process of :func:`test_processes_started_together_decode_the_folder_once`."""
     import time
 
-    import contrastive.data as data_mod
+    import contrastive.data.folders as data_mod
 
     decode = data_mod._decode_folder
 
@@ -460,19 +307,3 @@ def test_image_folder_works_where_the_lock_cannot_be_made(tmp_path: Path, monkey
     monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
     assert len(image_folder(str(tmp_path), size=4).train) == 2
     assert (tmp_path / ".contrastive_cache_4.pt").is_file()
-
-
-def test_the_cli_logs_data_warnings_as_one_line(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    import warnings
-
-    from contrastive.cli import _log_data_warnings
-    from contrastive.data import DataWarning
-
-    shown = []
-    monkeypatch.setattr(warnings, "showwarning", lambda message, category, *a, **k: shown.append(category))
-    _log_data_warnings()
-    with caplog.at_level("WARNING", logger="contrastive"):
-        warnings.showwarning(DataWarning("test/ holds 2 class folder(s) that train/ lacks"), DataWarning, "f.py", 1)
-        warnings.showwarning(RuntimeWarning("something else"), RuntimeWarning, "f.py", 1)
-    assert [r.getMessage() for r in caplog.records] == ["test/ holds 2 class folder(s) that train/ lacks"]
-    assert shown == [RuntimeWarning]  # other warnings as Python shows them

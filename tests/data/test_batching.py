@@ -1,16 +1,105 @@
-"""The P x K sampler: batch composition, epoch coverage, determinism, sharding, errors."""
+"""contrastive.data.batching: index batches (epochs, seeds, sharding) and the P x K sampler (batch
+composition, epoch coverage, determinism, sharding, errors)."""
 
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import contrastive.data as data_mod
-from contrastive.data import DataError, ImageTensors, IndexBatches
-from contrastive.samplers import PKBatches, SamplerError, pk_epoch, schedule_classes
+import contrastive.data.batching as data_mod
+from contrastive.data import DataError, ImageTensors, IndexBatches, PKBatches, SamplerError, pk_epoch, schedule_classes, shapes
+
+
+def test_index_batches_cover_epoch_and_reshuffle() -> None:
+    data = ImageTensors(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10) % 2, 2)
+    data.images[:, 0, 0, 0] = torch.arange(10, dtype=torch.uint8)
+    epochs = []
+    batches = IndexBatches(data, batch_size=3, shuffle=True, drop_last=True, seed=0)
+    for _ in range(2):
+        seen = torch.cat([x[:, 0, 0, 0] for x, _ in batches])
+        assert len(batches) == 3 and len(seen) == 9 and len(set(seen.tolist())) == 9
+        epochs.append(seen)
+    assert not torch.equal(epochs[0], epochs[1])
+    again = IndexBatches(data, batch_size=3, shuffle=True, drop_last=True, seed=0)
+    assert torch.equal(torch.cat([x[:, 0, 0, 0] for x, _ in again]), epochs[0])
+    ordered = torch.cat([x[:, 0, 0, 0] for x, _ in IndexBatches(data, 4, shuffle=False, drop_last=False)])
+    assert ordered.tolist() == list(range(10))
+
+
+def _numbered(n: int) -> ImageTensors:
+    """n one-pixel images whose pixel is their index."""
+    data = ImageTensors(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), 1)
+    data.images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    return data
+
+
+def _per_rank(monkeypatch: pytest.MonkeyPatch, world: int, make_batches) -> list[list[list[int]]]:  # type: ignore[no-untyped-def]
+    """The image indices of each batch ``make_batches()`` gives on each of ``world`` ranks."""
+    import contrastive.data.batching as data_mod
+
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: world)
+    out = []
+    for r in range(world):
+        monkeypatch.setattr(data_mod, "dist_rank", lambda r=r: r)
+        out.append([x.flatten().tolist() for x, _ in make_batches()])
+    return out
+
+
+def test_runs_of_neighbouring_seeds_do_not_share_an_epoch_order() -> None:
+    """With seed + epoch, seed 1's epoch 0 was seed 0's epoch 1: a seed sweep saw shifted copies of one order."""
+    from contrastive.data import epoch_seed
+
+    data = _numbered(200)
+
+    def order(seed: int, epochs: int) -> list[list[int]]:
+        batches = IndexBatches(data, 200, shuffle=True, drop_last=True, seed=seed)
+        return [x.flatten().tolist() for _ in range(epochs) for x, _ in batches]
+
+    runs = [order(seed, 3) for seed in range(3)]
+    epochs = [tuple(e) for run in runs for e in run]
+    assert len(set(epochs)) == 9
+    assert order(0, 3) == runs[0]  # and each run stays reproducible
+    assert len({epoch_seed(s, e) for s in range(1000) for e in range(1000)}) == 1000 * 1000
+    assert [epoch_seed(0, e) for e in range(3)] == [0, 1, 2]  # the seed-0 figures in the docs still hold
+    assert 0 <= epoch_seed(-1, 0) < 2**32 and epoch_seed(-1, 0) != epoch_seed(1, 0)
+
+
+def test_index_batches_shard_without_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _numbered(16)
+    shards = _per_rank(monkeypatch, 2, lambda: IndexBatches(data, 4, True, True, seed=5))
+    assert [sum(map(len, s)) for s in shards] == [8, 8]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(16))
+
+
+def test_index_batches_uneven_last_batch_is_split_without_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """drop_last=false under 2 processes (the evaluation batches): 11 images, global batch 4 -> 3 batches;
+    the last 3 are split 2 + 1 (ceil per rank), so every image is seen exactly once."""
+    data = _numbered(11)
+    shards = _per_rank(monkeypatch, 2, lambda: IndexBatches(data, 2, shuffle=False, drop_last=False))
+    assert shards == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7], [10]]]
+
+
+def test_batch_as_large_as_the_data_is_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contrastive.data.batching as data_mod
+
+    data = _numbered(20)
+    batches = list(IndexBatches(data, batch_size=20, shuffle=True, drop_last=True))
+    assert len(batches) == 1 and sorted(batches[0][0].flatten().tolist()) == list(range(20))
+    monkeypatch.setattr(data_mod, "dist_world_size", lambda: 2)
+    assert len(IndexBatches(data, batch_size=10, shuffle=True, drop_last=True)) == 1
+    with pytest.raises(DataError, match=r"\(11 x 2 processes\) is larger than the data set \(20 images\)"):
+        IndexBatches(data, batch_size=11, shuffle=True, drop_last=True)
+
+
+def test_batch_larger_than_data_is_refused() -> None:
+    data = shapes(num_train=20, num_test=10).train
+    with pytest.raises(DataError, match="larger than the data set"):
+        IndexBatches(data, batch_size=32, shuffle=True, drop_last=True)
+
 
 # imbalanced on purpose: 7, 5, 12, 4, 9 and 0 (absent) samples; class 5 never appears
 COUNTS = [7, 5, 12, 4, 9, 0]
