@@ -21,7 +21,8 @@ from contrastive.losses import (
     ContrastiveMargin, InfoNCE, NTXent, SoftmaxCERegularizer, contrastive_margin, info_nce, nt_xent, pairwise_distance, sup_con,
     triplet_margin,
 )
-from contrastive.pipelines import SimCLR, warmup_cosine
+from contrastive.pipelines import SimCLR
+from contrastive.schedules import warmup_cosine
 
 G = torch.Generator().manual_seed(0)
 

@@ -17,7 +17,7 @@ from contrastive.data import TensorDataModule, shapes
 from contrastive.losses import InfoNCE
 from contrastive.models import convnet, ema_update, mlp, momentum_copy, resnet
 from contrastive.pipelines import MoCo
-from contrastive.pipelines.moco import SplitBatchNorm, convert_to_split_bn, momentum_at
+from contrastive.pipelines.moco import SplitBatchNorm, convert_to_split_bn
 from contrastive.queue import KeyQueue
 
 # --------------------------------------------------------------------------- queue
@@ -104,14 +104,6 @@ def test_ema_update_equals_its_formula() -> None:
     ema_update(target, source, m)
     for x, theta, new in zip(xi, source.parameters(), target.parameters()):
         _assert_ema(new, x, theta.detach(), m)
-
-
-def test_momentum_schedule() -> None:
-    assert momentum_at(0, 100, 0.99) == pytest.approx(0.99, abs=1e-15)
-    assert momentum_at(50, 100, 0.99) == pytest.approx(0.995)
-    assert momentum_at(100, 100, 0.99) == momentum_at(130, 100, 0.99) == 1.0
-    for t in range(0, 100, 7):
-        assert momentum_at(t, 100, 0.9) == pytest.approx(1 - 0.1 * (math.cos(math.pi * t / 100) + 1) / 2)
 
 
 # --------------------------------------------------------------------------- split BN

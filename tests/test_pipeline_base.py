@@ -1,8 +1,6 @@
-"""Pipeline plumbing: non-finite checks, schedule, EMA."""
+"""Pipeline plumbing: non-finite checks, views, EMA (the schedules: tests/test_schedules.py)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ from torch import nn
 
 from contrastive.augment import Augment
 from contrastive.models import ema_update, momentum_copy, resnet
-from contrastive.pipelines import NonFiniteLossError, SimCLR, warmup_cosine
+from contrastive.pipelines import NonFiniteLossError, SimCLR
 from contrastive.losses import NTXent
 
 
@@ -113,21 +111,6 @@ def test_steps_per_epoch_counts_optimiser_steps() -> None:
     for batches, accumulate, steps in ((4, 1, 4), (4, 2, 2), (5, 2, 3), (0, 1, 1)):
         trainer = SimpleNamespace(num_training_batches=batches, accumulate_grad_batches=accumulate)
         assert steps_per_epoch(trainer) == steps, (batches, accumulate)  # type: ignore[arg-type]
-
-
-def test_warmup_cosine_values() -> None:
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = warmup_cosine(opt, total_steps=20, steps_per_epoch=2, warmup_epochs=2, final_lr_fraction=0.1)
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lrs[4] == pytest.approx(1.0)
-    t = (10 - 4) / 16
-    assert lrs[10] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
 
 
 def test_ema_update_is_the_formula_exactly() -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
 from contrastive.distributed import all_gather, all_true, rank, world_size
@@ -65,25 +65,6 @@ def steps_per_epoch(trainer: pl.Trainer) -> int:
     """Optimiser steps per epoch of this process: ``ceil(batches / accumulate_grad_batches)`` (>= 1), as
     Lightning steps on an epoch's last, incomplete accumulation window too."""
     return max(math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches), 1)
-
-
-def warmup_cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 10.0,
-                  final_lr_fraction: float = 0.0) -> LambdaLR:
-    """Linear warm-up for ``warmup_epochs`` then cosine decay to ``final_lr_fraction`` (per step).
-
-    With t the optimiser step (0-based), W warm-up steps and T total steps:
-    lr(t) = lr0 * (t + 1) / W for t < W (the first step is not wasted at lr 0; step W - 1
-    reaches lr0), else lr0 * (f + (1 - f) * (1 + cos(pi * (t - W) / (T - W))) / 2).
-    """
-    warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
-        return final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
 
 
 class Pipeline(pl.LightningModule):

@@ -21,7 +21,6 @@ W*B keys, still in ``bn_splits`` groups per rank (W * bn_splits groups in all).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -33,15 +32,7 @@ from contrastive.losses import ContrastiveMargin, NTXent, SupCon, TripletMargin,
 from contrastive.models import ema_update, momentum_copy
 from contrastive.pipelines.base import Pipeline, check_loss_fits, total_steps
 from contrastive.queue import KeyQueue
-
-
-def momentum_at(step: int, total_steps: int, base: float) -> float:
-    """EMA momentum at ``step`` raised from ``m0 = base`` to 1 on a cosine (BYOL).
-
-    ``m_t = 1 - (1 - m0) * (cos(pi t / T) + 1) / 2``, so ``m_0 = m0`` and ``m_T = 1`` (held after T).
-    """
-    progress = min(step / max(total_steps, 1), 1.0)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+from contrastive.schedules import momentum_at
 
 
 def queue_problem(queue_size: int, keys_per_step: int) -> str | None:
