@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -22,6 +22,7 @@ from contrastive.augment import Augment, normalize_uint8
 from contrastive.distributed import all_gather, all_true, rank, world_size
 from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
 from contrastive.evaluation.neighbors import Metric
+from contrastive.views import MultiCrop, draw_views
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -72,7 +73,9 @@ class Pipeline(pl.LightningModule):
 
     Args:
         backbone: image -> features (B, F).
-        augment: uint8 batch -> augmented, normalised float batch (``contrastive.augment.Augment``).
+        augment: uint8 batch -> augmented, normalised float batch (``contrastive.augment.Augment``), drawn by
+            :meth:`views`; or a ``contrastive.views.MultiCrop`` (views of several sizes), drawn by :meth:`crops`,
+            for a pipeline whose :attr:`multi_crop` is set.
         optimizer: ``optimizer(params) -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``scheduler(optimizer, total_steps=, steps_per_epoch=) -> LRScheduler``, stepped per batch.
         feature_dim: F, the backbone's output width.
@@ -87,11 +90,13 @@ class Pipeline(pl.LightningModule):
 
     #: The geometry retrieval ranks :meth:`features` in ("cosine" or "euclidean"): that of the loss.
     retrieval_metric: Metric = "cosine"
+    #: Whether ``training_step`` draws :meth:`crops` from a ``MultiCrop`` (DINO, SwAV); the others refuse one.
+    multi_crop: ClassVar[bool] = False
 
     def __init__(
         self,
         backbone: nn.Module,
-        augment: Augment,
+        augment: Augment | MultiCrop,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         feature_dim: int = 512,
@@ -110,6 +115,9 @@ class Pipeline(pl.LightningModule):
             if not ok:
                 raise ValueError(f"Pipeline: invalid {name}={value} (feature_dim and num_classes >= 1, knn_k >= 0 "
                                  "where 0 monitors MAP@R instead, knn_temperature > 0)")
+        if isinstance(augment, MultiCrop) and not self.multi_crop:
+            raise ValueError(f"the {type(self).__name__} pipeline draws its views from one Augment, not a MultiCrop of "
+                             f"{augment.sizes} px views: use an Augment (aug=simclr), or a pipeline that takes multi-crop")
         self.backbone = backbone
         self.augment = augment
         self.optimizer_factory = optimizer
@@ -130,19 +138,34 @@ class Pipeline(pl.LightningModule):
 
     # ------------------------------------------------------------------ encoding
     def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
-        """``n`` independently augmented views of a uint8 batch, channels-last on CPU and GPU."""
-        # One call on the n-fold batch: per-sample parameters, a fraction of the kernel launches.
-        # Under W processes (generators in step on every rank, equal batches): the parameters of
-        # the global n-fold batch and this rank's rows of each view, as one process would draw them.
-        b, w, r = len(images), world_size(), rank()
-        rows = None
-        if w > 1:
-            rows = torch.cat([torch.arange(v * b * w + r * b, v * b * w + (r + 1) * b) for v in range(n)])
-        out = self.augment(images.repeat(n, 1, 1, 1), self.generator, rows=rows, of=n * b * w).to(self.dtype)
-        out = list(out.chunk(n))  # float32 unless the module was cast (precision="bf16-true" or "64-true")
-        if channels_last(images.device):
-            out = [v.contiguous(memory_format=torch.channels_last) for v in out]
-        return out
+        """``n`` independently augmented views of a uint8 batch, channels-last on CPU and GPU.
+
+        One ``Augment`` call on the n-fold batch; under W processes each rank gets its rows of the
+        views one process holding the global batch would draw (``contrastive.views.draw_views``).
+        """
+        if isinstance(self.augment, MultiCrop):
+            raise ValueError(f"views() draws n views of one Augment, but augment is a MultiCrop of {self.augment.sizes} "
+                             "px views: use crops()")
+        return self._layout(draw_views(self.augment, images, n, self.generator, world_size(), rank()))
+
+    def crops(self, images: Tensor) -> list[Tensor]:
+        """Every view of every group of a ``MultiCrop``, channels-last on CPU and GPU.
+
+        The groups in order, largest first (DINO: 2 x (B, C, 32, 32) global, then 6 x (B, C, 16, 16) local);
+        each group one ``Augment`` call on its n-fold batch, drawn as :meth:`views` draws.
+        """
+        if not isinstance(self.augment, MultiCrop):
+            raise ValueError("crops() draws the groups of a contrastive.views.MultiCrop, but augment is one Augment: "
+                             "use views(), or build the pipeline with a MultiCrop (aug=multicrop)")
+        return self._layout(self.augment(images, self.generator, world_size(), rank()))
+
+    def _layout(self, views: list[Tensor]) -> list[Tensor]:
+        """Views in the module's dtype (float32 unless it was cast: ``precision="bf16-true"`` or ``"64-true"``),
+        channels-last on CPU and GPU (:func:`channels_last`)."""
+        views = [v.to(self.dtype) for v in views]
+        if views and channels_last(views[0].device):
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
