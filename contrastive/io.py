@@ -1,21 +1,27 @@
-"""Atomic file writes and checkpoint reading with clear errors."""
+"""Atomic file writes, checkpoint reading with clear errors, and the Lightning I/O: checkpoint IO and
+callbacks, the resumable CSV logger."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
 import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.loggers.logger import rank_zero_experiment
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger("contrastive")
 
 
 class CheckpointError(RuntimeError):
@@ -198,3 +204,51 @@ class _ResumedWriter(ExperimentWriter):
         if self.resume_step is not None and step is not None and step < self.resume_step:
             return  # already in the file, from the call that wrote the checkpoint
         super().log_metrics(metrics_dict, step)
+
+
+class SaveRunConfig(Callback):
+    """Stores the resolved run config in every checkpoint, so a checkpoint is self-contained."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["contrastive_config"] = self.config
+
+def _steps_of_cut_epoch(trainer: pl.Trainer) -> int | None:
+    """The steps done of the epoch now ending if training stopped inside it (``trainer.max_time``), else None.
+
+    Lightning counts such an epoch as finished, so a checkpoint of it would make a resume
+    skip the rest of the epoch: the checkpoint callbacks below do not save it.
+    """
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return done if done < trainer.num_training_batches else None
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``last.ckpt`` at the end of every whole training epoch.
+
+    (``ModelCheckpoint(save_last=True)`` writes it only when it also saves a
+    periodic checkpoint.) As a ``Checkpoint`` it runs after the LightningModule's
+    ``on_train_epoch_end``, i.e. after the last step's non-finite check. After an
+    epoch cut short it stays at the last whole one, from which the run resumes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        done = _steps_of_cut_epoch(trainer)
+        if done is not None:
+            log.warning("training stopped after %d of %d steps of epoch %d; %s stays at the end of the last "
+                        "whole epoch, from which the command continues (with trainer.max_time, give it time "
+                        "for more than one epoch, or leave it out)",
+                        done, trainer.num_training_batches, trainer.current_epoch, self.path.name)
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resume needs it
+
+class EpochCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that does not save an epoch cut short under that epoch's name."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _steps_of_cut_epoch(trainer) is None:
+            super().on_train_epoch_end(trainer, pl_module)

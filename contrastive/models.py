@@ -72,3 +72,21 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     s = [p.detach() for p in source.parameters()]
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, torch._foreach_mul(s, 1.0 - momentum))  # not alpha=: that may fuse into an FMA
+
+
+def export_backbone(pipeline: nn.Module, classifier: nn.Linear | None) -> dict[str, torch.Tensor]:
+    """The weights of ``pipeline.backbone`` under torchvision's names, plus ``fc`` from the linear probe if given.
+
+    ``fc`` is added only where the probe saw backbone features (not for pipelines whose
+    evaluation features are an embedding head's output, such as Siamese).
+
+    A ResNet from ``contrastive.models.resnet`` then loads into
+    ``torchvision.models.resnet18(num_classes=C)`` (with the CIFAR stem) with ``strict=True``.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in pipeline.backbone.state_dict().items()}
+    probes_backbone = getattr(pipeline, "eval_features", "backbone") == "backbone"  # not a Siamese embedding
+    headless = isinstance(getattr(pipeline.backbone, "fc", None), torch.nn.Identity)
+    if probes_backbone and headless and classifier is not None:
+        state["fc.weight"] = classifier.weight.detach().cpu().clone()
+        state["fc.bias"] = classifier.bias.detach().cpu().clone()
+    return state

@@ -26,9 +26,9 @@ BIN = Path(sys.executable).parent
 
 def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
     """Compose a config shipped in ``contrastive.configs`` exactly as the CLI does."""
-    from contrastive.cli import _resolvers
+    from contrastive.cli.shell import register_resolvers
 
-    _resolvers()
+    register_resolvers()
     with initialize_config_module("contrastive.configs", version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides or [])
 
@@ -71,6 +71,20 @@ def cli() -> object:
 def config() -> object:
     """``config(name, overrides)`` composes a shipped config (see :func:`compose_config`)."""
     return compose_config
+
+
+def check_run(cfg: DictConfig, splits: object, world: int) -> None:
+    """The CLI's checks against the data for ``cfg``, with the pipeline ``cfg`` builds (its own rules included)."""
+    from contrastive.cli.checks import check_against_data
+    from contrastive.cli.run import build_pipeline
+
+    check_against_data(cfg, splits, world, build_pipeline(cfg))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def run_checks() -> object:
+    """``run_checks(cfg, splits, world)``: the checks before a run's first step (see :func:`check_run`)."""
+    return check_run
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from contrastive.augment import Augment
-from contrastive.cli import (
-    ConfigError, build_pipeline, check_against_data, check_config, check_eval_config, check_feature_dim,
-)
+from contrastive.cli import ConfigError
+from contrastive.cli.checks import check_config, check_eval_config, check_feature_dim
+from contrastive.cli.run import build_pipeline
 from contrastive.data import DataError, ImageTensors, IndexBatches, PKBatches, TensorDataModule, shapes
 from contrastive.evaluation import knn_predict, linear_probe
 from contrastive.losses import (
@@ -300,24 +300,24 @@ def test_eval_on_cuda_needs_a_visible_gpu(config, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(("world", "fits"), [(1, 40), (2, 20)])
-def test_a_batch_of_the_whole_training_set_passes_and_one_more_is_refused(config, world: int, fits: int) -> None:  # type: ignore[no-untyped-def]
+def test_a_batch_of_the_whole_training_set_passes_and_one_more_is_refused(config, world: int, fits: int, run_checks) -> None:  # type: ignore[no-untyped-def]
     """data.batch_size x processes may equal the training set's size; one image more is refused."""
     splits = shapes(num_train=40, num_test=8, size=32)
-    check_against_data(config("train", [f"data.batch_size={fits}"]), splits, world=world)
+    run_checks(config("train", [f"data.batch_size={fits}"]), splits, world=world)
     with pytest.raises(ConfigError) as error:
-        check_against_data(config("train", [f"data.batch_size={fits + 1}"]), splits, world=world)
+        run_checks(config("train", [f"data.batch_size={fits + 1}"]), splits, world=world)
     assert str(error.value) == (f"data.batch_size={fits + 1} x {world} process(es) is larger than the training set "
                                 "(40 images): lower data.batch_size")
 
 
-def test_symmetric_moco_enqueues_twice_the_batch(config) -> None:  # type: ignore[no-untyped-def]
+def test_symmetric_moco_enqueues_twice_the_batch(config, run_checks) -> None:  # type: ignore[no-untyped-def]
     """pipeline.symmetric=true enqueues both views' keys (2 x 64 a step): a queue of 96 is refused, 128 passes."""
     splits = shapes(num_train=128, num_test=8, size=32)
-    check_against_data(config("train", ["experiment=moco_shapes", "pipeline.queue_size=96"]), splits, world=1)
+    run_checks(config("train", ["experiment=moco_shapes", "pipeline.queue_size=96"]), splits, world=1)
     moco = ["experiment=moco_shapes", "pipeline.symmetric=true"]
-    check_against_data(config("train", [*moco, "pipeline.queue_size=128"]), splits, world=1)
+    run_checks(config("train", [*moco, "pipeline.queue_size=128"]), splits, world=1)
     with pytest.raises(ConfigError) as error:
-        check_against_data(config("train", [*moco, "pipeline.queue_size=96"]), splits, world=1)
+        run_checks(config("train", [*moco, "pipeline.queue_size=96"]), splits, world=1)
     assert str(error.value) == ("pipeline.queue_size=96 is smaller than the keys enqueued per step (128 = "
                                 "data.batch_size x processes, x 2 when pipeline.symmetric): raise "
                                 "pipeline.queue_size or lower data.batch_size")
@@ -343,19 +343,19 @@ def test_a_backbone_that_does_not_output_feature_vectors_is_refused() -> None:
                                 "model.backbone with a global pooling and a flatten (as the built-in backbones do)")
 
 
-def test_an_image_size_other_than_the_images_is_refused(config) -> None:  # type: ignore[no-untyped-def]
+def test_an_image_size_other_than_the_images_is_refused(config, run_checks) -> None:  # type: ignore[no-untyped-def]
     """On CIFAR, data.image_size=64 trained on 64x64 views but measured kNN and the probe on the 32x32 images."""
     splits = shapes(num_train=16, num_test=4, size=32)
-    check_against_data(config("train", ["data.batch_size=8"]), splits, world=1)
+    run_checks(config("train", ["data.batch_size=8"]), splits, world=1)
     with pytest.raises(ConfigError) as error:
-        check_against_data(config("train", ["data.batch_size=8", "data.image_size=64"]), splits, world=1)
+        run_checks(config("train", ["data.batch_size=8", "data.image_size=64"]), splits, world=1)
     assert str(error.value) == ("data.image_size=64 but the images are 32x32 (CIFAR's are 32x32; image folders are "
                                 "resized to data.image_size): pass data.image_size=32")
 
 
 def test_a_knn_k_beyond_the_training_images_is_named() -> None:
     """eval.knn_k=100000 (or the default 200 on a 5-image subset) was clamped in silence."""
-    from contrastive.cli import knn_k_warning
+    from contrastive.cli.checks import knn_k_warning
 
     assert knn_k_warning("eval.knn_k", 200, 200) is None and knn_k_warning("eval.knn_k", 0, 5) is None
     assert knn_k_warning("knn_k", 201, 200) == (

@@ -13,7 +13,9 @@ from functools import partial
 import pytest
 import torch
 
-from contrastive.cli import ConfigError, _short_name, check_eval_config
+from contrastive.cli import ConfigError
+from contrastive.cli.checks import check_eval_config
+from contrastive.cli.shell import short_name
 
 SHRINK = [
     "data.source.num_train=200",
@@ -44,7 +46,7 @@ def test_default_config_is_simclr_on_builtin_data(config) -> None:
 
 
 def test_compile_is_off_by_default_and_one_override(config) -> None:
-    from contrastive.cli import build_pipeline
+    from contrastive.cli.run import build_pipeline
 
     assert build_pipeline(config("train")).backbone._compiled_call_impl is None
     assert build_pipeline(config("train", ["compile=true"])).backbone._compiled_call_impl is not None
@@ -53,7 +55,7 @@ def test_compile_is_off_by_default_and_one_override(config) -> None:
 @pytest.mark.slow
 def test_compiled_run_writes_plain_checkpoint_keys(cli, config, tmp_path: Path) -> None:
     """compile=true trains (inductor on the CPU here) and its checkpoint loads into an uncompiled pipeline."""
-    from contrastive.cli import build_pipeline
+    from contrastive.cli.run import build_pipeline
 
     out = cli("contrastive-train", "compile=true", *SHRINK, "trainer.max_epochs=1", "eval.every_n_epochs=1",
               "hydra.run.dir=run", cwd=tmp_path)
@@ -73,7 +75,7 @@ def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
     (run_dir,) = [p for p in run.iterdir() if p.is_dir()]
     # a time limit is not a new run: the folder is named by the other overrides alone
     named = sorted(o for o in SHRINK if not o.startswith("trainer.enable_progress_bar"))  # also left out
-    assert run_dir.name == _short_name(",".join(named))
+    assert run_dir.name == short_name(",".join(named))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("knn_top1", "knn_top1_untrained", "linear_top1", "linear_train_top1", "linear_top1_untrained"):
         assert 0.0 <= metrics[key] <= 100.0, key
@@ -99,8 +101,8 @@ def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
 
 
 def test_run_dir_name_is_one_folder() -> None:
-    assert _short_name("data.root=/data/cifar,loss.temperature=0.2") == "data.root=%2Fdata%2Fcifar,loss.temperature=0.2"
-    assert _short_name("data.root=a%2Fb") == "data.root=a%252Fb"  # distinct from data.root=a/b
+    assert short_name("data.root=/data/cifar,loss.temperature=0.2") == "data.root=%2Fdata%2Fcifar,loss.temperature=0.2"
+    assert short_name("data.root=a%2Fb") == "data.root=a%252Fb"  # distinct from data.root=a/b
 
 
 def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
@@ -191,17 +193,18 @@ def test_hydra_hint_and_missing_option_are_one_line(config, tmp_path: Path, caps
     """Hydra's hint for the misspelt key, +trainer.max_epoch=1, failed in the Trainer with a traceback."""
     from hydra.errors import MissingConfigException
 
-    from contrastive.cli import _make_trainer, _run_hydra
+    from contrastive.cli.run import make_trainer
+    from contrastive.cli.shell import run_hydra
 
     with pytest.raises(ConfigError, match="unexpected keyword argument 'max_epoch': trainer.* keys are the arguments"):
-        _make_trainer(config("train", ["+trainer.max_epoch=1"]), tmp_path)
+        make_trainer(config("train", ["+trainer.max_epoch=1"]), tmp_path)
 
     def missing() -> None:
         raise MissingConfigException("In 'train': Could not find 'experiment/simclr_cifar'\n\nAvailable options in "
                                      "'experiment':\n\tsimclr_cifar10\nConfig search path:\n\tprovider=hydra")
 
     with pytest.raises(SystemExit) as exit_:
-        _run_hydra(missing, "train")
+        run_hydra(missing, "train")
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("error: In 'train': Could not find 'experiment/simclr_cifar'  Available options "
                                        "in 'experiment': simclr_cifar10\n")
@@ -213,14 +216,14 @@ def test_the_key_suggested_is_one_of_the_chosen_experiment(monkeypatch: pytest.M
 
     from hydra.errors import ConfigCompositionException
 
-    from contrastive.cli import _run_hydra
+    from contrastive.cli.shell import run_hydra
 
     def misspelt() -> None:
         raise ConfigCompositionException("Could not override 'pipeline.bn_split'.")
 
     monkeypatch.setattr(sys, "argv", ["contrastive-train", "experiment=moco_shapes", "pipeline.bn_split=2"])
     with pytest.raises(SystemExit):
-        _run_hydra(misspelt, "train")
+        run_hydra(misspelt, "train")
     assert "unknown config key pipeline.bn_split (did you mean pipeline.bn_splits?)" in capsys.readouterr().err
 
 
@@ -371,7 +374,7 @@ def _features(n_train: int = 30, n_test: int = 12, seed: int = 0) -> dict[str, t
 
 def test_nan_features_are_refused_not_scored() -> None:
     """One NaN row made kNN predict class 0 everywhere and the probe score chance, silently."""
-    from contrastive.cli import feature_metrics
+    from contrastive.cli.run import final_metrics
     from contrastive.evaluation import knn_top1, linear_probe, retrieval_metrics
     from contrastive.io import CheckpointError
 
@@ -379,7 +382,7 @@ def test_nan_features_are_refused_not_scored() -> None:
     features["train"][0][4, 2] = float("nan")
     with pytest.raises(CheckpointError, match="features of the train images hold NaN/Inf in 1 of 30 rows, so no "
                                               r"metric .*Evaluate an earlier checkpoint"):
-        feature_metrics(features, 3, True, 5, 0.1, None)
+        final_metrics(features, 3, True, 5, 0.1, None)
     (xtr, ytr), (xte, yte) = features["train"], features["test"]
     for call in (lambda: knn_top1(xtr, ytr, xte, yte, 3, 5), lambda: retrieval_metrics(xtr, ytr),
                  lambda: linear_probe(xtr, ytr, xte, yte, num_classes=3, epochs=1)):
@@ -388,7 +391,7 @@ def test_nan_features_are_refused_not_scored() -> None:
 
 
 def test_knn_k_0_skips_the_knn_classifier_but_not_the_probe() -> None:
-    from contrastive.cli import feature_metrics
+    from contrastive.evaluation import feature_metrics
     from contrastive.evaluation import knn_top1, linear_probe
 
     features = _features()
@@ -401,7 +404,7 @@ def test_knn_k_0_skips_the_knn_classifier_but_not_the_probe() -> None:
 
 
 def test_class_disjoint_splits_need_the_map_at_r_monitor(config) -> None:
-    from contrastive.cli import check_config
+    from contrastive.cli.checks import check_config
 
     check_config(config("train", ["experiment=siamese_cifar10_disjoint"]))  # sets eval.knn_k=0
     for overrides in (["experiment=siamese_cifar10_disjoint", "eval.knn_k=200"],
@@ -410,18 +413,21 @@ def test_class_disjoint_splits_need_the_map_at_r_monitor(config) -> None:
             check_config(config("train", overrides))
 
 
-def test_a_regulariser_weight_without_its_head_is_refused(config) -> None:
-    from contrastive.cli import check_config
+def test_a_regulariser_weight_without_its_head_is_refused(config, run_checks) -> None:
+    from contrastive.data import shapes
 
-    check_config(config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=0.5"]))
-    check_config(config("train", ["experiment=siamese_shapes"]))  # regularizer=none: weight 0
+    splits = shapes(num_train=200, num_test=8, size=32)
+    run_checks(config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=0.5"]),
+               splits, world=1)
+    run_checks(config("train", ["experiment=siamese_shapes"]), splits, world=1)  # regularizer=none: weight 0
     with pytest.raises(ConfigError, match=r"regularizer.weight=0.5 has no effect.*add regularizer=softmax_ce"):
-        check_config(config("train", ["experiment=siamese_shapes", "regularizer.weight=0.5"]))  # silently ignored
+        run_checks(config("train", ["experiment=siamese_shapes", "regularizer.weight=0.5"]), splits, world=1)
 
 
 def test_supcon_export_carries_the_probe_as_fc(config) -> None:
     """SupCon (pipeline.eval_features=backbone) probes the backbone: its export gets ``fc`` too."""
-    from contrastive.cli import build_pipeline, export_backbone
+    from contrastive.cli.run import build_pipeline
+    from contrastive.models import export_backbone
 
     classifier = torch.nn.Linear(512, 10)
     for eval_features, has_fc in (("backbone", True), ("embedding", False)):
@@ -435,7 +441,7 @@ def test_supcon_export_carries_the_probe_as_fc(config) -> None:
 
 def test_tiny_or_collapsed_test_sets_still_get_their_plots(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """2 test images: t-SNE skipped with a warning; identical features: drawn by PCA (t-SNE crashed)."""
-    from contrastive.cli import write_plots
+    from contrastive.cli.evaluate import write_plots
     from contrastive.data import ImageTensors, Splits
     from contrastive.evaluation import plot_embedding_2d
 
@@ -467,7 +473,7 @@ def test_eval_without_a_checkpoint_says_what_to_pass(monkeypatch: pytest.MonkeyP
 
 def test_eval_on_data_with_another_class_count_is_refused(config) -> None:
     """data_root at another data set was scored silently (100% on a 4-class set for a 3-class run)."""
-    from contrastive.cli import check_eval_data
+    from contrastive.cli.checks import check_eval_data
     from contrastive.data import Splits, shapes
 
     run_cfg, data = config("train"), shapes(num_train=40, num_test=20, size=8)
@@ -480,7 +486,7 @@ def test_eval_on_data_with_another_class_count_is_refused(config) -> None:
 
 def test_an_l2_probe_exports_no_fc(caplog: pytest.LogCaptureFixture) -> None:
     """Its classifier takes unit-length features: as a ResNet's fc on the raw features it predicts otherwise."""
-    from contrastive.cli import exportable_classifier
+    from contrastive.evaluation.linear import exportable_classifier
 
     fc = torch.nn.Linear(4, 3)
     assert exportable_classifier({"normalize": "standardize", "classifier": fc}) is fc
@@ -495,10 +501,11 @@ def test_a_checkpoint_path_with_a_comma_is_one_path_unless_m(monkeypatch: pytest
                                                              capsys: pytest.CaptureFixture) -> None:
     import sys
 
-    from contrastive.cli import _quote_paths, evaluate
+    from contrastive.cli import evaluate
+    from contrastive.cli.shell import quote_paths
 
-    assert _quote_paths(["checkpoint=/r/a,b/last.ckpt"], ("checkpoint",)) == ["checkpoint='/r/a,b/last.ckpt'"]
-    assert _quote_paths(["-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"], ("checkpoint",)) == [
+    assert quote_paths(["checkpoint=/r/a,b/last.ckpt"], ("checkpoint",)) == ["checkpoint='/r/a,b/last.ckpt'"]
+    assert quote_paths(["-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"], ("checkpoint",)) == [
         "-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"]  # a sweep where asked for (paths that do not exist: as typed)
     monkeypatch.setattr(sys, "argv", ["contrastive-eval", "checkpoint=/nowhere/a.ckpt,/nowhere/b.ckpt"])
     with pytest.raises(SystemExit):
@@ -526,10 +533,11 @@ def test_the_tuning_keys_the_docs_name_are_plain_overrides(config) -> None:
                                   normalize="l2", seed=0)  # every linear_probe setting, without a '+'
 
 
-def test_settings_the_network_cannot_run_are_refused_before_training(config) -> None:
+def test_settings_the_network_cannot_run_are_refused_before_training(config, run_checks) -> None:
     """A wrong model.feature_dim failed at the first step (after the untrained measurement); MoCo's
     BatchNorm groups of one image, or a last batch they cannot split, failed mid-epoch."""
-    from contrastive.cli import build_pipeline, check_against_data, warmup_warning
+    from contrastive.cli.checks import warmup_warning
+    from contrastive.cli.run import build_pipeline
     from contrastive.data import shapes
 
     with pytest.raises(ConfigError, match=r"model.feature_dim=128, but the backbone outputs 256 features per image: "
@@ -538,16 +546,16 @@ def test_settings_the_network_cannot_run_are_refused_before_training(config) -> 
     build_pipeline(config("train", ["model.backbone.width=64", "model.feature_dim=256"]))
     splits = shapes(num_train=70, num_test=8, size=32)
     moco = ["experiment=moco_shapes", "data.batch_size=16", "pipeline.bn_splits=4"]
-    check_against_data(config("train", moco), splits, world=1)  # drop_last: 70 = 4 x 16 + 6 dropped
+    run_checks(config("train", moco), splits, world=1)  # drop_last: 70 = 4 x 16 + 6 dropped
     with pytest.raises(ConfigError, match=r"last batch of 6 image\(s\), which the network cannot split into "
                                           r"pipeline.bn_splits=4 BatchNorm groups"):
-        check_against_data(config("train", [*moco, "sampler.drop_last=false"]), splits, world=1)
+        run_checks(config("train", [*moco, "sampler.drop_last=false"]), splits, world=1)
     with pytest.raises(ConfigError, match="leaves one image per BatchNorm group"):
-        check_against_data(config("train", ["experiment=moco_shapes", "data.batch_size=4", "pipeline.bn_splits=4"]),
+        run_checks(config("train", ["experiment=moco_shapes", "data.batch_size=4", "pipeline.bn_splits=4"]),
                            splits, world=1)
     with pytest.raises(ConfigError, match=r"last batch of 1 image\(s\), which the network cannot normalise"):
-        check_against_data(config("train", ["sampler.drop_last=false", "data.batch_size=23"]), splits, world=1)
-    check_against_data(config("train", ["sampler.drop_last=false", "data.batch_size=34"]), splits, world=1)  # 2 left
+        run_checks(config("train", ["sampler.drop_last=false", "data.batch_size=23"]), splits, world=1)
+    run_checks(config("train", ["sampler.drop_last=false", "data.batch_size=34"]), splits, world=1)  # 2 left
 
     quick = ["experiment=simclr_cifar10", "data.subset=5000", "trainer.max_epochs=5"]
     assert "scheduler.warmup_epochs=10 >= trainer.max_epochs=5: the whole run is warm-up" in warmup_warning(
@@ -565,7 +573,7 @@ def test_settings_the_network_cannot_run_are_refused_before_training(config) -> 
 
 def test_apple_mps_is_not_picked_by_auto_and_refused_by_name(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """MPS has no float64 (the fixed temperature buffer, kNN votes): Lightning's auto picked it on a Mac."""
-    from contrastive.cli import resolve_accelerator
+    from contrastive.cli.run import resolve_accelerator
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
@@ -662,18 +670,18 @@ def test_config_literals_are_the_python_defaults() -> None:
 
 def test_m_splits_commas_into_the_existing_paths_they_join_into(tmp_path: Path) -> None:
     """Under -m, 'A,B' names the files that exist: a run folder's own commas stay inside its path."""
-    from contrastive.cli import _quote_paths
+    from contrastive.cli.shell import quote_paths
 
     a = tmp_path / "x=1,y=2" / "checkpoints" / "last.ckpt"
     b = tmp_path / "x=1" / "checkpoints" / "epoch=0003.ckpt"  # a prefix of a's folder name, also a folder
     for p in (a, b):
         p.parent.mkdir(parents=True)
         p.write_bytes(b"")
-    assert _quote_paths(["-m", f"checkpoint={a},{b}", "data_root=/d"], ("checkpoint",)) == [
+    assert quote_paths(["-m", f"checkpoint={a},{b}", "data_root=/d"], ("checkpoint",)) == [
         "-m", f"checkpoint='{a}','{b}'", "data_root=/d"]
-    assert _quote_paths(["-m", f"checkpoint={b}"], ("checkpoint",)) == ["-m", f"checkpoint='{b}'"]
+    assert quote_paths(["-m", f"checkpoint={b}"], ("checkpoint",)) == ["-m", f"checkpoint='{b}'"]
     # a piece that belongs to no existing path: the value goes to Hydra as before (and fails as 'not found')
-    assert _quote_paths(["-m", f"checkpoint={a},/nowhere.ckpt"], ("checkpoint",)) == [
+    assert quote_paths(["-m", f"checkpoint={a},/nowhere.ckpt"], ("checkpoint",)) == [
         "-m", f"checkpoint='{a},/nowhere.ckpt'"]
 
 

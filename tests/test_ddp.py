@@ -387,19 +387,20 @@ def test_every_softmax_loss_config_gathers_across_processes(config) -> None:  # 
         assert instantiate(config("train", [f"loss={loss}"]).loss).gather is True, loss
 
 
-def test_moco_with_sync_batchnorm_and_uneven_ddp_batches_are_refused(config) -> None:  # type: ignore[no-untyped-def]
-    from contrastive.cli import ConfigError, check_against_data, check_config
+def test_moco_with_sync_batchnorm_and_uneven_ddp_batches_are_refused(config, run_checks) -> None:  # type: ignore[no-untyped-def]
+    from contrastive.cli import ConfigError
+    from contrastive.cli.checks import check_config
 
     check_config(config("train", ["experiment=moco_shapes", "trainer=ddp"]))  # the experiment keeps split BN
     for overrides in (["experiment=moco_shapes", "trainer=ddp", "trainer.sync_batchnorm=true"],
                       ["pipeline=moco", "loss=info_nce", "trainer=ddp"]):
         with pytest.raises(ConfigError, match="trainer.sync_batchnorm=true would replace MoCo's shuffle-BN"):
-            check_config(config("train", overrides))
+            run_checks(config("train", overrides), shapes(num_train=200, num_test=8, size=32), world=1)
     cfg = config("train", ["sampler.drop_last=false", "data.batch_size=8", "data.image_size=8"])
     splits = shapes(num_train=40, num_test=8, size=8)
-    check_against_data(cfg, splits, world=1)  # one process: a smaller last batch is fine
+    run_checks(cfg, splits, world=1)  # one process: a smaller last batch is fine
     with pytest.raises(ConfigError, match="sampler.drop_last=false under 2 processes"):
-        check_against_data(cfg, splits, world=2)
+        run_checks(cfg, splits, world=2)
 
 
 # --------------------------------------------------------------------------- MoCo's shuffle-BN across ranks

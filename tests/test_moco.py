@@ -423,7 +423,7 @@ def test_experiment_moco_cifar10_holds_the_recipe(config) -> None:
 
 
 def test_experiment_moco_cifar10_builds_the_demo_model(config) -> None:
-    from contrastive.cli import build_pipeline
+    from contrastive.cli.run import build_pipeline
 
     moco = build_pipeline(config("train", ["experiment=moco_cifar10"]))
     assert isinstance(moco, MoCo)
@@ -483,7 +483,7 @@ def test_moco_shapes_demo_learns(cli, tmp_path: Path) -> None:
 def test_a_loss_that_does_not_take_the_queue_is_refused(config) -> None:
     from hydra.errors import InstantiationException
 
-    from contrastive.cli import build_pipeline
+    from contrastive.cli.run import build_pipeline
 
     with pytest.raises(InstantiationException, match="loss NTXent does not fit the MoCo pipeline.*loss=info_nce"):
         build_pipeline(config("train", ["experiment=moco_shapes", "loss=nt_xent"]))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from contrastive.cli import build_pipeline
+from contrastive.cli.run import build_pipeline
 from contrastive.optim import LARS
 
 

@@ -208,13 +208,13 @@ def test_sigterm_exits_143_with_what_to_do(capsys: pytest.CaptureFixture) -> Non
     """Lightning's SIGTERMException is a SystemExit without a code: a killed run exited 0, as if it had finished."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from contrastive.cli import _run_guarded
+    from contrastive.cli.shell import run_guarded
 
     def terminated(cfg: object) -> None:
         raise SIGTERMException()
 
     with pytest.raises(SystemExit) as exit_info:
-        _run_guarded(terminated)(None)  # type: ignore[arg-type]
+        run_guarded(terminated)(None)  # type: ignore[arg-type]
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err == ("error: stopped by SIGTERM; checkpoints/last.ckpt keeps the last whole epoch: "
                                        "run the same command to continue\n")
@@ -229,7 +229,8 @@ def test_sigterm_exits_143_with_what_to_do(capsys: pytest.CaptureFixture) -> Non
     ("trainer.max_time=00:00:05", "trainer.max_time='00:00:05' is invalid: it must be DD:HH:MM:SS"),
 ])
 def test_values_that_crashed_with_a_traceback_are_refused_by_name(config, override: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    from contrastive.cli import ConfigError, check_config
+    from contrastive.cli import ConfigError
+    from contrastive.cli.checks import check_config
 
     check_config(config("train", ["trainer.max_time=00:04:00:00"]))  # the documented form passes
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
@@ -242,15 +243,16 @@ def test_values_that_crashed_with_a_traceback_are_refused_by_name(config, overri
 ])
 def test_trainer_values_it_refuses_are_one_config_error(config, tmp_path: Path, override: str, hint: str) -> None:  # type: ignore[no-untyped-def]
     """They were a ValueError traceback (only TypeError and MisconfigurationException were caught)."""
-    from contrastive.cli import ConfigError, _make_trainer
+    from contrastive.cli import ConfigError
+    from contrastive.cli.run import make_trainer
 
     with pytest.raises(ConfigError, match=hint):
-        _make_trainer(config("train", [override]), tmp_path)
+        make_trainer(config("train", [override]), tmp_path)
 
 
 def test_resume_path_starts_the_run_and_its_own_last_checkpoint_continues_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Re-running a resume=PATH command after an interruption began again at PATH, redoing the epochs since."""
-    import contrastive.cli as cli_module
+    import contrastive.cli.run as cli_module
 
     monkeypatch.setattr(cli_module, "load_checkpoint", lambda path, **kwargs: {"path": str(path)})
     run, other = tmp_path / "run", tmp_path / "other" / "checkpoints" / "epoch=0003.ckpt"
@@ -271,17 +273,17 @@ def test_an_unforeseen_error_in_a_sweep_job_is_recorded_and_the_sweep_goes_on(tm
 
     from hydra.types import RunMode
 
-    import contrastive.cli as cli_module
+    import contrastive.cli.shell as cli_module
 
     def broken(cfg: object) -> None:
         raise ZeroDivisionError("division by zero")
 
     with pytest.raises(ZeroDivisionError):  # one run: the traceback, as for any bug
-        cli_module._run_guarded(broken)(None)
+        cli_module.run_guarded(broken)(None)
     job = SimpleNamespace(mode=RunMode.MULTIRUN, runtime=SimpleNamespace(output_dir=str(tmp_path)))
     monkeypatch.setattr(cli_module.HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(cli_module.HydraConfig, "get", staticmethod(lambda: job))
-    assert cli_module._run_guarded(broken)(None) is None  # the sweep goes on to its next job
+    assert cli_module.run_guarded(broken)(None) is None  # the sweep goes on to its next job
     assert (tmp_path / "error.txt").read_text() == (
         "ZeroDivisionError: division by zero (traceback in the job's cli.log)\n")
 
@@ -296,7 +298,7 @@ def test_ctrl_c_in_fit_exits_130_with_what_to_do_and_sigterm_stays_sigterm(stop:
     from torch import nn
 
     from contrastive.augment import Augment
-    from contrastive.cli import _run_guarded, fit_interruptible
+    from contrastive.cli.shell import fit_interruptible, run_guarded
     from contrastive.data import TensorDataModule, shapes
     from contrastive.losses import NTXent
     from contrastive.pipelines import SimCLR
@@ -314,7 +316,7 @@ def test_ctrl_c_in_fit_exits_130_with_what_to_do_and_sigterm_stays_sigterm(stop:
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT during its shutdown
     try:
         with pytest.raises(SystemExit) as exit_info:
-            _run_guarded(lambda cfg: fit_interruptible(trainer, pipeline, datamodule=data))(None)  # type: ignore[arg-type]
+            run_guarded(lambda cfg: fit_interruptible(trainer, pipeline, datamodule=data))(None)  # type: ignore[arg-type]
     finally:
         signal.signal(signal.SIGINT, handler)
     signum = signal.SIGINT if stop == "sigint" else signal.SIGTERM
@@ -328,13 +330,13 @@ def test_a_read_only_place_is_one_line_naming_it(capsys: pytest.CaptureFixture) 
     """Run from a read-only folder, contrastive-train ended in three chained tracebacks (Hydra's mkdir)."""
     import errno
 
-    from contrastive.cli import _run_hydra
+    from contrastive.cli.shell import run_hydra
 
     def main() -> None:
         raise OSError(errno.EROFS, "Read-only file system", "outputs")
 
     with pytest.raises(SystemExit) as exit_info:
-        _run_hydra(main, "train")
+        run_hydra(main, "train")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         "error: cannot write outputs: Read-only file system. contrastive-train writes its run folder under the "
@@ -345,4 +347,4 @@ def test_a_read_only_place_is_one_line_naming_it(capsys: pytest.CaptureFixture) 
         raise OSError(errno.EIO, "Input/output error", "x")
 
     with pytest.raises(OSError, match="Input/output error"):
-        _run_hydra(other, "train")
+        run_hydra(other, "train")

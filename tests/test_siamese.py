@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
-from contrastive.cli import build_pipeline
+from contrastive.cli.run import build_pipeline
 from contrastive.losses import ContrastiveMargin, SoftmaxCERegularizer, SupCon, TripletMargin, sup_con, triplet_margin
 
 # siamese_cifar10's recipe on the built-in shapes data and the small CNN, shrunk to run in ~30 s
@@ -267,7 +267,7 @@ def test_batch_size_that_is_not_p_times_k_is_one_clear_line(cli, tmp_path: Path)
 def test_retrieval_ranks_in_the_geometry_the_loss_trained(config) -> None:
     """A margin loss on raw embeddings (loss.normalize=false) is evaluated by Euclidean distance:
     by cosine, classes told apart by their norm looked unlearned."""
-    from contrastive.cli import feature_metrics
+    from contrastive.evaluation import feature_metrics
     from contrastive.evaluation import retrieval_metrics
 
     def metric(*overrides: str) -> str:

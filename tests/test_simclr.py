@@ -11,7 +11,7 @@ import torch
 from hydra.errors import InstantiationException
 from torch import Tensor
 
-from contrastive.cli import build_pipeline
+from contrastive.cli.run import build_pipeline
 from contrastive.pipelines.simclr import instance_labels
 
 

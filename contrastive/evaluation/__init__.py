@@ -7,6 +7,7 @@ matplotlib, scikit-learn and numpy are imported inside the functions that need t
 from contrastive.evaluation._common import check_finite
 from contrastive.evaluation.knn import knn_predict, knn_top1
 from contrastive.evaluation.linear import linear_probe, predict_linear
+from contrastive.evaluation.metrics import feature_metrics
 from contrastive.evaluation.neighbors import topk_neighbors
 from contrastive.evaluation.plots import (
     confusion_matrix,
@@ -21,6 +22,7 @@ from contrastive.evaluation.retrieval import retrieval_metrics
 __all__ = [
     "check_finite",
     "confusion_matrix",
+    "feature_metrics",
     "knn_predict",
     "knn_top1",
     "linear_probe",

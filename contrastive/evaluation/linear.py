@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -13,6 +14,8 @@ from contrastive.evaluation._common import accuracy, check_finite, check_labels
 
 Normalize = Literal["standardize", "l2", "none"]
 ProbeOptimizer = Literal["sgd", "adamw"]
+
+log = logging.getLogger("contrastive")
 
 
 def predict_linear(classifier: nn.Linear, features: Tensor, chunk_size: int = 8192) -> Tensor:
@@ -153,3 +156,17 @@ def linear_probe(
         "normalize": normalize,
         "classifier": classifier,
     }
+
+
+def exportable_classifier(probe_out: dict[str, Any]) -> nn.Linear | None:
+    """The probe's classifier where it takes the raw features, as a ResNet's ``fc`` does; else None, logged.
+
+    With ``probe.normalize=l2`` it takes unit-length features, and its bias makes the argmax depend on
+    the features' length, so no ``fc`` on the raw features predicts as it does.
+    """
+    if probe_out.get("normalize") == "l2":
+        log.warning("backbone_torchvision.pt holds no fc: the probe was trained on L2-normalised features "
+                    "(probe.normalize=l2), which an fc on the raw features cannot reproduce; "
+                    "probe.normalize=standardize (the default) exports it")
+        return None
+    return probe_out.get("classifier")

@@ -1,6 +1,7 @@
 """Contrastive and metric losses: pure functions plus thin nn.Module wrappers (torch only)."""
 
 from contrastive.losses._common import Temperature, l2_normalize
+from contrastive.losses.forms import LOSS_FORMS, LossForm, input_forms
 from contrastive.losses.logsumexp import row_logsumexp
 from contrastive.losses.metric import contrastive_margin, pairwise_distance, triplet_margin
 from contrastive.losses.modules import ContrastiveMargin, InfoNCE, NTXent, SupCon, TripletMargin
@@ -10,6 +11,8 @@ from contrastive.losses.softmax import info_nce, nt_xent, sup_con
 __all__ = [
     "ContrastiveMargin",
     "InfoNCE",
+    "LOSS_FORMS",
+    "LossForm",
     "NTXent",
     "RegularizedMetricLoss",
     "SoftmaxCERegularizer",
@@ -18,6 +21,7 @@ __all__ = [
     "TripletMargin",
     "contrastive_margin",
     "info_nce",
+    "input_forms",
     "l2_normalize",
     "nt_xent",
     "pairwise_distance",

@@ -6,9 +6,12 @@ are validated here (a clear ValueError) rather than at the first batch.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor, nn
 
 from contrastive.losses._common import Temperature, check_chunk_size
+from contrastive.losses.forms import LossForm
 from contrastive.losses.metric import check_pair_margins, check_triplet_args, contrastive_margin, triplet_margin
 from contrastive.losses.softmax import info_nce, nt_xent, sup_con
 
@@ -30,6 +33,8 @@ class _SoftmaxLoss(nn.Module):
 class NTXent(_SoftmaxLoss):
     """SimCLR's NT-Xent; see :func:`nt_xent`. ``forward(z1, z2)``, both (N, D)."""
 
+    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"two_views"})
+
     def __init__(
         self, temperature: float = 0.5, learnable: bool = False, chunk_size: int | None = None, gather: bool = False
     ) -> None:
@@ -45,6 +50,8 @@ class InfoNCE(_SoftmaxLoss):
     ``symmetric=True`` (in-batch form only, as CLIP): the mean of
     ``info_nce(query, key)`` and ``info_nce(key, query)``.
     """
+
+    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"two_views", "query_key_negatives"})
 
     def __init__(
         self,
@@ -71,6 +78,8 @@ class InfoNCE(_SoftmaxLoss):
 class SupCon(_SoftmaxLoss):
     """Supervised / multi-view contrastive loss; see :func:`sup_con`. ``forward(z, labels)``."""
 
+    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"multi_view", "embeddings_labels"})
+
     def __init__(
         self, temperature: float = 0.1, learnable: bool = False, chunk_size: int | None = None, gather: bool = False
     ) -> None:
@@ -82,6 +91,8 @@ class SupCon(_SoftmaxLoss):
 
 class TripletMargin(nn.Module):
     """Triplet margin loss with mining; see :func:`triplet_margin`. ``forward(embeddings, labels)``."""
+
+    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"embeddings_labels"})
 
     def __init__(
         self,
@@ -112,6 +123,8 @@ class TripletMargin(nn.Module):
 
 class ContrastiveMargin(nn.Module):
     """Hadsell et al. 2006 pair loss; see :func:`contrastive_margin`. ``forward(embeddings, labels)``."""
+
+    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"embeddings_labels"})
 
     def __init__(
         self,

@@ -1,10 +1,10 @@
 """Training pipelines: thin LightningModules built from finished parts."""
 
-from contrastive.pipelines.base import NonFiniteLossError, Pipeline
+from contrastive.pipelines.base import NonFiniteLossError, Pipeline, RunFacts
 from contrastive.pipelines.moco import MoCo
 from contrastive.pipelines.simclr import SimCLR
 from contrastive.pipelines.siamese import Siamese
 # the configs' former scheduler _target_, which checkpoints written before contrastive.schedules store
 from contrastive.schedules import warmup_cosine
 
-__all__ = ["MoCo", "NonFiniteLossError", "Pipeline", "SimCLR", "Siamese", "warmup_cosine"]
+__all__ = ["MoCo", "NonFiniteLossError", "Pipeline", "RunFacts", "SimCLR", "Siamese", "warmup_cosine"]

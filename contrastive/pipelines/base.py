@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import pytorch_lightning as pl
@@ -20,8 +21,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
 from contrastive.distributed import all_gather, all_true, rank, world_size
-from contrastive.evaluation import check_finite, knn_top1, retrieval_metrics
+from contrastive.evaluation import check_finite, feature_metrics
 from contrastive.evaluation.neighbors import Metric
+from contrastive.losses import LossForm, input_forms
 from contrastive.views import MultiCrop, draw_views
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -42,13 +44,24 @@ def channels_last(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-def check_loss_fits(pipeline: str, loss: nn.Module, misfits: tuple[type, ...], use: str) -> None:
-    """Refuse a library loss whose call signature the pipeline does not use (one clear line).
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run's rules are checked against before any work (:meth:`Pipeline.check_run`).
 
-    Custom losses pass: only the library's own losses that are known not to fit are refused.
+    Args:
+        batch_size: images each process takes per step (``data.batch_size``).
+        world_size: training processes (the Trainer's: ``devices=auto``, torchrun and SLURM resolved).
+        num_train: images of the training split.
+        last_batch: images of the epoch's last, smaller global step; 0 when every step is full
+            (``sampler.drop_last=true``, or a batch that divides the data set).
+        sync_batchnorm: BatchNorm statistics over all processes (``trainer.sync_batchnorm``).
     """
-    if isinstance(loss, misfits):
-        raise ValueError(f"loss {type(loss).__name__} does not fit the {pipeline} pipeline: {use}")
+
+    batch_size: int
+    world_size: int = 1
+    num_train: int = 0
+    last_batch: int = 0
+    sync_batchnorm: bool = False
 
 
 def total_steps(trainer: pl.Trainer) -> int:
@@ -92,6 +105,10 @@ class Pipeline(pl.LightningModule):
     retrieval_metric: Metric = "cosine"
     #: Whether ``training_step`` draws :meth:`crops` from a ``MultiCrop`` (DINO, SwAV); the others refuse one.
     multi_crop: ClassVar[bool] = False
+    #: The loss calls this pipeline makes (``contrastive.losses.forms``); a loss declaring none of them is refused.
+    loss_forms: ClassVar[tuple[LossForm, ...]] = ()
+    #: The end of the refusal's one line: how this pipeline calls its loss and which losses fit.
+    loss_hint: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -135,6 +152,40 @@ class Pipeline(pl.LightningModule):
         self.skipped_steps = 0
         self._step_has_loss = False  # a batch since the last optimiser step returned a real loss
         self._pending_check: tuple[Tensor, Any, dict[str, Tensor], int] | None = None  # see finish_step
+
+    # ------------------------------------------------------------------ the pipeline's rules
+    @classmethod
+    def loss_form(cls, loss: nn.Module) -> LossForm | None:
+        """The first of :attr:`loss_forms` that ``loss`` declares (None: it declares none, taken on trust).
+
+        Raises:
+            ValueError: ``loss`` declares forms, none of which this pipeline makes (one line, with :attr:`loss_hint`).
+        """
+        forms = input_forms(loss)
+        if forms is None:
+            return None
+        fitting = [form for form in cls.loss_forms if form in forms]
+        if not fitting:
+            raise ValueError(f"loss {type(loss).__name__} does not fit the {cls.__name__} pipeline: {cls.loss_hint}")
+        return fitting[0]
+
+    def check_run(self, facts: RunFacts) -> None:
+        """Refuse, before any work, a run this pipeline cannot train: one ValueError naming the setting and the fix.
+
+        The base rule: a last batch of one image cannot be normalised by BatchNorm. Subclasses add
+        theirs (MoCo: queue and BatchNorm groups) and call this.
+        """
+        self._check_last_batch(facts, groups=1)
+
+    @staticmethod
+    def _check_last_batch(facts: RunFacts, groups: int) -> None:
+        """The last, smaller batch splits into ``groups`` BatchNorm groups of at least 2 images."""
+        last = facts.last_batch
+        if last and (last % groups or last // groups < 2):
+            what = (f"split into pipeline.bn_splits={groups} BatchNorm groups of 2 or more" if groups > 1
+                    else "normalise with BatchNorm (one image)")
+            raise ValueError(f"sampler.drop_last=false leaves a last batch of {last} image(s), which the network "
+                             f"cannot {what}: use sampler.drop_last=true (the default) or another data.batch_size")
 
     # ------------------------------------------------------------------ encoding
     def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
@@ -318,13 +369,12 @@ class Pipeline(pl.LightningModule):
         # same figure as one process would. Synced by max, which returns it exactly (a mean of W
         # equal floats can round); without a sync Lightning warns on every validation under DDP.
         log = dict(prog_bar=True, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
-        if self.knn_k > 0:
-            top1 = knn_top1(bank, bank_labels, test, test_labels, self.num_classes, self.knn_k, self.knn_temperature)
-            self.log("val/knn_top1", top1, **log)
-        else:  # test classes differ from the train classes: retrieval among the test images
-            map_at_r = retrieval_metrics(test, test_labels, metric=self.retrieval_metric)["map_at_r"]
-            self.log("val/map_at_r", map_at_r, **log)
         self.last_features = {"train": (bank, bank_labels), "test": (test, test_labels)}
+        # knn_k=0: the test classes differ from the train classes, so retrieval among the test images instead
+        figures = feature_metrics(self.last_features, self.num_classes, self.knn_k > 0, self.knn_k,
+                                  self.knn_temperature, metric=self.retrieval_metric, retrieval=self.knn_k == 0)
+        name = "knn_top1" if self.knn_k > 0 else "map_at_r"
+        self.log(f"val/{name}", figures[name], **log)
         self._val_outputs = {}
 
     # ------------------------------------------------------------------ optimisation

@@ -21,16 +21,16 @@ W*B keys, still in ``bn_splits`` groups per rank (W * bn_splits groups in all).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastive.distributed import all_gather, rank, world_size
-from contrastive.losses import ContrastiveMargin, NTXent, SupCon, TripletMargin, l2_normalize
+from contrastive.losses import LossForm, l2_normalize
 from contrastive.models import ema_update, momentum_copy
-from contrastive.pipelines.base import Pipeline, check_loss_fits, total_steps
+from contrastive.pipelines.base import Pipeline, RunFacts, total_steps
 from contrastive.queue import KeyQueue
 from contrastive.schedules import momentum_at
 
@@ -134,13 +134,15 @@ class MoCo(Pipeline):
         **base: the :class:`Pipeline` arguments (augment, optimizer, ...).
     """
 
+    loss_forms: ClassVar[tuple[LossForm, ...]] = ("query_key_negatives",)
+    loss_hint: ClassVar[str] = "it calls loss(query, key, queue); use loss=info_nce"
+
     def __init__(self, backbone: nn.Module, projector: nn.Module, loss: nn.Module,
                  queue_size: int = 4096, momentum: float = 0.99, momentum_cosine: bool = False,
                  symmetric: bool = False, bn_splits: int = 8, **base: Any) -> None:
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"pipeline.momentum={momentum} must be in [0, 1]")
-        check_loss_fits("MoCo", loss, (NTXent, SupCon, TripletMargin, ContrastiveMargin),
-                        "it calls loss(query, key, queue); use loss=info_nce")
+        self.loss_form(loss)
         if getattr(loss, "symmetric", False):
             raise ValueError("loss.symmetric=true is InfoNCE's in-batch (CLIP) form; use pipeline.symmetric for MoCo")
         super().__init__(backbone=convert_to_split_bn(backbone, bn_splits), **base)
@@ -159,6 +161,27 @@ class MoCo(Pipeline):
         if not linears:
             raise ValueError("the projector needs a final nn.Linear to infer the key dimension")
         return linears[-1].out_features
+
+    def check_run(self, facts: RunFacts) -> None:
+        """MoCo's rules: a queue of at least one step's keys; no global BatchNorm statistics (the positive key
+        would leak through them); BatchNorm groups of 2 or more images, the last batch's included."""
+        keys = facts.batch_size * facts.world_size * (2 if self.symmetric else 1)
+        if problem := queue_problem(self.queue.size, keys):
+            raise ValueError(problem)
+        if facts.sync_batchnorm:
+            raise ValueError(
+                "trainer.sync_batchnorm=true would replace MoCo's shuffle-BN by global BatchNorm statistics, through "
+                "which the positive key leaks (docs/distributed.md): pass trainer.sync_batchnorm=false"
+            )
+        g = self.bn_splits
+        if facts.batch_size % g:
+            raise ValueError(f"data.batch_size={facts.batch_size} is not a multiple of pipeline.bn_splits={g}")
+        if g > 1 and facts.batch_size // g < 2:
+            raise ValueError(
+                f"data.batch_size={facts.batch_size} leaves one image per BatchNorm group (pipeline.bn_splits="
+                f"{g}), whose statistics are undefined: raise data.batch_size or lower pipeline.bn_splits"
+            )
+        self._check_last_batch(facts, groups=g)
 
     def on_fit_start(self) -> None:
         # Lightning's sync_batchnorm=True (applied before this hook) swaps SplitBatchNorm for global statistics,

@@ -4,14 +4,14 @@ classifier on the embedding."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from contrastive.evaluation.neighbors import Metric
-from contrastive.losses import InfoNCE, NTXent, RegularizedMetricLoss, SoftmaxCERegularizer
-from contrastive.pipelines.base import Pipeline, check_loss_fits
+from contrastive.losses import LossForm, RegularizedMetricLoss, SoftmaxCERegularizer
+from contrastive.pipelines.base import Pipeline, RunFacts
 
 
 class Siamese(Pipeline):
@@ -45,6 +45,10 @@ class Siamese(Pipeline):
         **base: the :class:`Pipeline` arguments (backbone, augment, optimizer, ...).
     """
 
+    loss_forms: ClassVar[tuple[LossForm, ...]] = ("embeddings_labels",)
+    loss_hint: ClassVar[str] = ("it calls loss(embeddings, labels); use loss=triplet, loss=contrastive_margin or "
+                                "loss=sup_con (NT-Xent and InfoNCE on two views run in pipeline=simclr)")
+
     def __init__(
         self,
         projector: nn.Module,
@@ -59,14 +63,21 @@ class Siamese(Pipeline):
             raise ValueError(f"num_views must be a positive integer, got {num_views!r}.")
         if eval_features not in ("embedding", "backbone"):
             raise ValueError(f"eval_features must be 'embedding' or 'backbone', got {eval_features!r}.")
-        check_loss_fits("Siamese", loss, (NTXent, InfoNCE),
-                        "it calls loss(embeddings, labels); use loss=triplet, loss=contrastive_margin or "
-                        "loss=sup_con (NT-Xent and InfoNCE on two views run in pipeline=simclr)")
+        self.loss_form(loss)
         super().__init__(**base)
         self.projector = projector
         self.loss = RegularizedMetricLoss(loss, regularizer, regularizer_weight)
         self.num_views = num_views
         self.eval_features = eval_features
+
+    def check_run(self, facts: RunFacts) -> None:
+        """A regulariser weight without a regulariser would be silently ignored."""
+        super().check_run(facts)
+        if self.loss.regularizer is None and self.loss.weight:
+            raise ValueError(
+                f"regularizer.weight={self.loss.weight} has no effect without a classifier head (regularizer=none): "
+                "add regularizer=softmax_ce (or cosine_softmax_ce) to train with the softmax-CE regulariser"
+            )
 
     @property
     def retrieval_metric(self) -> Metric:  # type: ignore[override]

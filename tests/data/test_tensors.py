@@ -41,12 +41,12 @@ def test_select_classes_relabels() -> None:
 def test_the_cli_logs_data_warnings_as_one_line(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import warnings
 
-    from contrastive.cli import _log_data_warnings
+    from contrastive.cli.shell import log_data_warnings
     from contrastive.data import DataWarning
 
     shown = []
     monkeypatch.setattr(warnings, "showwarning", lambda message, category, *a, **k: shown.append(category))
-    _log_data_warnings()
+    log_data_warnings()
     with caplog.at_level("WARNING", logger="contrastive"):
         warnings.showwarning(DataWarning("test/ holds 2 class folder(s) that train/ lacks"), DataWarning, "f.py", 1)
         warnings.showwarning(RuntimeWarning("something else"), RuntimeWarning, "f.py", 1)

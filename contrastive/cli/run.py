@@ -1,0 +1,225 @@
+"""Run mechanics: the objects a config describes, the Trainer, resume and checkpoints, the sweep summary."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from contrastive.cli.checks import check_feature_dim
+from contrastive.cli.shell import ConfigError
+from contrastive.data import Splits
+from contrastive.evaluation import check_finite, feature_metrics
+from contrastive.evaluation.report import JOB_ERROR_FILE
+from contrastive.io import (
+    AtomicCheckpointIO, CheckpointError, EpochCheckpoint, LastCheckpoint, ResumableCSVLogger, SaveRunConfig,
+    load_checkpoint, state_dict_mismatch,
+)
+from contrastive.pipelines import Pipeline
+
+log = logging.getLogger("contrastive")
+
+
+def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
+    """The data set of ``data_cfg``, capped by ``subset`` / ``test_subset``."""
+    splits: Splits = instantiate(data_cfg.source)
+    train, test = splits.train, splits.test
+    if data_cfg.train_classes is not None:
+        train = train.select_classes(list(data_cfg.train_classes))
+    if data_cfg.test_classes is not None:
+        test = test.select_classes(list(data_cfg.test_classes))
+    return Splits(train.subset(data_cfg.subset, seed), test.subset(data_cfg.test_subset, seed))
+
+def build_pipeline(cfg: DictConfig) -> Pipeline:
+    """Instantiate every part of the run and pass the finished objects to the pipeline."""
+    model = cfg.model
+    backbone = instantiate(model.backbone)
+    check_feature_dim(backbone, model.feature_dim, cfg.data.image_size, model.backbone.get("in_channels", 3))
+    if cfg.get("compile"):
+        backbone.compile()  # in place: the state_dict keeps its keys (no "_orig_mod." prefix)
+    parts: dict[str, Any] = {
+        "backbone": backbone,
+        "projector": instantiate(model.projector),
+        "loss": instantiate(cfg.loss),
+        "augment": instantiate(cfg.aug),
+        "optimizer": instantiate(cfg.optimizer),
+        "scheduler": instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    }
+    return instantiate(cfg.pipeline, **parts)
+
+def resolve_accelerator(accelerator: str) -> str:
+    """``auto`` never picks Apple's MPS, and ``mps`` is refused: MPS has no float64, which the losses'
+    fixed temperature and the evaluation (kNN votes, retrieval sums) use. CUDA, else the CPU."""
+    apple = not torch.cuda.is_available() and torch.backends.mps.is_available()
+    if accelerator == "mps" or (accelerator == "gpu" and apple):  # Lightning's "gpu" is MPS on a Mac
+        raise ConfigError(f"trainer.accelerator={accelerator}: Apple's GPU backend has no float64, which the losses "
+                          "and the evaluation use: use trainer.accelerator=cpu (or a CUDA GPU)")
+    if accelerator == "auto" and apple:
+        log.info("Apple's MPS backend is visible but not used (it has no float64): training on the CPU")
+        return "cpu"
+    return accelerator
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """``auto``: bf16 autocast when training on a GPU, fp32 otherwise."""
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if gpu else "32-true"
+
+def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> pl.Trainer:
+    """The run's Lightning Trainer: last/periodic checkpoints, CSV and TensorBoard logs, atomic writes.
+
+    ``resume_step``: the step of the checkpoint the run resumes from; ``metrics.csv`` keeps the rows
+    logged before it.
+    """
+    config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks: list[Callback] = [
+        SaveRunConfig(config),  # type: ignore[arg-type]
+        LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
+        EpochCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="epoch={epoch:04d}", auto_insert_metric_name=False,
+            # save_on_train_epoch_end: at every epoch's end, not only after the (sparser) validations
+            save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_args, dict)
+    trainer_args["accelerator"] = resolve_accelerator(trainer_args["accelerator"])
+    trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
+    try:
+        return pl.Trainer(
+            **trainer_args,
+            default_root_dir=run_dir,
+            callbacks=callbacks,
+            logger=[
+                ResumableCSVLogger(run_dir, name="logs", version="", resume_step=resume_step),
+                TensorBoardLogger(run_dir, name="tb", version=""),  # a new event file per call; TensorBoard joins them
+            ],
+            plugins=[AtomicCheckpointIO()],
+            check_val_every_n_epoch=cfg.eval.every_n_epochs,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+        )
+    except TypeError as e:  # +trainer.max_epoch=1: a key the Trainer does not take
+        raise ConfigError(f"{e}: trainer.* keys are the arguments of pytorch_lightning.Trainer") from None
+    except (MisconfigurationException, ValueError) as e:  # a value it refuses, e.g. precision=abc or a GPU where
+        where = " ".join(str(e).lower().split())  # there is none (the accelerator's errors get the hint)
+        hint = ("use trainer.accelerator=auto, or trainer=cpu" if re.search(r"accelerator|device|gpu|cuda|mps|tpu", where)
+                else "trainer.* values are the arguments of pytorch_lightning.Trainer")
+        raise ConfigError(
+            f"{e} (trainer.accelerator={trainer_args['accelerator']}, trainer.devices={trainer_args['devices']}): {hint}"
+        ) from None
+
+def resume_checkpoint(resume: Any, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint a run continues from, as (path, memory-mapped contents), or None.
+
+    ``auto``: the run directory's ``last.ckpt`` if there is one; ``never``/null: none; else a
+    path, which starts the run: once the run has its own ``last.ckpt`` it continues from that
+    (a path inside the run directory, e.g. an earlier ``epoch=*.ckpt``, still rolls it back).
+    Read now, so that a missing, truncated or foreign file is a clear error before any work.
+    """
+    if resume in (None, "never", False):
+        return None
+    own = run_dir / "checkpoints" / "last.ckpt"
+    path = own if resume == "auto" else Path(str(resume)).expanduser()
+    if resume == "auto" and not path.is_file():
+        return None
+    if resume != "auto" and own.is_file() and not path.resolve().is_relative_to(run_dir.resolve()):
+        # the same command again after an interruption: continue this run, not from PATH again
+        log.info("resume=%s started this run; it continues from its own %s", path, own)
+        path = own
+    return str(path), load_checkpoint(path, key="resume", mmap=True)
+
+def set_aside_later_checkpoints(ckpt_dir: Path, epoch: int, source: str | None) -> Path | None:
+    """Move the checkpoints of a branch the run abandons into ``ckpt_dir/set_aside_<time>/``.
+
+    A run that starts over (``resume=never``: ``epoch=-1``) or rolls back to a checkpoint of epoch
+    ``epoch`` would otherwise leave the old ``epoch=NNNN.ckpt`` of later epochs under the names the
+    new run's are looked up by (Lightning names its own ``epoch=NNNN-v1.ckpt``), and ``last.ckpt``
+    for the next plain call to continue. Nothing is deleted. Returns the folder, or None if nothing moved.
+    """
+    if not ckpt_dir.is_dir():
+        return None
+    later = [p for p in ckpt_dir.glob("epoch=*.ckpt")
+             if (m := re.fullmatch(r"epoch=(\d+)(-v\d+)?\.ckpt", p.name)) and int(m[1]) > epoch]
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file() and (source is None or not last.samefile(source)):
+        later.append(last)
+    if not later:
+        return None
+    stamp = time.strftime("set_aside_%Y%m%d-%H%M%S")
+    dest = next(d for i in itertools.count() if not (d := ckpt_dir / (stamp + (f"-{i}" if i else ""))).exists())
+    dest.mkdir()
+    for p in later:
+        p.rename(dest / p.name)
+    return dest
+
+def check_resumable(ckpt_path: str, ckpt: dict[str, Any], pipeline: Pipeline) -> None:
+    """Refuse, before any work, a checkpoint whose weights do not fit ``pipeline`` (another experiment's)."""
+    mismatch = state_dict_mismatch(ckpt["state_dict"], pipeline)
+    if mismatch:
+        name = ckpt["contrastive_config"].get("name", "?")
+        raise CheckpointError(
+            f"cannot resume from {ckpt_path}: it was written by another model or pipeline (run {name!r}; {mismatch}). "
+            "Pass resume=never to start over, or resume=PATH to a checkpoint of this experiment."
+        )
+
+def final_metrics(features: dict[str, tuple[torch.Tensor, torch.Tensor]], *args: Any, **kwargs: Any) -> dict[str, float]:
+    """:func:`contrastive.evaluation.feature_metrics` of a trained network (same arguments); features
+    holding NaN/Inf are a diverged run's: one :class:`CheckpointError` saying what to evaluate instead."""
+    for split, (x, _) in features.items():
+        try:
+            check_finite(x, f"the network's features of the {split} images")
+        except ValueError as e:
+            raise CheckpointError(
+                f"{e}, so no metric would mean anything: its weights or BatchNorm statistics hold NaN/Inf "
+                "(a diverged run). Evaluate an earlier checkpoint (checkpoints/epoch=NNNN.ckpt)."
+            ) from None
+    return feature_metrics(features, *args, **kwargs)
+
+
+class SweepSummary(HydraCallback):
+    """At the end of a multirun: ``summary.{csv,md,png}`` of this sweep's jobs in the sweep folder.
+
+    The sweep folder (``multirun/<name>``) also keeps the jobs of earlier sweeps; the summary
+    holds the jobs launched by this one (their ``.hydra/`` is written at launch). If a job
+    failed with a user error, the summary still gets its row, the errors are listed, and
+    the command exits with status 2.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from contrastive.evaluation import summarize_runs
+
+        sweep = Path(config.hydra.sweep.dir)
+        runs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml")
+                      if p.stat().st_mtime >= self.started - 1)  # 1 s: file systems with coarse timestamps
+        if not runs:
+            return
+        log.info("sweep summary: %s", summarize_runs(runs, sweep))
+        failed = [(run, (run / JOB_ERROR_FILE).read_text().strip()) for run in runs if (run / JOB_ERROR_FILE).is_file()]
+        for run, message in failed:
+            log.error("job %s failed: %s", " ".join(OmegaConf.load(run / ".hydra" / "overrides.yaml")), message)
+        if failed:
+            print(f"error: {len(failed)} of {len(runs)} jobs failed (listed above, and in each job's "
+                  f"{JOB_ERROR_FILE}); the summary has their rows without metrics", file=sys.stderr)
+            sys.exit(2)
