@@ -559,9 +559,11 @@ class Augment:
         _check_kernel_size(blur_kernel)
         self.blur_kernel = int(blur_kernel)
         if self.blur_p > 0 and self.blur_kernel // 2 >= self.size:  # reflect padding needs pad < side, as torchvision
-            raise ValueError(f"blur_kernel={self.blur_kernel} is too large for size={self.size}: its half-width "
-                             f"{self.blur_kernel // 2} must be < {self.size}; pass blur_kernel <= {2 * self.size - 1} "
-                             "(SimCLR: about 10% of the image side, odd)")
+            raise ValueError(
+                f"blur_kernel={self.blur_kernel} is too large for size={self.size}: its half-width "
+                f"{self.blur_kernel // 2} must be < {self.size}; pass blur_kernel <= {2 * self.size - 1} "
+                "(SimCLR: about 10% of the image side, odd)"
+            )
         self.blur_sigma = _pair("blur_sigma", blur_sigma, 0.0)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
@@ -611,7 +613,10 @@ class Augment:
         return normalize(x, self.mean, self.std)
 
     def __call__(
-        self, images: Tensor, generator: torch.Generator | None = None, rows: Tensor | None = None,
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        rows: Tensor | None = None,
         of: int | None = None,
     ) -> Tensor:
         """Augment a batch: (B, C, H, W) uint8 on any device -> (B, C, size, size) float32 there.
@@ -624,8 +629,9 @@ class Augment:
             params = self.sample(images.shape[0], images.shape[-2], images.shape[-1], generator)
         else:
             if of is None or len(rows) != images.shape[0]:
-                raise ValueError(f"rows ({len(rows)},) needs of= (the global batch size) and one row per image "
-                                 f"({images.shape[0]})")
+                raise ValueError(
+                    f"rows ({len(rows)},) needs of= (the global batch size) and one row per image ({images.shape[0]})"
+                )
             full = self.sample(int(of), images.shape[-2], images.shape[-1], generator)
             params = AugmentParams(*(t[rows] for t in _fields(full)))
         if self.cuda_graph and images.is_cuda and not torch.cuda.is_current_stream_capturing():

@@ -107,8 +107,11 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, pickle error, not a torch file
-        what, fix = (("cannot resume from", " or resume=never to start over") if key == "resume"
-                     else ("cannot read checkpoint", ""))
+        what, fix = (
+            ("cannot resume from", " or resume=never to start over")
+            if key == "resume"
+            else ("cannot read checkpoint", "")
+        )
         raise CheckpointError(
             f"{what} {path}: it is truncated or not a PyTorch file ({type(e).__name__}: {e}). "
             f"Pass {key}=<another checkpoint of the run> (checkpoints/last.ckpt or an epoch=*.ckpt){fix}."
@@ -141,9 +144,11 @@ def state_dict_mismatch(saved: dict[str, torch.Tensor], module: torch.nn.Module)
     if unexpected := [k for k in saved if k not in expected]:
         problems.append(f"unexpected {per_module(unexpected)}")
     if reshaped := [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]:
-        problems.append("of another shape " + ", ".join(
-            f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in reshaped[:3]
-        ) + (f" and {len(reshaped) - 3} more" if len(reshaped) > 3 else ""))
+        problems.append(
+            "of another shape "
+            + ", ".join(f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in reshaped[:3])
+            + (f" and {len(reshaped) - 3} more" if len(reshaped) > 3 else "")
+        )
     return "; ".join(problems) or None
 
 
@@ -215,6 +220,7 @@ class SaveRunConfig(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint["contrastive_config"] = self.config
 
+
 def _steps_of_cut_epoch(trainer: pl.Trainer) -> int | None:
     """The steps done of the epoch now ending if training stopped inside it (``trainer.max_time``), else None.
 
@@ -223,6 +229,7 @@ def _steps_of_cut_epoch(trainer: pl.Trainer) -> int | None:
     """
     done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
     return done if done < trainer.num_training_batches else None
+
 
 class LastCheckpoint(Checkpoint):
     """Writes ``last.ckpt`` at the end of every whole training epoch.
@@ -239,12 +246,18 @@ class LastCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = _steps_of_cut_epoch(trainer)
         if done is not None:
-            log.warning("training stopped after %d of %d steps of epoch %d; %s stays at the end of the last "
-                        "whole epoch, from which the command continues (with trainer.max_time, give it time "
-                        "for more than one epoch, or leave it out)",
-                        done, trainer.num_training_batches, trainer.current_epoch, self.path.name)
+            log.warning(
+                "training stopped after %d of %d steps of epoch %d; %s stays at the end of the last "
+                "whole epoch, from which the command continues (with trainer.max_time, give it time "
+                "for more than one epoch, or leave it out)",
+                done,
+                trainer.num_training_batches,
+                trainer.current_epoch,
+                self.path.name,
+            )
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resume needs it
+
 
 class EpochCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that does not save an epoch cut short under that epoch's name."""

@@ -44,15 +44,26 @@ class LARS(Optimizer):
         exclude_1d: bool = True,
         nesterov: bool = False,
     ) -> None:
-        checks = [("lr", lr, lr > 0), ("momentum", momentum, 0 <= momentum < 1),
-                  ("weight_decay", weight_decay, weight_decay >= 0),
-                  ("trust_coefficient", trust_coefficient, trust_coefficient > 0)]
+        checks = [
+            ("lr", lr, lr > 0),
+            ("momentum", momentum, 0 <= momentum < 1),
+            ("weight_decay", weight_decay, weight_decay >= 0),
+            ("trust_coefficient", trust_coefficient, trust_coefficient > 0),
+        ]
         for name, value, ok in checks:
             if not ok:
-                raise ValueError(f"LARS: invalid {name}={value} (lr and trust_coefficient > 0, "
-                                 "0 <= momentum < 1, weight_decay >= 0).")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        exclude_1d=exclude_1d, nesterov=nesterov)
+                raise ValueError(
+                    f"LARS: invalid {name}={value} (lr and trust_coefficient > 0, "
+                    "0 <= momentum < 1, weight_decay >= 0)."
+                )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            exclude_1d=exclude_1d,
+            nesterov=nesterov,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()

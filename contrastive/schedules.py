@@ -36,8 +36,9 @@ def cosine(step: float, total_steps: int, start: float, end: float) -> float:
     return end + (start - end) * (1.0 + math.cos(math.pi * progress)) / 2.0
 
 
-def warmup_then_cosine(step: float, total_steps: int, warmup_steps: int, start: float, peak: float,
-                       end: float) -> float:
+def warmup_then_cosine(
+    step: float, total_steps: int, warmup_steps: int, start: float, peak: float, end: float
+) -> float:
     """Linear warm-up from ``start`` to ``peak`` over ``W`` steps, then a cosine from ``peak`` to ``end`` at ``T``.
 
     ``v(t) = linear(t, W, start, peak)`` for ``t < W``, else ``cosine(t - W, T - W, peak, end)``: ``v(0) = start``
@@ -53,8 +54,10 @@ def warmup_then_cosine(step: float, total_steps: int, warmup_steps: int, start: 
         ValueError: ``warmup_steps`` negative or not below ``total_steps`` (the cosine needs a step to reach ``end``).
     """
     if not 0 <= warmup_steps < max(total_steps, 1):
-        raise ValueError(f"warmup_steps must lie in [0, total_steps) = [0, {total_steps}) (the cosine to `end` needs "
-                         f"a step), got {warmup_steps}")
+        raise ValueError(
+            f"warmup_steps must lie in [0, total_steps) = [0, {total_steps}) (the cosine to `end` needs "
+            f"a step), got {warmup_steps}"
+        )
     if step < warmup_steps:
         return linear(step, warmup_steps, start, peak)
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, end)
@@ -69,8 +72,13 @@ def momentum_at(step: int, total_steps: int, base: float) -> float:
     return cosine(step, total_steps, base, 1.0)
 
 
-def warmup_cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 10.0,
-                  final_lr_fraction: float = 0.0) -> LambdaLR:
+def warmup_cosine(
+    optimizer: Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 10.0,
+    final_lr_fraction: float = 0.0,
+) -> LambdaLR:
     """Linear warm-up for ``warmup_epochs`` then cosine decay to ``final_lr_fraction`` (per step).
 
     With t the optimiser step (0-based), W warm-up steps and T total steps:

@@ -24,8 +24,9 @@ from contrastive.augment import Augment
 __all__ = ["MultiCrop", "ViewGroup", "draw_views"]
 
 
-def draw_views(augment: Augment, images: Tensor, n: int, generator: torch.Generator | None = None, world: int = 1,
-               rank: int = 0) -> list[Tensor]:
+def draw_views(
+    augment: Augment, images: Tensor, n: int, generator: torch.Generator | None = None, world: int = 1, rank: int = 0
+) -> list[Tensor]:
     """``n`` independently augmented views of a uint8 batch, from one ``augment`` call on its n-fold batch.
 
     One call on the n-fold batch: per-sample parameters, a fraction of the kernel launches. Under
@@ -96,26 +97,34 @@ class MultiCrop:
         elif isinstance(groups, Sequence) and not isinstance(groups, (str, bytes)):
             named = [(str(i), g) for i, g in enumerate(groups)]
         else:
-            raise ValueError(f"MultiCrop: groups must be a list of ViewGroup (or a mapping of names to them), "
-                             f"got {type(groups).__name__}")
+            raise ValueError(
+                f"MultiCrop: groups must be a list of ViewGroup (or a mapping of names to them), "
+                f"got {type(groups).__name__}"
+            )
         if not named:
             raise ValueError("MultiCrop: no groups; give at least one ViewGroup (e.g. 2 global crops)")
         for name, group in named:
             if not isinstance(group, ViewGroup):
-                raise ValueError(f"MultiCrop: group {name!r} must be a ViewGroup (an Augment and num_views), "
-                                 f"got {type(group).__name__}")
+                raise ValueError(
+                    f"MultiCrop: group {name!r} must be a ViewGroup (an Augment and num_views), "
+                    f"got {type(group).__name__}"
+                )
         first_name, first = named[0]
         for name, group in named[1:]:
             a, b = first.augment, group.augment
             if (a.mean, a.std) != (b.mean, b.std):
-                raise ValueError(f"MultiCrop: group {name!r} normalises with mean={b.mean}, std={b.std} but group "
-                                 f"{first_name!r} with mean={a.mean}, std={a.std}: all groups must share them (the "
-                                 "evaluation features are normalised once)")
+                raise ValueError(
+                    f"MultiCrop: group {name!r} normalises with mean={b.mean}, std={b.std} but group "
+                    f"{first_name!r} with mean={a.mean}, std={a.std}: all groups must share them (the "
+                    "evaluation features are normalised once)"
+                )
         for (prev_name, prev), (name, group) in pairwise(named):
             if group.size > prev.size:
-                raise ValueError(f"MultiCrop: group {name!r} ({group.size} px) follows the smaller group {prev_name!r} "
-                                 f"({prev.size} px): order the groups from the largest crops to the smallest, so the "
-                                 "global views come first")
+                raise ValueError(
+                    f"MultiCrop: group {name!r} ({group.size} px) follows the smaller group {prev_name!r} "
+                    f"({prev.size} px): order the groups from the largest crops to the smallest, so the "
+                    "global views come first"
+                )
         self.names = tuple(name for name, _ in named)
         self.groups = tuple(group for _, group in named)
 
@@ -139,15 +148,17 @@ class MultiCrop:
         """The side of every view, in order (DINO's default: ``[32, 32, 16, 16, 16, 16, 16, 16]``)."""
         return [g.size for g in self.groups for _ in range(g.num_views)]
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None, world: int = 1,
-                 rank: int = 0) -> list[Tensor]:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None, world: int = 1, rank: int = 0
+    ) -> list[Tensor]:
         """Every view of every group: the groups in order, each by :func:`draw_views` on its n-fold batch.
 
         Returns:
             ``num_views`` x (B, C, S_g, S_g) float32, group g's views after those of the groups before it.
         """
-        return [view for g in self.groups
-                for view in draw_views(g.augment, images, g.num_views, generator, world, rank)]
+        return [
+            view for g in self.groups for view in draw_views(g.augment, images, g.num_views, generator, world, rank)
+        ]
 
     def __repr__(self) -> str:
         return "MultiCrop(" + ", ".join(f"{n}={g!r}" for n, g in zip(self.names, self.groups)) + ")"

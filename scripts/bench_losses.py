@@ -72,8 +72,19 @@ def _measure_isolated(args: argparse.Namespace, two_n: int, chunk: int | None) -
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return None
-    cmd = [sys.executable, __file__, "--worker", str(two_n), str(chunk or 0), "--dim", str(args.dim),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(two_n),
+        str(chunk or 0),
+        "--dim",
+        str(args.dim),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode in (-9, 137):  # the kernel's OOM killer
         return None

@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from contrastive.augment import Augment
-from contrastive.data import IndexBatches, ImageTensors
+from contrastive.data import ImageTensors, IndexBatches
 from contrastive.losses import nt_xent
 from contrastive.models import convnet, mlp, resnet
 from contrastive.pipelines.base import channels_last
@@ -38,8 +38,9 @@ from contrastive.pipelines.base import channels_last
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def build(model: str, device: torch.device, compile: bool = False,
-          nhwc: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(
+    model: str, device: torch.device, compile: bool = False, nhwc: bool = True
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     backbone, dim = (resnet("resnet18", cifar_stem=True), 512) if model == "resnet18" else (convnet(32), 128)
     if compile:
         backbone.compile()  # what contrastive-train compile=true does
@@ -49,8 +50,9 @@ def build(model: str, device: torch.device, compile: bool = False,
     return net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-def make_step(net: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
-              nhwc: bool = True) -> Callable[[Tensor, Tensor], None]:
+def make_step(
+    net: nn.Module, opt: torch.optim.Optimizer, device: torch.device, nhwc: bool = True
+) -> Callable[[Tensor, Tensor], None]:
     amp = device.type == "cuda"
 
     def step(v1: Tensor, v2: Tensor) -> None:
@@ -67,8 +69,14 @@ def make_step(net: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
     return step
 
 
-def timed(batches: Iterator[tuple[Tensor, Tensor]], step: Callable[[Tensor, Tensor], None], steps: int,
-          warmup: int, batch_size: int, device: torch.device) -> float:
+def timed(
+    batches: Iterator[tuple[Tensor, Tensor]],
+    step: Callable[[Tensor, Tensor], None],
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    device: torch.device,
+) -> float:
     """Source images per second over ``steps`` steps after ``warmup`` steps."""
     for i, (v1, v2) in enumerate(batches):
         if i == warmup:
@@ -83,7 +91,9 @@ def timed(batches: Iterator[tuple[Tensor, Tensor]], step: Callable[[Tensor, Tens
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def ours(data: ImageTensors, batch_size: int, device: torch.device, graph: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+def ours(
+    data: ImageTensors, batch_size: int, device: torch.device, graph: bool = True
+) -> Iterator[tuple[Tensor, Tensor]]:
     aug = Augment(size=32, mean=MEAN, std=STD, cuda_graph=graph)
     gen = torch.Generator().manual_seed(0)
     on_device = data.to(device)
@@ -98,14 +108,16 @@ class _TwoViews(torch.utils.data.Dataset):
         from torchvision.transforms import v2
 
         self.images = images
-        self.t = v2.Compose([
-            v2.RandomResizedCrop(32, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
-        ])
+        self.t = v2.Compose(
+            [
+                v2.RandomResizedCrop(32, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(MEAN, STD),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -115,10 +127,18 @@ class _TwoViews(torch.utils.data.Dataset):
         return self.t(x), self.t(x)
 
 
-def baseline(data: ImageTensors, batch_size: int, device: torch.device, workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+def baseline(
+    data: ImageTensors, batch_size: int, device: torch.device, workers: int
+) -> Iterator[tuple[Tensor, Tensor]]:
     loader = torch.utils.data.DataLoader(
-        _TwoViews(data.images), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+        _TwoViews(data.images),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
     )
     while True:
         for v1, v2 in loader:
@@ -141,8 +161,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--images", type=int, default=50_000, help="random uint8 images if no --cifar-root")
     p.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py (else random images)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time (c) and (a) with the backbone under torch.compile (contrastive-train compile=true)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time (c) and (a) with the backbone under torch.compile (contrastive-train compile=true)",
+    )
     p.add_argument("--nchw", action="store_true", help="also time (c) and (a) in the NCHW layout")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -153,25 +176,40 @@ def main() -> None:
         data = cifar10(args.cifar_root).train
     else:
         g = torch.Generator().manual_seed(0)
-        data = ImageTensors(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
-                            torch.zeros(args.images, dtype=torch.long), 1)
+        data = ImageTensors(
+            torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.zeros(args.images, dtype=torch.long),
+            1,
+        )
 
     rows = {}
     nhwc = channels_last(device)  # the layout contrastive-train uses on this device
     cases = [  # name, source, compiled backbone, channels_last
         ("(c) ceiling: views pre-made on device", lambda: ceiling(args.batch_size, device), False, nhwc),
         ("(a) ours: device-resident data + batched aug", lambda: ours(data, args.batch_size, device), False, nhwc),
-        ("(a0) ours without the CUDA graph (eager aug)", lambda: ours(data, args.batch_size, device, False), False,
-         nhwc),
-        (f"(b) torchvision v2 + DataLoader({args.workers} workers)",
-         lambda: baseline(data, args.batch_size, device, args.workers), False, nhwc),
+        (
+            "(a0) ours without the CUDA graph (eager aug)",
+            lambda: ours(data, args.batch_size, device, False),
+            False,
+            nhwc,
+        ),
+        (
+            f"(b) torchvision v2 + DataLoader({args.workers} workers)",
+            lambda: baseline(data, args.batch_size, device, args.workers),
+            False,
+            nhwc,
+        ),
     ]
     if args.compile:  # warm-up steps absorb the compile time
-        cases += [("(cC) ceiling, compiled backbone", lambda: ceiling(args.batch_size, device), True, nhwc),
-                  ("(aC) ours, compiled backbone", lambda: ours(data, args.batch_size, device), True, nhwc)]
+        cases += [
+            ("(cC) ceiling, compiled backbone", lambda: ceiling(args.batch_size, device), True, nhwc),
+            ("(aC) ours, compiled backbone", lambda: ours(data, args.batch_size, device), True, nhwc),
+        ]
     if args.nchw:
-        cases += [("(cN) ceiling, NCHW", lambda: ceiling(args.batch_size, device), False, False),
-                  ("(aN) ours, NCHW", lambda: ours(data, args.batch_size, device), False, False)]
+        cases += [
+            ("(cN) ceiling, NCHW", lambda: ceiling(args.batch_size, device), False, False),
+            ("(aN) ours, NCHW", lambda: ours(data, args.batch_size, device), False, False),
+        ]
     for name, source, compiled, layout in cases:
         torch.manual_seed(0)
         net, opt = build(args.model, device, compiled, layout)
@@ -182,9 +220,11 @@ def main() -> None:
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if device.type == "cuda" else "   n/a (CPU)"
         rows[name.split()[0]] = ips
         print(f"{name:52s} {ips:10.0f} images/s   peak {peak}", flush=True)
-    print(f"a/b = {rows['(a)'] / rows['(b)']:.2f}   a/c = {rows['(a)'] / rows['(c)']:.2f}   "
-          f"(device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"batch {args.batch_size}, model {args.model}, {args.workers} CPU workers)")
+    print(
+        f"a/b = {rows['(a)'] / rows['(b)']:.2f}   a/c = {rows['(a)'] / rows['(c)']:.2f}   "
+        f"(device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+        f"batch {args.batch_size}, model {args.model}, {args.workers} CPU workers)"
+    )
     if args.compile:
         print(f"compiled/eager: ceiling {rows['(cC)'] / rows['(c)']:.2f}   ours {rows['(aC)'] / rows['(a)']:.2f}")
     if args.nchw:

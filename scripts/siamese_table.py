@@ -51,13 +51,23 @@ def main() -> None:
     if earlier:
         # its runs are numbered by job, not named by their settings: they would resume (or be read)
         # as the runs of this call and be reported under its settings
-        sys.exit(f"--out {args.out} already holds runs of an earlier call ({earlier[0].parent}, ...): "
-                 "pass a new --out, or delete that folder to run again")
+        sys.exit(
+            f"--out {args.out} already holds runs of an earlier call ({earlier[0].parent}, ...): "
+            "pass a new --out, or delete that folder to run again"
+        )
     train = str(Path(sys.executable).parent / "contrastive-train")
-    common = [f"experiment={args.experiment}", f"data.root={args.data_root}", *args.budget, f"seed={args.seeds}",
-              "resume=never", "hydra.sweep.subdir=${hydra.job.num}"]  # the override names would pass 255 bytes
-    arms = {"none": ["regularizer=none"],
-            "softmax_ce": ["regularizer=softmax_ce", f"regularizer.weight={args.weights}"]}
+    common = [
+        f"experiment={args.experiment}",
+        f"data.root={args.data_root}",
+        *args.budget,
+        f"seed={args.seeds}",
+        "resume=never",
+        "hydra.sweep.subdir=${hydra.job.num}",
+    ]  # the override names would pass 255 bytes
+    arms = {
+        "none": ["regularizer=none"],
+        "softmax_ce": ["regularizer=softmax_ce", f"regularizer.weight={args.weights}"],
+    }
     for name, arm in arms.items():
         subprocess.run([train, "-m", *common, *arm, f"hydra.sweep.dir={args.out / name}"], check=True)
 

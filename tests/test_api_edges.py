@@ -18,7 +18,15 @@ from contrastive.cli.run import build_pipeline
 from contrastive.data import DataError, ImageTensors, IndexBatches, PKBatches, TensorDataModule, shapes
 from contrastive.evaluation import knn_predict, linear_probe
 from contrastive.losses import (
-    ContrastiveMargin, InfoNCE, NTXent, SoftmaxCERegularizer, contrastive_margin, info_nce, nt_xent, pairwise_distance, sup_con,
+    ContrastiveMargin,
+    InfoNCE,
+    NTXent,
+    SoftmaxCERegularizer,
+    contrastive_margin,
+    info_nce,
+    nt_xent,
+    pairwise_distance,
+    sup_con,
     triplet_margin,
 )
 from contrastive.pipelines import SimCLR
@@ -49,10 +57,16 @@ def test_a_temperature_tensor_of_several_values_is_refused() -> None:
         sup_con(z, torch.arange(4) % 2, torch.full((4, 1), 0.1))
 
 
-@pytest.mark.parametrize("loss", [
-    lambda z, y: nt_xent(z, z), lambda z, y: info_nce(z, z), lambda z, y: sup_con(z, y),
-    lambda z, y: triplet_margin(z, y), lambda z, y: contrastive_margin(z, y),
-])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda z, y: nt_xent(z, z),
+        lambda z, y: info_nce(z, z),
+        lambda z, y: sup_con(z, y),
+        lambda z, y: triplet_margin(z, y),
+        lambda z, y: contrastive_margin(z, y),
+    ],
+)
 def test_an_empty_batch_is_refused_not_nan(loss) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=r"N >= 1|M >= 1|n >= 1"):
         loss(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
@@ -101,7 +115,10 @@ def test_knn_refuses_a_nan_temperature() -> None:
 def test_batches_move_on_when_a_pass_stops_early() -> None:
     """Without an epoch source (a plain loop that breaks, limit_train_batches) every pass repeated the first."""
     data = shapes(num_train=40, num_test=4, size=8, seed=0).train
-    for batches in (IndexBatches(data, 8, shuffle=True, drop_last=True), PKBatches(data, 8, classes_per_batch=4, samples_per_class=2)):
+    for batches in (
+        IndexBatches(data, 8, shuffle=True, drop_last=True),
+        PKBatches(data, 8, classes_per_batch=4, samples_per_class=2),
+    ):
         firsts = []
         for _ in range(3):
             for images, labels in batches:
@@ -138,16 +155,33 @@ class _Lr(pl.Callback):
 def _simclr(dtype: torch.dtype = torch.float32) -> SimCLR:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
-    return SimCLR(projector=nn.Linear(6, 4), loss=NTXent(0.5), backbone=backbone, augment=Augment(size=8),
-                  optimizer=partial(torch.optim.SGD, lr=1.0), scheduler=partial(warmup_cosine, warmup_epochs=1),
-                  feature_dim=6, num_classes=10, online_probe=False)
+    return SimCLR(
+        projector=nn.Linear(6, 4),
+        loss=NTXent(0.5),
+        backbone=backbone,
+        augment=Augment(size=8),
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+        scheduler=partial(warmup_cosine, warmup_epochs=1),
+        feature_dim=6,
+        num_classes=10,
+        online_probe=False,
+    )
 
 
 def _fit(precision: str = "32-true", **limits: int) -> list[float]:
     lr = _Lr()
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         precision=precision, callbacks=[lr], **limits)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        precision=precision,
+        callbacks=[lr],
+        **limits,
+    )
     trainer.fit(_simclr(), datamodule=TensorDataModule(shapes(num_train=32, num_test=4, size=8), batch_size=8))
     return lr.lrs
 
@@ -168,8 +202,14 @@ def test_bf16_true_precision_trains() -> None:
 
 
 def _trainer(**kwargs) -> pl.Trainer:  # type: ignore[no-untyped-def]
-    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0)
+    args = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     return pl.Trainer(**(args | kwargs))
 
 
@@ -190,12 +230,17 @@ def test_throughput_leaves_out_the_validation_pass() -> None:
 
 def test_a_single_validation_loader_and_a_run_without_length_are_refused() -> None:
     data = shapes(num_train=32, num_test=8, size=8)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.test.images, data.test.labels), batch_size=8)
-    with pytest.raises(ValueError, match=r"needs two validation loaders.*got 1.*val_dataloaders=\[bank_loader, test_loader\]"):
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data.test.images, data.test.labels), batch_size=8
+    )
+    with pytest.raises(
+        ValueError, match=r"needs two validation loaders.*got 1.*val_dataloaders=\[bank_loader, test_loader\]"
+    ):
         _trainer(max_steps=1).fit(_simclr(), train_dataloaders=loader, val_dataloaders=loader)  # logged nothing before
     with pytest.raises(ValueError, match="needs the run's length: give the Trainer max_epochs or max_steps"):
         _trainer(max_epochs=-1, max_time="00:00:00:05", limit_val_batches=0).fit(  # OverflowError before
-            _simclr(), datamodule=TensorDataModule(data, batch_size=8))
+            _simclr(), datamodule=TensorDataModule(data, batch_size=8)
+        )
 
 
 def test_moco_key_encoder_moves_once_per_optimiser_step_under_gradient_accumulation(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -208,9 +253,17 @@ def test_moco_key_encoder_moves_once_per_optimiser_step_under_gradient_accumulat
     ema = moco_module.ema_update
     monkeypatch.setattr(moco_module, "ema_update", lambda t, s, m: (momenta.append(m), ema(t, s, m)))
     torch.manual_seed(0)
-    moco = MoCo(backbone=convnet(width=4), projector=mlp(16, 16, 8), loss=InfoNCE(0.2), augment=Augment(size=8),
-                optimizer=partial(torch.optim.SGD, lr=0.05), queue_size=32, feature_dim=16, online_probe=False,
-                bn_splits=2)
+    moco = MoCo(
+        backbone=convnet(width=4),
+        projector=mlp(16, 16, 8),
+        loss=InfoNCE(0.2),
+        augment=Augment(size=8),
+        optimizer=partial(torch.optim.SGD, lr=0.05),
+        queue_size=32,
+        feature_dim=16,
+        online_probe=False,
+        bn_splits=2,
+    )
     trainer = _trainer(max_epochs=1, limit_val_batches=0, accumulate_grad_batches=4)
     trainer.fit(moco, datamodule=TensorDataModule(shapes(num_train=64, num_test=8, size=8), batch_size=8))
     assert trainer.global_step == 2 and len(momenta) == 2 * 2  # backbone and projector, once per step (was 8 steps)
@@ -219,44 +272,114 @@ def test_moco_key_encoder_moves_once_per_optimiser_step_under_gradient_accumulat
 # --------------------------------------------------------------------------- CLI validation, at its boundaries
 
 
-@pytest.mark.parametrize(("valid", "invalid", "message"), [
-    ("eval.every_n_epochs=1", "eval.every_n_epochs=true",
-     "eval.every_n_epochs=True is invalid: it must be a positive integer"),  # a bool is an int to isinstance
-    ("data.batch_size=2", "data.batch_size=1",
-     "data.batch_size=1 is invalid: it must be an integer >= 2 (a contrastive batch needs pairs)"),
-    # scheduler=constant keeps the experiment's warm-up (2 in simclr_shapes): warmup_epochs=0 means none
-    ("scheduler=constant scheduler.warmup_epochs=0", "scheduler=constant scheduler.warmup_epochs=-0.5",
-     "scheduler.warmup_epochs=-0.5 is invalid: it must be a non-negative number"),
-    ("eval.knn_temperature=1e-9", "eval.knn_temperature=0",
-     "eval.knn_temperature=0 is invalid: it must be a positive number"),
-    ("trainer.max_time=00:04:00:00", "trainer.max_time=00:04:00:00x",
-     "trainer.max_time='00:04:00:00x' is invalid: it must be DD:HH:MM:SS, e.g. trainer.max_time=00:04:00:00 "
-     "for four hours"),  # the whole value, not a valid prefix
-    ("optimizer.lr=1e-9", "optimizer.lr=0", "optimizer.lr=0 is invalid: it must be a positive number"),
-    # torch's own checks of these run inside trainer.fit, after the untrained kNN and probe
-    ("optimizer.momentum=0", "optimizer.momentum=-0.5", "optimizer.momentum=-0.5 is invalid: it must be a number in [0, 1)"),
-    ("optimizer=lars optimizer.momentum=0.999", "optimizer=lars optimizer.momentum=1",
-     "optimizer.momentum=1 is invalid: it must be a number in [0, 1)"),
-    ("optimizer=adamw optimizer.weight_decay=0", "optimizer=adamw optimizer.weight_decay=-1e-9",
-     "optimizer.weight_decay=-1e-09 is invalid: it must be a non-negative number"),
-    # a negative fraction made the end of the cosine a negative lr (gradient ascent); above 1 it rose
-    ("scheduler.final_lr_fraction=1", "scheduler.final_lr_fraction=-1",
-     "scheduler.final_lr_fraction=-1 is invalid: it must be a number in [0, 1] (the final lr as a fraction of the peak)"),
-    ("scheduler.final_lr_fraction=0", "scheduler.final_lr_fraction=1.5",
-     "scheduler.final_lr_fraction=1.5 is invalid: it must be a number in [0, 1] (the final lr as a fraction of the peak)"),
-    # the probe runs at the end of training: its settings are checked before
-    ("probe.optimizer=adamw", "probe.optimizer=adam", "probe.optimizer='adam' is invalid: it must be sgd or adamw"),
-    ("probe.normalize=l2", "probe.normalize=L2",
-     "probe.normalize='L2' is invalid: it must be standardize, l2 or none"),
-    ("probe.batch_size=1", "probe.batch_size=0", "probe.batch_size=0 is invalid: it must be a positive integer"),
-    ("probe.lr=null", "probe.lr=-1", "probe.lr=-1 is invalid: it must be a positive number (or null for the default)"),
-    ("probe.weight_decay=0", "probe.weight_decay=-1", "probe.weight_decay=-1 is invalid: it must be a non-negative number"),
-    ("eval.final_probe=false probe.epochs=0", "probe.epochs=0", "probe.epochs=0 is invalid: it must be a positive integer"),
-], ids=["every_n_epochs", "batch_size", "warmup_epochs", "knn_temperature", "max_time", "lr", "momentum", "lars_momentum",
-        "weight_decay", "final_lr_fraction_low", "final_lr_fraction_high", "probe_optimizer", "probe_normalize",
-        "probe_batch_size", "probe_lr", "probe_weight_decay", "probe_only_with_final_probe"])
-def test_train_values_pass_at_the_boundary_and_are_refused_past_it(config, valid: str, invalid: str,  # type: ignore[no-untyped-def]
-                                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    ("valid", "invalid", "message"),
+    [
+        (
+            "eval.every_n_epochs=1",
+            "eval.every_n_epochs=true",
+            "eval.every_n_epochs=True is invalid: it must be a positive integer",
+        ),  # a bool is an int to isinstance
+        (
+            "data.batch_size=2",
+            "data.batch_size=1",
+            "data.batch_size=1 is invalid: it must be an integer >= 2 (a contrastive batch needs pairs)",
+        ),
+        # scheduler=constant keeps the experiment's warm-up (2 in simclr_shapes): warmup_epochs=0 means none
+        (
+            "scheduler=constant scheduler.warmup_epochs=0",
+            "scheduler=constant scheduler.warmup_epochs=-0.5",
+            "scheduler.warmup_epochs=-0.5 is invalid: it must be a non-negative number",
+        ),
+        (
+            "eval.knn_temperature=1e-9",
+            "eval.knn_temperature=0",
+            "eval.knn_temperature=0 is invalid: it must be a positive number",
+        ),
+        (
+            "trainer.max_time=00:04:00:00",
+            "trainer.max_time=00:04:00:00x",
+            "trainer.max_time='00:04:00:00x' is invalid: it must be DD:HH:MM:SS, e.g. trainer.max_time=00:04:00:00 "
+            "for four hours",
+        ),  # the whole value, not a valid prefix
+        ("optimizer.lr=1e-9", "optimizer.lr=0", "optimizer.lr=0 is invalid: it must be a positive number"),
+        # torch's own checks of these run inside trainer.fit, after the untrained kNN and probe
+        (
+            "optimizer.momentum=0",
+            "optimizer.momentum=-0.5",
+            "optimizer.momentum=-0.5 is invalid: it must be a number in [0, 1)",
+        ),
+        (
+            "optimizer=lars optimizer.momentum=0.999",
+            "optimizer=lars optimizer.momentum=1",
+            "optimizer.momentum=1 is invalid: it must be a number in [0, 1)",
+        ),
+        (
+            "optimizer=adamw optimizer.weight_decay=0",
+            "optimizer=adamw optimizer.weight_decay=-1e-9",
+            "optimizer.weight_decay=-1e-09 is invalid: it must be a non-negative number",
+        ),
+        # a negative fraction made the end of the cosine a negative lr (gradient ascent); above 1 it rose
+        (
+            "scheduler.final_lr_fraction=1",
+            "scheduler.final_lr_fraction=-1",
+            "scheduler.final_lr_fraction=-1 is invalid: it must be a number in [0, 1] (the final lr as a fraction of the peak)",
+        ),
+        (
+            "scheduler.final_lr_fraction=0",
+            "scheduler.final_lr_fraction=1.5",
+            "scheduler.final_lr_fraction=1.5 is invalid: it must be a number in [0, 1] (the final lr as a fraction of the peak)",
+        ),
+        # the probe runs at the end of training: its settings are checked before
+        ("probe.optimizer=adamw", "probe.optimizer=adam", "probe.optimizer='adam' is invalid: it must be sgd or adamw"),
+        (
+            "probe.normalize=l2",
+            "probe.normalize=L2",
+            "probe.normalize='L2' is invalid: it must be standardize, l2 or none",
+        ),
+        ("probe.batch_size=1", "probe.batch_size=0", "probe.batch_size=0 is invalid: it must be a positive integer"),
+        (
+            "probe.lr=null",
+            "probe.lr=-1",
+            "probe.lr=-1 is invalid: it must be a positive number (or null for the default)",
+        ),
+        (
+            "probe.weight_decay=0",
+            "probe.weight_decay=-1",
+            "probe.weight_decay=-1 is invalid: it must be a non-negative number",
+        ),
+        (
+            "eval.final_probe=false probe.epochs=0",
+            "probe.epochs=0",
+            "probe.epochs=0 is invalid: it must be a positive integer",
+        ),
+    ],
+    ids=[
+        "every_n_epochs",
+        "batch_size",
+        "warmup_epochs",
+        "knn_temperature",
+        "max_time",
+        "lr",
+        "momentum",
+        "lars_momentum",
+        "weight_decay",
+        "final_lr_fraction_low",
+        "final_lr_fraction_high",
+        "probe_optimizer",
+        "probe_normalize",
+        "probe_batch_size",
+        "probe_lr",
+        "probe_weight_decay",
+        "probe_only_with_final_probe",
+    ],
+)
+def test_train_values_pass_at_the_boundary_and_are_refused_past_it(
+    config,
+    valid: str,
+    invalid: str,  # type: ignore[no-untyped-def]
+    message: str,
+) -> None:
     """check_config: the smallest valid value passes, the first invalid one is one ConfigError naming it."""
     check_config(config("train", valid.split()))
     with pytest.raises(ConfigError) as error:
@@ -264,14 +387,28 @@ def test_train_values_pass_at_the_boundary_and_are_refused_past_it(config, valid
     assert str(error.value) == message
 
 
-@pytest.mark.parametrize(("valid", "invalid", "message"), [
-    ("probe.optimizer=sgd", "probe.optimizer=adam", "probe.optimizer='adam' is invalid: it must be sgd or adamw"),
-    ("probe.lr=1e-9", "probe.lr=0", "probe.lr=0 is invalid: it must be a positive number (or null for the default)"),
-    ("linear_probe=false probe.batch_size=0", "probe.batch_size=0",
-     "probe.batch_size=0 is invalid: it must be a positive integer"),
-])
-def test_eval_probe_values_are_checked_before_the_checkpoint_is_read(config, valid: str, invalid: str,  # type: ignore[no-untyped-def]
-                                                                      message: str) -> None:
+@pytest.mark.parametrize(
+    ("valid", "invalid", "message"),
+    [
+        ("probe.optimizer=sgd", "probe.optimizer=adam", "probe.optimizer='adam' is invalid: it must be sgd or adamw"),
+        (
+            "probe.lr=1e-9",
+            "probe.lr=0",
+            "probe.lr=0 is invalid: it must be a positive number (or null for the default)",
+        ),
+        (
+            "linear_probe=false probe.batch_size=0",
+            "probe.batch_size=0",
+            "probe.batch_size=0 is invalid: it must be a positive integer",
+        ),
+    ],
+)
+def test_eval_probe_values_are_checked_before_the_checkpoint_is_read(
+    config,
+    valid: str,
+    invalid: str,  # type: ignore[no-untyped-def]
+    message: str,
+) -> None:
     check_eval_config(config("eval", ["checkpoint=x.ckpt", *valid.split()]))
     with pytest.raises(ConfigError) as error:
         check_eval_config(config("eval", ["checkpoint=x.ckpt", *invalid.split()]))
@@ -300,14 +437,18 @@ def test_eval_on_cuda_needs_a_visible_gpu(config, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(("world", "fits"), [(1, 40), (2, 20)])
-def test_a_batch_of_the_whole_training_set_passes_and_one_more_is_refused(config, world: int, fits: int, run_checks) -> None:  # type: ignore[no-untyped-def]
+def test_a_batch_of_the_whole_training_set_passes_and_one_more_is_refused(
+    config, world: int, fits: int, run_checks
+) -> None:  # type: ignore[no-untyped-def]
     """data.batch_size x processes may equal the training set's size; one image more is refused."""
     splits = shapes(num_train=40, num_test=8, size=32)
     run_checks(config("train", [f"data.batch_size={fits}"]), splits, world=world)
     with pytest.raises(ConfigError) as error:
         run_checks(config("train", [f"data.batch_size={fits + 1}"]), splits, world=world)
-    assert str(error.value) == (f"data.batch_size={fits + 1} x {world} process(es) is larger than the training set "
-                                "(40 images): lower data.batch_size")
+    assert str(error.value) == (
+        f"data.batch_size={fits + 1} x {world} process(es) is larger than the training set "
+        "(40 images): lower data.batch_size"
+    )
 
 
 def test_symmetric_moco_enqueues_twice_the_batch(config, run_checks) -> None:  # type: ignore[no-untyped-def]
@@ -318,9 +459,11 @@ def test_symmetric_moco_enqueues_twice_the_batch(config, run_checks) -> None:  #
     run_checks(config("train", [*moco, "pipeline.queue_size=128"]), splits, world=1)
     with pytest.raises(ConfigError) as error:
         run_checks(config("train", [*moco, "pipeline.queue_size=96"]), splits, world=1)
-    assert str(error.value) == ("pipeline.queue_size=96 is smaller than the keys enqueued per step (128 = "
-                                "data.batch_size x processes, x 2 when pipeline.symmetric): raise "
-                                "pipeline.queue_size or lower data.batch_size")
+    assert str(error.value) == (
+        "pipeline.queue_size=96 is smaller than the keys enqueued per step (128 = "
+        "data.batch_size x processes, x 2 when pipeline.symmetric): raise "
+        "pipeline.queue_size or lower data.batch_size"
+    )
 
 
 def test_the_shape_check_leaves_the_backbone_in_its_mode(config) -> None:  # type: ignore[no-untyped-def]
@@ -339,8 +482,10 @@ def test_a_backbone_that_does_not_output_feature_vectors_is_refused() -> None:
     check_feature_dim(nn.Flatten(), 3 * 8 * 8, image_size=8)
     with pytest.raises(ConfigError) as error:
         check_feature_dim(nn.Identity(), 3, image_size=8)
-    assert str(error.value) == ("the backbone outputs shape (3, 8, 8) per image, not a feature vector: end "
-                                "model.backbone with a global pooling and a flatten (as the built-in backbones do)")
+    assert str(error.value) == (
+        "the backbone outputs shape (3, 8, 8) per image, not a feature vector: end "
+        "model.backbone with a global pooling and a flatten (as the built-in backbones do)"
+    )
 
 
 def test_an_image_size_other_than_the_images_is_refused(config, run_checks) -> None:  # type: ignore[no-untyped-def]
@@ -349,8 +494,10 @@ def test_an_image_size_other_than_the_images_is_refused(config, run_checks) -> N
     run_checks(config("train", ["data.batch_size=8"]), splits, world=1)
     with pytest.raises(ConfigError) as error:
         run_checks(config("train", ["data.batch_size=8", "data.image_size=64"]), splits, world=1)
-    assert str(error.value) == ("data.image_size=64 but the images are 32x32 (CIFAR's are 32x32; image folders are "
-                                "resized to data.image_size): pass data.image_size=32")
+    assert str(error.value) == (
+        "data.image_size=64 but the images are 32x32 (CIFAR's are 32x32; image folders are "
+        "resized to data.image_size): pass data.image_size=32"
+    )
 
 
 def test_a_knn_k_beyond_the_training_images_is_named() -> None:
@@ -360,4 +507,5 @@ def test_a_knn_k_beyond_the_training_images_is_named() -> None:
     assert knn_k_warning("eval.knn_k", 200, 200) is None and knn_k_warning("eval.knn_k", 0, 5) is None
     assert knn_k_warning("knn_k", 201, 200) == (
         "knn_k=201 is more than the 200 training images: the kNN votes over all of them (k = 200), which is not "
-        "the k-NN figure asked for; pass a smaller knn_k")
+        "the k-NN figure asked for; pass a smaller knn_k"
+    )

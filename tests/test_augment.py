@@ -654,7 +654,11 @@ def test_augment_defaults_are_the_simclr_config():
     for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
         assert getattr(augment, name) == cfg[name], name
     assert (augment.flip_p, augment.jitter_p, augment.gray_p, augment.blur_p, augment.solarize_p) == (
-        0.5, 0.8, 0.2, 0.0, 0.0,
+        0.5,
+        0.8,
+        0.2,
+        0.0,
+        0.0,
     )
     assert augment.scale == tuple(cfg["scale"]) == (0.08, 1.0)
     assert augment.ratio == (3 / 4, 4 / 3)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BIN, REPO
 
 EXAMPLE = REPO / "examples" / "align_uniform"
@@ -29,7 +28,11 @@ def _train(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(folder), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [str(BIN / "contrastive-train"), f"hydra.searchpath=[file://{folder / 'configs'}]", *overrides],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -55,16 +58,25 @@ def test_the_example_loss_equals_its_formula_in_float64() -> None:
 def test_a_loss_of_another_form_is_refused_by_the_users_pipeline(tmp_path: Path) -> None:
     result = _train(_user_folder(tmp_path), "experiment=align_uniform_shapes", "loss=triplet")
     assert result.returncode == 2, result.stderr
-    assert ("error: loss TripletMargin does not fit the AlignUniform pipeline: it calls loss(z1, z2) on two views; "
-            "use loss=align_uniform or loss=nt_xent") in result.stderr
+    assert (
+        "error: loss TripletMargin does not fit the AlignUniform pipeline: it calls loss(z1, z2) on two views; "
+        "use loss=align_uniform or loss=nt_xent"
+    ) in result.stderr
 
 
 @pytest.mark.slow
 def test_a_method_from_outside_the_package_trains_and_learns(tmp_path: Path) -> None:
     folder = _user_folder(tmp_path)
-    result = _train(folder, "experiment=align_uniform_shapes", "data.source.num_train=1000", "data.source.num_test=500",
-                    "trainer.max_epochs=4", "eval.every_n_epochs=4", "eval.final_probe=false",
-                    "trainer.enable_progress_bar=false")
+    result = _train(
+        folder,
+        "experiment=align_uniform_shapes",
+        "data.source.num_train=1000",
+        "data.source.num_test=500",
+        "trainer.max_epochs=4",
+        "eval.every_n_epochs=4",
+        "eval.final_probe=false",
+        "trainer.enable_progress_bar=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics_file,) = (folder / "outputs" / "align_uniform_shapes").glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())

@@ -6,9 +6,8 @@ import csv
 import hashlib
 import json
 import shutil
-from pathlib import Path
-
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,8 +56,15 @@ def test_compiled_run_writes_plain_checkpoint_keys(cli, config, tmp_path: Path) 
     """compile=true trains (inductor on the CPU here) and its checkpoint loads into an uncompiled pipeline."""
     from contrastive.cli.run import build_pipeline
 
-    out = cli("contrastive-train", "compile=true", *SHRINK, "trainer.max_epochs=1", "eval.every_n_epochs=1",
-              "hydra.run.dir=run", cwd=tmp_path)
+    out = cli(
+        "contrastive-train",
+        "compile=true",
+        *SHRINK,
+        "trainer.max_epochs=1",
+        "eval.every_n_epochs=1",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert not any("_orig_mod" in k for k in state)
@@ -87,15 +93,29 @@ def test_train_writes_run_dir_and_resumes(cli, tmp_path: Path) -> None:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 * 4 and ckpt["contrastive_config"]["name"] == "simclr_shapes"
     # The same command with more epochs continues from last.ckpt instead of starting over.
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch=0000.ckpt", "epoch=0001.ckpt", "last.ckpt"]
-    again = cli("contrastive-train", *[o.replace("max_epochs=2", "max_epochs=3") for o in SHRINK],
-                f"hydra.run.dir='{run_dir}'", cwd=tmp_path)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "epoch=0000.ckpt",
+        "epoch=0001.ckpt",
+        "last.ckpt",
+    ]
+    again = cli(
+        "contrastive-train",
+        *[o.replace("max_epochs=2", "max_epochs=3") for o in SHRINK],
+        f"hydra.run.dir='{run_dir}'",
+        cwd=tmp_path,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Restoring states from the checkpoint" in again.stdout + again.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
     # A periodic checkpoint of this run, its path typed as the CLI printed it: '=' and ',' need no quoting.
-    ev = cli("contrastive-eval", f"checkpoint={run_dir}/checkpoints/epoch=0000.ckpt", "linear_probe=false",
-             "plots=false", "export=false", cwd=tmp_path)
+    ev = cli(
+        "contrastive-eval",
+        f"checkpoint={run_dir}/checkpoints/epoch=0000.ckpt",
+        "linear_probe=false",
+        "plots=false",
+        "export=false",
+        cwd=tmp_path,
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert 0 <= json.loads((run_dir / "eval_epoch=0000" / "metrics.json").read_text())["knn_top1"] <= 100
 
@@ -108,8 +128,7 @@ def test_run_dir_name_is_one_folder() -> None:
 def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
     out = cli("contrastive-train", *SHRINK, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    ev = cli("contrastive-eval", f"checkpoint={tmp_path / 'run/checkpoints/last.ckpt'}", "probe.epochs=5",
-             cwd=tmp_path)
+    ev = cli("contrastive-eval", f"checkpoint={tmp_path / 'run/checkpoints/last.ckpt'}", "probe.epochs=5", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())
     assert set(metrics) >= {"knn_top1", "linear_top1", "linear_train_top1"}
@@ -126,18 +145,36 @@ def test_eval_on_checkpoint(cli, tmp_path: Path) -> None:
     # typed as training prints them: run folders hold '=' and ',', periodic checkpoints are epoch=NNNN.ckpt.
     (tmp_path / "a=1,b=2").symlink_to(tmp_path / "run")
     shutil.copy(tmp_path / "run/checkpoints/last.ckpt", tmp_path / "run/checkpoints/epoch=0000.ckpt")
-    ev = cli("contrastive-eval", "-m", f"checkpoint={tmp_path / 'a=1,b=2/checkpoints/last.ckpt'},"
-             f"{tmp_path / 'run/checkpoints/epoch=0000.ckpt'}", "linear_probe=false", "export=false", cwd=tmp_path)
+    ev = cli(
+        "contrastive-eval",
+        "-m",
+        f"checkpoint={tmp_path / 'a=1,b=2/checkpoints/last.ckpt'},{tmp_path / 'run/checkpoints/epoch=0000.ckpt'}",
+        "linear_probe=false",
+        "export=false",
+        cwd=tmp_path,
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     for name in ("eval_last", "eval_epoch=0000"):
         assert sorted(p.name for p in (tmp_path / "run" / name).iterdir() if p.name != ".hydra") == [
-            "cli.log", "embedding_tsne.png", "metrics.json", "similarity_histograms.png", "training_curves.png"]
+            "cli.log",
+            "embedding_tsne.png",
+            "metrics.json",
+            "similarity_histograms.png",
+            "training_curves.png",
+        ]
         assert "linear_top1" not in json.loads((tmp_path / "run" / name / "metrics.json").read_text())
 
 
 def test_multirun_sweep_writes_summary(cli, tmp_path: Path) -> None:
-    out = cli("contrastive-train", "-m", "loss.temperature=0.2,0.5", *SHRINK, "trainer.max_epochs=1",
-              "eval.final_probe=false", cwd=tmp_path)
+    out = cli(
+        "contrastive-train",
+        "-m",
+        "loss.temperature=0.2,0.5",
+        *SHRINK,
+        "trainer.max_epochs=1",
+        "eval.final_probe=false",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = tmp_path / "multirun" / "simclr_shapes"
     with open(sweep / "summary.csv", newline="") as f:
@@ -148,8 +185,15 @@ def test_multirun_sweep_writes_summary(cli, tmp_path: Path) -> None:
     assert (sweep / "summary.md").is_file() and (sweep / "summary.png").stat().st_size > 5000
     # A second sweep in the same folder: its summary holds its own jobs only, and a job that fails
     # (lr 1e30: a non-finite loss) does not stop the other; the command reports it and exits with 2.
-    out = cli("contrastive-train", "-m", "optimizer.lr=1e30,0.3", *SHRINK, "trainer.max_epochs=1",
-              "eval.final_probe=false", cwd=tmp_path)
+    out = cli(
+        "contrastive-train",
+        "-m",
+        "optimizer.lr=1e30,0.3",
+        *SHRINK,
+        "trainer.max_epochs=1",
+        "eval.final_probe=false",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     with open(sweep / "summary.csv", newline="") as f:
         rows = {float(r["optimizer.lr"]): r for r in csv.DictReader(f)}
@@ -171,8 +215,13 @@ def test_missing_cifar_is_one_clear_line(cli, tmp_path: Path) -> None:
 
 
 def test_invalid_constructor_argument_names_the_key(cli, tmp_path: Path) -> None:
-    out = cli("contrastive-train", "experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=-1",
-              cwd=tmp_path)
+    out = cli(
+        "contrastive-train",
+        "experiment=siamese_shapes",
+        "regularizer=softmax_ce",
+        "regularizer.weight=-1",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
     assert line == "error: weight must be >= 0, got -1. (while building pipeline)"
@@ -183,10 +232,11 @@ def test_misspelt_key_is_rejected(cli, tmp_path: Path) -> None:
     failed in the Trainer with a traceback)."""
     out = cli("contrastive-train", "trainer.max_epoch=1", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == ("error: unknown config key trainer.max_epoch (did you mean trainer.max_epochs?): "
-                                  "`--cfg job` lists the keys with their values")
+    assert out.stderr.strip() == (
+        "error: unknown config key trainer.max_epoch (did you mean trainer.max_epochs?): "
+        "`--cfg job` lists the keys with their values"
+    )
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))
-
 
 
 def test_hydra_hint_and_missing_option_are_one_line(config, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -200,14 +250,18 @@ def test_hydra_hint_and_missing_option_are_one_line(config, tmp_path: Path, caps
         make_trainer(config("train", ["+trainer.max_epoch=1"]), tmp_path)
 
     def missing() -> None:
-        raise MissingConfigException("In 'train': Could not find 'experiment/simclr_cifar'\n\nAvailable options in "
-                                     "'experiment':\n\tsimclr_cifar10\nConfig search path:\n\tprovider=hydra")
+        raise MissingConfigException(
+            "In 'train': Could not find 'experiment/simclr_cifar'\n\nAvailable options in "
+            "'experiment':\n\tsimclr_cifar10\nConfig search path:\n\tprovider=hydra"
+        )
 
     with pytest.raises(SystemExit) as exit_:
         run_hydra(missing, "train")
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == ("error: In 'train': Could not find 'experiment/simclr_cifar'  Available options "
-                                       "in 'experiment': simclr_cifar10\n")
+    assert capsys.readouterr().err == (
+        "error: In 'train': Could not find 'experiment/simclr_cifar'  Available options "
+        "in 'experiment': simclr_cifar10\n"
+    )
 
 
 def test_the_key_suggested_is_one_of_the_chosen_experiment(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -287,9 +341,18 @@ def test_missing_checkpoint_leaves_no_folder_behind(cli, tmp_path: Path) -> None
 def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: Path) -> None:
     """The real experiment config on a CIFAR-10 subset, then contrastive-eval on its checkpoint."""
     out = cli(
-        "contrastive-train", "experiment=simclr_cifar10", f"data.root={cifar10_root}", "data.subset=256",
-        "data.test_subset=128", "data.batch_size=64", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", "probe.epochs=5", "hydra.run.dir=run", cwd=tmp_path,
+        "contrastive-train",
+        "experiment=simclr_cifar10",
+        f"data.root={cifar10_root}",
+        "data.subset=256",
+        "data.test_subset=128",
+        "data.batch_size=64",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "probe.epochs=5",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     # the rebuilt copy's warning, as one log line on the console and in the run's log
@@ -304,7 +367,9 @@ def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: P
     (line,) = [l for l in moved.stderr.splitlines() if l.startswith("error: ")]
     assert moved.returncode == 2 and line.startswith("error: CIFAR10 not found")
     # eval's own key, and no download advice (contrastive-eval has neither data.root nor data.download)
-    assert line.endswith("Point data_root at the folder that contains cifar-10-batches-py/ (e.g. data_root=/path/to/data).")
+    assert line.endswith(
+        "Point data_root at the folder that contains cifar-10-batches-py/ (e.g. data_root=/path/to/data)."
+    )
     assert 0 <= json.loads((tmp_path / "run" / "eval_last" / "metrics.json").read_text())["linear_top1"] <= 100
     # the exported backbone + probe loads into plain torchvision (CIFAR stem) and classifies like the probe
     import torchvision
@@ -322,10 +387,22 @@ def test_simclr_cifar10_probe_beats_untrained_network(cli, cifar10_root: Path, t
     by 5 points, its linear probe beats the untrained probe (seeds 0-2: kNN +7.1 to +9.4, probe
     +0.6 to +2.7; docs/benchmarks.md), and both equal the run's own final figures."""
     out = cli(
-        "contrastive-train", "experiment=simclr_cifar10", "model=convnet", f"data.root={cifar10_root}",
-        "data.subset=4000", "data.test_subset=1000", "data.batch_size=128", "trainer.max_epochs=8",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "eval.every_n_epochs=4",
-        "scheduler.warmup_epochs=1", "optimizer.lr=0.3", "loss.temperature=0.2", "hydra.run.dir=run", cwd=tmp_path,
+        "contrastive-train",
+        "experiment=simclr_cifar10",
+        "model=convnet",
+        f"data.root={cifar10_root}",
+        "data.subset=4000",
+        "data.test_subset=1000",
+        "data.batch_size=128",
+        "trainer.max_epochs=8",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "eval.every_n_epochs=4",
+        "scheduler.warmup_epochs=1",
+        "optimizer.lr=0.3",
+        "loss.temperature=0.2",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -341,10 +418,21 @@ def test_simclr_cifar10_probe_beats_untrained_network(cli, cifar10_root: Path, t
 
 def test_many_overrides_give_a_short_run_dir(cli, tmp_path: Path) -> None:
     many = [f"data.source.num_train={200 + i}" for i in range(1)] + [
-        "data.source.num_test=100", "data.batch_size=50", "trainer.max_epochs=0", "trainer.enable_progress_bar=false",
-        "eval.final_probe=false", "eval.knn_k=200", "eval.knn_temperature=0.1", "checkpoint.every_n_epochs=7",
-        "optimizer.momentum=0.9", "optimizer.weight_decay=0.0005", "scheduler.warmup_epochs=10",
-        "loss.temperature=0.5", "aug.flip_p=0.5", "aug.gray_p=0.2", "aug.jitter_p=0.8",
+        "data.source.num_test=100",
+        "data.batch_size=50",
+        "trainer.max_epochs=0",
+        "trainer.enable_progress_bar=false",
+        "eval.final_probe=false",
+        "eval.knn_k=200",
+        "eval.knn_temperature=0.1",
+        "checkpoint.every_n_epochs=7",
+        "optimizer.momentum=0.9",
+        "optimizer.weight_decay=0.0005",
+        "scheduler.warmup_epochs=10",
+        "loss.temperature=0.5",
+        "aug.flip_p=0.5",
+        "aug.gray_p=0.2",
+        "aug.jitter_p=0.8",
     ]
     out = cli("contrastive-train", *many, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -368,8 +456,10 @@ def test_builtin_default_beats_untrained_by_10_points(cli, tmp_path: Path) -> No
 
 def _features(n_train: int = 30, n_test: int = 12, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return {split: (torch.randn(n, 8, generator=g), torch.arange(n) % 3) for split, n in
-            (("train", n_train), ("test", n_test))}
+    return {
+        split: (torch.randn(n, 8, generator=g), torch.arange(n) % 3)
+        for split, n in (("train", n_train), ("test", n_test))
+    }
 
 
 def test_nan_features_are_refused_not_scored() -> None:
@@ -380,19 +470,24 @@ def test_nan_features_are_refused_not_scored() -> None:
 
     features = _features()
     features["train"][0][4, 2] = float("nan")
-    with pytest.raises(CheckpointError, match="features of the train images hold NaN/Inf in 1 of 30 rows, so no "
-                                              r"metric .*Evaluate an earlier checkpoint"):
+    with pytest.raises(
+        CheckpointError,
+        match="features of the train images hold NaN/Inf in 1 of 30 rows, so no "
+        r"metric .*Evaluate an earlier checkpoint",
+    ):
         final_metrics(features, 3, True, 5, 0.1, None)
     (xtr, ytr), (xte, yte) = features["train"], features["test"]
-    for call in (lambda: knn_top1(xtr, ytr, xte, yte, 3, 5), lambda: retrieval_metrics(xtr, ytr),
-                 lambda: linear_probe(xtr, ytr, xte, yte, num_classes=3, epochs=1)):
+    for call in (
+        lambda: knn_top1(xtr, ytr, xte, yte, 3, 5),
+        lambda: retrieval_metrics(xtr, ytr),
+        lambda: linear_probe(xtr, ytr, xte, yte, num_classes=3, epochs=1),
+    ):
         with pytest.raises(ValueError, match="NaN/Inf in 1 of 30 rows"):
             call()
 
 
 def test_knn_k_0_skips_the_knn_classifier_but_not_the_probe() -> None:
-    from contrastive.evaluation import feature_metrics
-    from contrastive.evaluation import knn_top1, linear_probe
+    from contrastive.evaluation import feature_metrics, knn_top1, linear_probe
 
     features = _features()
     probe = partial(linear_probe, epochs=2)
@@ -407,8 +502,10 @@ def test_class_disjoint_splits_need_the_map_at_r_monitor(config) -> None:
     from contrastive.cli.checks import check_config
 
     check_config(config("train", ["experiment=siamese_cifar10_disjoint"]))  # sets eval.knn_k=0
-    for overrides in (["experiment=siamese_cifar10_disjoint", "eval.knn_k=200"],
-                      ["experiment=siamese_shapes", "data.train_classes=[0,1,2,3,4]", "data.num_classes=5"]):
+    for overrides in (
+        ["experiment=siamese_cifar10_disjoint", "eval.knn_k=200"],
+        ["experiment=siamese_shapes", "data.train_classes=[0,1,2,3,4]", "data.num_classes=5"],
+    ):
         with pytest.raises(ConfigError, match="class-disjoint retrieval.*pass eval.knn_k=0"):
             check_config(config("train", overrides))
 
@@ -417,8 +514,11 @@ def test_a_regulariser_weight_without_its_head_is_refused(config, run_checks) ->
     from contrastive.data import shapes
 
     splits = shapes(num_train=200, num_test=8, size=32)
-    run_checks(config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=0.5"]),
-               splits, world=1)
+    run_checks(
+        config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "regularizer.weight=0.5"]),
+        splits,
+        world=1,
+    )
     run_checks(config("train", ["experiment=siamese_shapes"]), splits, world=1)  # regularizer=none: weight 0
     with pytest.raises(ConfigError, match=r"regularizer.weight=0.5 has no effect.*add regularizer=softmax_ce"):
         run_checks(config("train", ["experiment=siamese_shapes", "regularizer.weight=0.5"]), splits, world=1)
@@ -431,11 +531,17 @@ def test_supcon_export_carries_the_probe_as_fc(config) -> None:
 
     classifier = torch.nn.Linear(512, 10)
     for eval_features, has_fc in (("backbone", True), ("embedding", False)):
-        pipeline = build_pipeline(config("train", ["experiment=supcon_cifar10", f"pipeline.eval_features={eval_features}"]))
+        pipeline = build_pipeline(
+            config("train", ["experiment=supcon_cifar10", f"pipeline.eval_features={eval_features}"])
+        )
         state = export_backbone(pipeline, classifier)
         assert ("fc.weight" in state) is has_fc, eval_features
-    assert torch.equal(state_fc := export_backbone(build_pipeline(config("train", ["experiment=supcon_cifar10"])),
-                                                   classifier)["fc.weight"], classifier.weight.detach())
+    assert torch.equal(
+        state_fc := export_backbone(build_pipeline(config("train", ["experiment=supcon_cifar10"])), classifier)[
+            "fc.weight"
+        ],
+        classifier.weight.detach(),
+    )
     assert state_fc.shape == (10, 512)
 
 
@@ -456,7 +562,9 @@ def test_tiny_or_collapsed_test_sets_still_get_their_plots(tmp_path: Path, caplo
     assert out.stat().st_size > 0
 
 
-def test_eval_without_a_checkpoint_says_what_to_pass(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_eval_without_a_checkpoint_says_what_to_pass(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import sys
 
     from contrastive.cli import evaluate
@@ -466,9 +574,11 @@ def test_eval_without_a_checkpoint_says_what_to_pass(monkeypatch: pytest.MonkeyP
         with pytest.raises(SystemExit) as exit_info:
             evaluate()
         assert exit_info.value.code == 2
-        assert capsys.readouterr().err == ("error: contrastive-eval needs the checkpoint to evaluate: pass "
-                                           "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of "
-                                           "contrastive-train)\n")
+        assert capsys.readouterr().err == (
+            "error: contrastive-eval needs the checkpoint to evaluate: pass "
+            "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of "
+            "contrastive-train)\n"
+        )
 
 
 def test_eval_on_data_with_another_class_count_is_refused(config) -> None:
@@ -479,8 +589,11 @@ def test_eval_on_data_with_another_class_count_is_refused(config) -> None:
     run_cfg, data = config("train"), shapes(num_train=40, num_test=20, size=8)
     check_eval_data(run_cfg, data, None)  # 10 classes, as trained
     four = Splits(data.train.select_classes([0, 1, 2, 3]), data.test.select_classes([0, 1, 2, 3]))
-    with pytest.raises(ConfigError, match="the run trained on 10 classes, but the data at data_root=/other has 4: "
-                                          "point data_root at the data set the run trained on"):
+    with pytest.raises(
+        ConfigError,
+        match="the run trained on 10 classes, but the data at data_root=/other has 4: "
+        "point data_root at the data set the run trained on",
+    ):
         check_eval_data(run_cfg, four, "/other")
 
 
@@ -497,8 +610,9 @@ def test_an_l2_probe_exports_no_fc(caplog: pytest.LogCaptureFixture) -> None:
     assert "holds no fc: the probe was trained on L2-normalised features" in caplog.text
 
 
-def test_a_checkpoint_path_with_a_comma_is_one_path_unless_m(monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_a_checkpoint_path_with_a_comma_is_one_path_unless_m(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import sys
 
     from contrastive.cli import evaluate
@@ -506,7 +620,9 @@ def test_a_checkpoint_path_with_a_comma_is_one_path_unless_m(monkeypatch: pytest
 
     assert quote_paths(["checkpoint=/r/a,b/last.ckpt"], ("checkpoint",)) == ["checkpoint='/r/a,b/last.ckpt'"]
     assert quote_paths(["-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"], ("checkpoint",)) == [
-        "-m", "checkpoint=/r/a.ckpt,/r/b.ckpt"]  # a sweep where asked for (paths that do not exist: as typed)
+        "-m",
+        "checkpoint=/r/a.ckpt,/r/b.ckpt",
+    ]  # a sweep where asked for (paths that do not exist: as typed)
     monkeypatch.setattr(sys, "argv", ["contrastive-eval", "checkpoint=/nowhere/a.ckpt,/nowhere/b.ckpt"])
     with pytest.raises(SystemExit):
         evaluate()
@@ -527,10 +643,21 @@ def test_the_tuning_keys_the_docs_name_are_plain_overrides(config) -> None:
         assert instantiate(config("train", [f"loss={loss}", "loss.chunk_size=64"]).loss).chunk_size == 64, loss
     assert instantiate(config("train", ["aug.cuda_graph=false"]).aug).cuda_graph is False
     assert instantiate(config("train").aug).cuda_graph is True
-    probe = instantiate(config("eval", ["checkpoint=x.ckpt", "probe.lr=0.5", "probe.normalize=l2",
-                                        "probe.weight_decay=0", "probe.optimizer=adamw"]).probe)
-    assert probe.keywords == dict(epochs=100, lr=0.5, weight_decay=0, batch_size=512, optimizer="adamw",
-                                  normalize="l2", seed=0)  # every linear_probe setting, without a '+'
+    probe = instantiate(
+        config(
+            "eval",
+            [
+                "checkpoint=x.ckpt",
+                "probe.lr=0.5",
+                "probe.normalize=l2",
+                "probe.weight_decay=0",
+                "probe.optimizer=adamw",
+            ],
+        ).probe
+    )
+    assert probe.keywords == dict(
+        epochs=100, lr=0.5, weight_decay=0, batch_size=512, optimizer="adamw", normalize="l2", seed=0
+    )  # every linear_probe setting, without a '+'
 
 
 def test_settings_the_network_cannot_run_are_refused_before_training(config, run_checks) -> None:
@@ -540,26 +667,34 @@ def test_settings_the_network_cannot_run_are_refused_before_training(config, run
     from contrastive.cli.run import build_pipeline
     from contrastive.data import shapes
 
-    with pytest.raises(ConfigError, match=r"model.feature_dim=128, but the backbone outputs 256 features per image: "
-                                          r"pass model.feature_dim=256"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.feature_dim=128, but the backbone outputs 256 features per image: "
+        r"pass model.feature_dim=256",
+    ):
         build_pipeline(config("train", ["model.backbone.width=64"]))
     build_pipeline(config("train", ["model.backbone.width=64", "model.feature_dim=256"]))
     splits = shapes(num_train=70, num_test=8, size=32)
     moco = ["experiment=moco_shapes", "data.batch_size=16", "pipeline.bn_splits=4"]
     run_checks(config("train", moco), splits, world=1)  # drop_last: 70 = 4 x 16 + 6 dropped
-    with pytest.raises(ConfigError, match=r"last batch of 6 image\(s\), which the network cannot split into "
-                                          r"pipeline.bn_splits=4 BatchNorm groups"):
+    with pytest.raises(
+        ConfigError,
+        match=r"last batch of 6 image\(s\), which the network cannot split into "
+        r"pipeline.bn_splits=4 BatchNorm groups",
+    ):
         run_checks(config("train", [*moco, "sampler.drop_last=false"]), splits, world=1)
     with pytest.raises(ConfigError, match="leaves one image per BatchNorm group"):
-        run_checks(config("train", ["experiment=moco_shapes", "data.batch_size=4", "pipeline.bn_splits=4"]),
-                           splits, world=1)
+        run_checks(
+            config("train", ["experiment=moco_shapes", "data.batch_size=4", "pipeline.bn_splits=4"]), splits, world=1
+        )
     with pytest.raises(ConfigError, match=r"last batch of 1 image\(s\), which the network cannot normalise"):
         run_checks(config("train", ["sampler.drop_last=false", "data.batch_size=23"]), splits, world=1)
     run_checks(config("train", ["sampler.drop_last=false", "data.batch_size=34"]), splits, world=1)  # 2 left
 
     quick = ["experiment=simclr_cifar10", "data.subset=5000", "trainer.max_epochs=5"]
     assert "scheduler.warmup_epochs=10 >= trainer.max_epochs=5: the whole run is warm-up" in warmup_warning(
-        config("train", quick))
+        config("train", quick)
+    )
     assert warmup_warning(config("train", [*quick, "scheduler.warmup_epochs=1"])) is None  # README's quick run
     assert warmup_warning(config("train", [])) is None
     # the suggested value silences the warning, also in a one-epoch run (the old suggestion, 1, did not)
@@ -578,7 +713,9 @@ def test_apple_mps_is_not_picked_by_auto_and_refused_by_name(monkeypatch) -> Non
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert resolve_accelerator("auto") == "cpu" and resolve_accelerator("cpu") == "cpu"
-    with pytest.raises(ConfigError, match="trainer.accelerator=mps: Apple's GPU backend has no float64.*accelerator=cpu"):
+    with pytest.raises(
+        ConfigError, match="trainer.accelerator=mps: Apple's GPU backend has no float64.*accelerator=cpu"
+    ):
         resolve_accelerator("mps")
     with pytest.raises(ConfigError, match="trainer.accelerator=gpu: Apple's GPU backend"):
         resolve_accelerator("gpu")
@@ -591,8 +728,11 @@ def test_a_folder_given_as_checkpoint_names_the_file_inside(tmp_path: Path) -> N
     from contrastive.io import CheckpointError, check_checkpoint_file
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'run'} is a folder, not a checkpoint: pass "
-                                              rf"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{tmp_path / 'run'} is a folder, not a checkpoint: pass "
+        rf"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+    ):
         check_checkpoint_file(tmp_path / "run")
 
 
@@ -608,15 +748,18 @@ def test_a_failed_download_says_what_to_do(tmp_path: Path, monkeypatch) -> None:
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
-    with pytest.raises(DataError, match=r"could not download CIFAR10 into .*Name or service not known.*check the "
-                                        r"network, or put cifar-10-batches-py/ under data.root yourself"):
+    with pytest.raises(
+        DataError,
+        match=r"could not download CIFAR10 into .*Name or service not known.*check the "
+        r"network, or put cifar-10-batches-py/ under data.root yourself",
+    ):
         data.cifar10(str(tmp_path), download=True)
 
 
 # Config values that deliberately differ from the Python default of their target, and why.
 DELIBERATE = {
     "gather": "on in the configs, so a DDP run scores the global batch; off in Python (as lightly), where one "
-              "process makes it the identity anyway",
+    "process makes it the identity anyway",
     "optimizer/lars.yaml:lr": "SimCLR's 0.3 x batch / 256 at the configs' batch of 512",
     "scheduler/constant.yaml:warmup_epochs": "the constant schedule is warmup_cosine with no warm-up ...",
     "scheduler/constant.yaml:final_lr_fraction": "... and no decay",
@@ -662,8 +805,11 @@ def test_config_literals_are_the_python_defaults() -> None:
     for name in ("train.yaml", "eval.yaml"):
         cfg = yaml.safe_load((root / name).read_text())
         ev = cfg.get("eval", cfg)
-        for fn, k, t in ((knn_predict, "k", "temperature"), (knn_top1, "k", "temperature"),
-                         (Pipeline, "knn_k", "knn_temperature")):
+        for fn, k, t in (
+            (knn_predict, "k", "temperature"),
+            (knn_top1, "k", "temperature"),
+            (Pipeline, "knn_k", "knn_temperature"),
+        ):
             params = inspect.signature(fn).parameters
             assert (params[k].default, params[t].default) == (ev["knn_k"], ev["knn_temperature"]) == (200, 0.1)
 
@@ -678,19 +824,29 @@ def test_m_splits_commas_into_the_existing_paths_they_join_into(tmp_path: Path) 
         p.parent.mkdir(parents=True)
         p.write_bytes(b"")
     assert quote_paths(["-m", f"checkpoint={a},{b}", "data_root=/d"], ("checkpoint",)) == [
-        "-m", f"checkpoint='{a}','{b}'", "data_root=/d"]
+        "-m",
+        f"checkpoint='{a}','{b}'",
+        "data_root=/d",
+    ]
     assert quote_paths(["-m", f"checkpoint={b}"], ("checkpoint",)) == ["-m", f"checkpoint='{b}'"]
     # a piece that belongs to no existing path: the value goes to Hydra as before (and fails as 'not found')
     assert quote_paths(["-m", f"checkpoint={a},/nowhere.ckpt"], ("checkpoint",)) == [
-        "-m", f"checkpoint='{a},/nowhere.ckpt'"]
+        "-m",
+        f"checkpoint='{a},/nowhere.ckpt'",
+    ]
 
 
 def test_starting_over_or_rolling_back_sets_the_abandoned_checkpoints_aside(cli, tmp_path: Path) -> None:
     """resume=never and a rollback left the old epoch=NNNN.ckpt under the names the README tells users to
     evaluate (the new run's came out as epoch=NNNN-v1.ckpt), and last.ckpt for the next plain call."""
     run = tmp_path / "run" / "checkpoints"
-    args = [*SHRINK, "trainer.max_epochs=2", "checkpoint.every_n_epochs=1", "eval.final_probe=false",
-            "hydra.run.dir=run"]
+    args = [
+        *SHRINK,
+        "trainer.max_epochs=2",
+        "checkpoint.every_n_epochs=1",
+        "eval.final_probe=false",
+        "hydra.run.dir=run",
+    ]
 
     def train(*extra: str) -> dict[str, str]:
         out = cli("contrastive-train", *args, *extra, cwd=tmp_path)

@@ -37,11 +37,16 @@ WORLD = 2
 # --------------------------------------------------------------------------- harness
 
 
-
 def _worker(r: int, fn: Callable[[Path], Any], port: int, out_dir: str) -> None:
     # what torchrun / SLURM set; Lightning then joins instead of launching children
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(r),
-                      LOCAL_RANK=str(r), NODE_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(r),
+        LOCAL_RANK=str(r),
+        NODE_RANK="0",
+    )
     torch.set_num_threads(1)
     torch.save(fn(Path(out_dir)), os.path.join(out_dir, f"rank{r}.pt"))
     if dist.is_initialized():
@@ -51,16 +56,22 @@ def _worker(r: int, fn: Callable[[Path], Any], port: int, out_dir: str) -> None:
 
 def _on_two_ranks(fn: Callable[[Path], Any], tmp_path: Path, port: int) -> list[Any]:
     """``fn(tmp_path)`` on 2 gloo ranks (picklable, module level); its results, in rank order."""
-    mp.start_processes(_worker, args=(fn, port, str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(fn, port, str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 def _everything_on_this_rank(tmp_path: Path) -> dict[str, Any]:
     # one spawn for every check: starting a process (importing Lightning) is the slow part
-    return {"step": _one_step(WORLD), "validate": _validate(WORLD), "resume": _fit_then_resume(WORLD, tmp_path),
-            "moco": _moco_steps(WORLD), "moco_symmetric": _moco_steps(WORLD, symmetric=True),
-            "shuffle_bn": _shuffle_bn_keys(), "nonfinite": _inf_on_rank_0_only(), "skip_fit": _skip_fit(WORLD)}
+    return {
+        "step": _one_step(WORLD),
+        "validate": _validate(WORLD),
+        "resume": _fit_then_resume(WORLD, tmp_path),
+        "moco": _moco_steps(WORLD),
+        "moco_symmetric": _moco_steps(WORLD, symmetric=True),
+        "shuffle_bn": _shuffle_bn_keys(),
+        "nonfinite": _inf_on_rank_0_only(),
+        "skip_fit": _skip_fit(WORLD),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +82,15 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, free_port) -> list[dict[
 
 def _trainer(devices: int, **kwargs: Any) -> pl.Trainer:
     args = dict(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
     )
     return pl.Trainer(**(args | kwargs))
 
@@ -104,14 +121,23 @@ def _simclr_without_bn(momentum: float = 0.0) -> SimCLR:
     """
     torch.manual_seed(0)
     backbone = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     )
     return _MirrorViews(
         projector=mlp(16, 32, 8, batchnorm=False),
         loss=NTXent(temperature=0.3, learnable=True, gather=True),  # the temperature is a parameter too
-        backbone=backbone, augment=Augment(size=16), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=momentum),
-        feature_dim=16, num_classes=10, knn_k=5,
+        backbone=backbone,
+        augment=Augment(size=16),
+        optimizer=partial(torch.optim.SGD, lr=0.1, momentum=momentum),
+        feature_dim=16,
+        num_classes=10,
+        knn_k=5,
     )
 
 
@@ -121,8 +147,9 @@ class _Capture(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
         self.grads = {n: p.grad.detach().clone() for n, p in module.named_parameters()}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.loss = outputs["loss"].detach().clone()
 
 
@@ -180,8 +207,14 @@ def _validate(devices: int) -> dict[str, Any]:
     splits = shapes(num_train=NUM_BANK, num_test=NUM_TEST, size=16, seed=2)
     torch.manual_seed(0)
     pipeline = SimCLR(
-        projector=mlp(32, 32, 8), loss=NTXent(gather=True), backbone=convnet(width=8), augment=Augment(size=16),
-        optimizer=partial(torch.optim.SGD, lr=0.1), feature_dim=32, num_classes=10, knn_k=7,
+        projector=mlp(32, 32, 8),
+        loss=NTXent(gather=True),
+        backbone=convnet(width=8),
+        augment=Augment(size=16),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        feature_dim=32,
+        num_classes=10,
+        knn_k=7,
     )
     datamodule = TensorDataModule(splits, batch_size=8, eval_batch_size=EVAL_BATCH)
     trainer = _trainer(devices)
@@ -219,7 +252,8 @@ class _RestoredState(pl.Callback):
         optimizer = trainer.optimizers[0]
         params = [p for group in optimizer.param_groups for p in group["params"]]  # the checkpoint's order
         self.state = {
-            "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
             "momentum": [optimizer.state[p]["momentum_buffer"].clone() for p in params],
             "weights": {k: v.clone() for k, v in module.state_dict().items()},
             "generator": module.generator.get_state(),
@@ -231,15 +265,18 @@ def _fit_then_resume(devices: int, tmp_path: Path) -> tuple[dict[str, Any], Path
     splits = shapes(num_train=2 * PER_RANK * WORLD, num_test=4, size=16, seed=1)
     datamodule = TensorDataModule(splits, batch_size=PER_RANK * WORLD // devices, eval_batch_size=8, seed=3)
     directory = tmp_path / f"checkpoints_{devices}"
-    last = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_epochs=1,
-                           save_on_train_epoch_end=True)
-    _trainer(devices, max_epochs=1, limit_val_batches=0, precision="64-true", enable_checkpointing=True,
-             callbacks=[last]).fit(_simclr_without_bn(momentum=0.9), datamodule=datamodule)
+    last = ModelCheckpoint(
+        dirpath=directory, save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True
+    )
+    _trainer(
+        devices, max_epochs=1, limit_val_batches=0, precision="64-true", enable_checkpointing=True, callbacks=[last]
+    ).fit(_simclr_without_bn(momentum=0.9), datamodule=datamodule)
     restored = _RestoredState()
     # Lightning loads the weights before "64-true" converts the module: a float32 module would
     # round them on the way in, so the module is float64 already
     _trainer(devices, max_epochs=2, limit_val_batches=0, precision="64-true", callbacks=[restored]).fit(
-        _simclr_without_bn(momentum=0.9).double(), datamodule=datamodule, ckpt_path=directory / "last.ckpt")
+        _simclr_without_bn(momentum=0.9).double(), datamodule=datamodule, ckpt_path=directory / "last.ckpt"
+    )
     return restored.state, directory
 
 
@@ -278,16 +315,27 @@ def _moco_steps(devices: int, symmetric: bool = False) -> dict[str, Tensor]:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     moco = _MirrorMoCo(
-        backbone=backbone, projector=nn.Linear(8, 6), loss=InfoNCE(temperature=0.2), queue_size=20,
-        momentum=0.9, bn_splits=1, augment=Augment(size=16), optimizer=partial(torch.optim.SGD, lr=0.5),
-        feature_dim=8, num_classes=10, online_probe=False, symmetric=symmetric,
+        backbone=backbone,
+        projector=nn.Linear(8, 6),
+        loss=InfoNCE(temperature=0.2),
+        queue_size=20,
+        momentum=0.9,
+        bn_splits=1,
+        augment=Augment(size=16),
+        optimizer=partial(torch.optim.SGD, lr=0.5),
+        feature_dim=8,
+        num_classes=10,
+        online_probe=False,
+        symmetric=symmetric,
     ).double()
     _trainer(devices, max_steps=3, limit_val_batches=0, precision="64-true").fit(moco, datamodule=datamodule)
     return {k: v.clone() for k, v in moco.state_dict().items()}
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_moco_queue_is_the_same_on_every_rank_and_as_one_process(two_ranks: list[dict[str, Any]], symmetric: bool) -> None:
+def test_moco_queue_is_the_same_on_every_rank_and_as_one_process(
+    two_ranks: list[dict[str, Any]], symmetric: bool
+) -> None:
     """Keys are gathered before the enqueue: after 3 steps (a wrap-around) every rank holds the
     queue, pointer, query and key encoders that one process holds on the global batch. The keys
     are shuffled across the ranks (one process, ``bn_splits=1``, does not shuffle); without BN
@@ -375,8 +423,10 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_or_raised_on_every_rank(two_ran
     for r, out in enumerate(two_ranks):
         assert out["nonfinite"]["skip"] == (0.0, 1), r  # a zero loss on every rank: the backward stays paired
         assert out["nonfinite"]["raise"] is not None, r
-        assert f"loss={'inf' if r == 0 else '1.5'} (this process's value; non-finite on at least one of the 2 " \
-               "processes)" in out["nonfinite"]["raise"], r
+        assert (
+            f"loss={'inf' if r == 0 else '1.5'} (this process's value; non-finite on at least one of the 2 "
+            "processes)" in out["nonfinite"]["raise"]
+        ), r
 
 
 def test_every_softmax_loss_config_gathers_across_processes(config) -> None:  # type: ignore[no-untyped-def]
@@ -392,8 +442,10 @@ def test_moco_with_sync_batchnorm_and_uneven_ddp_batches_are_refused(config, run
     from contrastive.cli.checks import check_config
 
     check_config(config("train", ["experiment=moco_shapes", "trainer=ddp"]))  # the experiment keeps split BN
-    for overrides in (["experiment=moco_shapes", "trainer=ddp", "trainer.sync_batchnorm=true"],
-                      ["pipeline=moco", "loss=info_nce", "trainer=ddp"]):
+    for overrides in (
+        ["experiment=moco_shapes", "trainer=ddp", "trainer.sync_batchnorm=true"],
+        ["pipeline=moco", "loss=info_nce", "trainer=ddp"],
+    ):
         with pytest.raises(ConfigError, match="trainer.sync_batchnorm=true would replace MoCo's shuffle-BN"):
             run_checks(config("train", overrides), shapes(num_train=200, num_test=8, size=32), world=1)
     cfg = config("train", ["sampler.drop_last=false", "data.batch_size=8", "data.image_size=8"])
@@ -411,13 +463,25 @@ KEYS_PER_RANK, KEY_SPLITS = 8, 2
 def _bn_moco() -> MoCo:
     """A float64 MoCo in train mode whose key encoder has BN (split in ``KEY_SPLITS`` groups) in both parts."""
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten())
+    backbone = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
     projector = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 6))
-    return MoCo(
-        backbone=backbone, projector=projector, loss=InfoNCE(temperature=0.2), queue_size=32, bn_splits=KEY_SPLITS,
-        augment=Augment(size=8), optimizer=partial(torch.optim.SGD, lr=0.1), feature_dim=8, online_probe=False,
-    ).double().train()
+    return (
+        MoCo(
+            backbone=backbone,
+            projector=projector,
+            loss=InfoNCE(temperature=0.2),
+            queue_size=32,
+            bn_splits=KEY_SPLITS,
+            augment=Augment(size=8),
+            optimizer=partial(torch.optim.SGD, lr=0.1),
+            feature_dim=8,
+            online_probe=False,
+        )
+        .double()
+        .train()
+    )
 
 
 def _key_views() -> Tensor:
@@ -472,8 +536,13 @@ def test_shuffle_bn_statistics_come_from_other_ranks_images(two_ranks: list[dict
 # --------------------------------------------------------------------------- the CLI under DDP
 
 SHRINK = [
-    "data.source.num_train=200", "data.source.num_test=100", "data.batch_size=25", "trainer.enable_progress_bar=false",
-    "probe.epochs=5", "eval.every_n_epochs=1", "hydra.run.dir=run",
+    "data.source.num_train=200",
+    "data.source.num_test=100",
+    "data.batch_size=25",
+    "trainer.enable_progress_bar=false",
+    "probe.epochs=5",
+    "eval.every_n_epochs=1",
+    "hydra.run.dir=run",
 ]
 
 
@@ -502,7 +571,8 @@ def test_cli_trains_and_resumes_on_two_cpu_processes(cli, tmp_path: Path) -> Non
     assert second["epochs"] == 2
     # the untrained figures are measured with the seed's initial weights on every run
     assert {k: v for k, v in second.items() if k.endswith("_untrained")} == {
-        k: v for k, v in first.items() if k.endswith("_untrained")}
+        k: v for k, v in first.items() if k.endswith("_untrained")
+    }
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 8  # epoch 2 on top of the restored 4 steps
     metrics_csv = (run / "logs" / "metrics.csv").read_text()
@@ -512,15 +582,40 @@ def test_cli_trains_and_resumes_on_two_cpu_processes(cli, tmp_path: Path) -> Non
 def _two_node_commands(launcher: str, bin_dir: Path, overrides: list[str], port: str) -> list[tuple[list[str], dict]]:
     """(command, extra environment) of each of two "nodes" on this machine, one process each."""
     if launcher == "torchrun":
-        return [([str(bin_dir / "torchrun"), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
-                  "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "contrastive.cli", *overrides], {})
-                for node in (1, 0)]
+        return [
+            (
+                [
+                    str(bin_dir / "torchrun"),
+                    "--nnodes=2",
+                    "--nproc-per-node=1",
+                    f"--node-rank={node}",
+                    "--master-addr=127.0.0.1",
+                    f"--master-port={port}",
+                    "-m",
+                    "contrastive.cli",
+                    *overrides,
+                ],
+                {},
+            )
+            for node in (1, 0)
+        ]
     # what srun sets for a job of 2 nodes x 1 task (Lightning's SLURMEnvironment reads it)
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "contrastive",
-             "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": port}
-    return [([str(bin_dir / "contrastive-train"), *overrides],
-             {**slurm, "SLURM_PROCID": str(node), "SLURM_NODEID": str(node), "SLURM_LOCALID": "0"})
-            for node in (1, 0)]
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_JOB_NAME": "contrastive",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_PORT": port,
+    }
+    return [
+        (
+            [str(bin_dir / "contrastive-train"), *overrides],
+            {**slurm, "SLURM_PROCID": str(node), "SLURM_NODEID": str(node), "SLURM_LOCALID": "0"},
+        )
+        for node in (1, 0)
+    ]
 
 
 @pytest.mark.slow
@@ -538,15 +633,26 @@ def test_two_nodes_equal_one_node_with_two_processes(launcher: str, tmp_path: Pa
     env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     shrink = ["trainer=ddp_cpu", "trainer.max_epochs=1", *SHRINK]
     (tmp_path / "one").mkdir()
-    one = subprocess.run([str(bin_dir / "contrastive-train"), *shrink], cwd=tmp_path / "one", env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [str(bin_dir / "contrastive-train"), *shrink],
+        cwd=tmp_path / "one",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
 
     (tmp_path / "two").mkdir()
-    commands = _two_node_commands(launcher, bin_dir, [*shrink, "trainer.devices=1", "trainer.num_nodes=2"],
-                                  str(free_port()))
-    nodes = [subprocess.Popen(command, cwd=tmp_path / "two", env=env | extra, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for command, extra in commands]
+    commands = _two_node_commands(
+        launcher, bin_dir, [*shrink, "trainer.devices=1", "trainer.num_nodes=2"], str(free_port())
+    )
+    nodes = [
+        subprocess.Popen(
+            command, cwd=tmp_path / "two", env=env | extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for command, extra in commands
+    ]
     logs = [p.communicate(timeout=600)[0] for p in nodes]
     assert all(p.returncode == 0 for p in nodes), logs[1][-3000:] + logs[0][-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[0] and "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[1]

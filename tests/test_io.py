@@ -42,16 +42,29 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 def test_json_writes_every_non_finite_float_as_null(tmp_path: Path) -> None:
     """+inf and -inf (not only NaN), as floats or 0-d tensors, become null: strict JSON has no Infinity."""
     values = {
-        "nan": math.nan, "pos_inf": math.inf, "neg_inf": -math.inf,
-        "t_nan": torch.tensor(math.nan), "t_pos_inf": torch.tensor(math.inf), "t_neg_inf": torch.tensor(-math.inf),
-        "nested": [math.inf, {"x": -math.inf}], "finite": 1.5, "t_finite": torch.tensor(2.0),
+        "nan": math.nan,
+        "pos_inf": math.inf,
+        "neg_inf": -math.inf,
+        "t_nan": torch.tensor(math.nan),
+        "t_pos_inf": torch.tensor(math.inf),
+        "t_neg_inf": torch.tensor(-math.inf),
+        "nested": [math.inf, {"x": -math.inf}],
+        "finite": 1.5,
+        "t_finite": torch.tensor(2.0),
     }
     path = write_json_atomic(tmp_path / "metrics.json", values)
     text = path.read_text()
     assert "Infinity" not in text and "NaN" not in text
     assert json.loads(text) == {
-        "finite": 1.5, "nan": None, "neg_inf": None, "nested": [None, {"x": None}], "pos_inf": None,
-        "t_finite": 2.0, "t_nan": None, "t_neg_inf": None, "t_pos_inf": None,
+        "finite": 1.5,
+        "nan": None,
+        "neg_inf": None,
+        "nested": [None, {"x": None}],
+        "pos_inf": None,
+        "t_finite": 2.0,
+        "t_nan": None,
+        "t_neg_inf": None,
+        "t_pos_inf": None,
     }
 
 
@@ -64,9 +77,7 @@ def test_atomic_file_gets_the_umask_permissions_not_mkstemps_0600(tmp_path: Path
     assert stat.S_IMODE(other.stat().st_mode) == 0o640
 
 
-def test_failed_rename_propagates_and_leaves_no_temporary_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_rename_propagates_and_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """If the final os.replace fails, the error reaches the caller, the old file stays and no .tmp is left."""
     target = tmp_path / "metrics.json"
     target.write_text("old\n")
@@ -99,8 +110,12 @@ def test_checkpoint_with_state_dict_but_no_run_config_is_refused(tmp_path: Path)
 def test_shape_mismatch_names_three_entries_then_counts_the_rest() -> None:
     """With 4 tensors of another shape the message names the first 3 and ends 'and 1 more'."""
     module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
-    saved = {"0.weight": torch.zeros(4, 2), "0.bias": torch.zeros(4), "1.weight": torch.zeros(1, 4),
-             "1.bias": torch.zeros(2)}
+    saved = {
+        "0.weight": torch.zeros(4, 2),
+        "0.bias": torch.zeros(4),
+        "1.weight": torch.zeros(1, 4),
+        "1.bias": torch.zeros(2),
+    }
     assert state_dict_mismatch(saved, module) == (
         "of another shape 0.weight (4, 2) vs (3, 2), 0.bias (4,) vs (3,), 1.weight (1, 4) vs (1, 3) and 1 more"
     )

@@ -137,10 +137,12 @@ def test_split_bn_statistics_are_per_group(shape: tuple[int, ...]) -> None:
         variances.append(part.double().var(dims, unbiased=True))
     # the whole batch's statistics would give a different result
     assert not torch.allclose(y.double(), _bn_reference(x, bn.weight, bn.bias, bn.eps), atol=1e-2)
-    torch.testing.assert_close(bn.running_mean.double(), 0.7 * old_mean.double() + 0.3 * torch.stack(means).mean(0),
-                               rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bn.running_var.double(), 0.7 * old_var.double() + 0.3 * torch.stack(variances).mean(0),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        bn.running_mean.double(), 0.7 * old_mean.double() + 0.3 * torch.stack(means).mean(0), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        bn.running_var.double(), 0.7 * old_var.double() + 0.3 * torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6
+    )
     assert int(bn.num_batches_tracked) == 1
     y.sum().backward()  # differentiable as a plain BN
     assert bn.weight.grad is not None and torch.isfinite(bn.weight.grad).all()
@@ -195,8 +197,12 @@ def _moco(seed: int = 0, **kwargs) -> MoCo:  # type: ignore[no-untyped-def]
     args = dict(queue_size=48, momentum=0.9, bn_splits=4, feature_dim=32, online_probe=True)
     args.update(kwargs)
     return MoCo(
-        backbone=convnet(width=8), projector=mlp(32, 32, 16), loss=InfoNCE(temperature=0.2), augment=_augment(),
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4), **args,
+        backbone=convnet(width=8),
+        projector=mlp(32, 32, 16),
+        loss=InfoNCE(temperature=0.2),
+        augment=_augment(),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        **args,
     )
 
 
@@ -340,8 +346,14 @@ def test_queue_smaller_than_a_step_is_a_clear_error() -> None:
 
 def test_in_batch_symmetric_loss_is_refused() -> None:
     with pytest.raises(ValueError, match="pipeline.symmetric"):
-        MoCo(backbone=convnet(8), projector=mlp(32, 32, 16), loss=InfoNCE(symmetric=True), augment=_augment(),
-             optimizer=torch.optim.SGD, feature_dim=32)
+        MoCo(
+            backbone=convnet(8),
+            projector=mlp(32, 32, 16),
+            loss=InfoNCE(symmetric=True),
+            augment=_augment(),
+            optimizer=torch.optim.SGD,
+            feature_dim=32,
+        )
 
 
 def test_sync_batchnorm_is_refused_at_fit_start() -> None:
@@ -378,8 +390,15 @@ def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> t
     data = TensorDataModule(splits, batch_size=16, eval_batch_size=64, seed=0)
     moco = _moco(symmetric=True, momentum_cosine=True, queue_size=40)
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp,
         callbacks=[_StopAfterEpoch(stop_after)] if stop_after is not None else [],
     )
     trainer.fit(moco, datamodule=data, ckpt_path=ckpt)
@@ -434,8 +453,14 @@ def test_experiment_moco_cifar10_builds_the_demo_model(config) -> None:
 
 
 MOCO_SHRINK = [
-    "data.source.num_train=200", "data.source.num_test=100", "data.batch_size=40", "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false", "eval.every_n_epochs=1", "probe.epochs=5", "pipeline.queue_size=128",
+    "data.source.num_train=200",
+    "data.source.num_test=100",
+    "data.batch_size=40",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "eval.every_n_epochs=1",
+    "probe.epochs=5",
+    "pipeline.queue_size=128",
     "hydra.run.dir=run",
 ]
 
@@ -457,9 +482,18 @@ def test_moco_shapes_cli_run(cli, tmp_path: Path) -> None:
 def test_moco_cifar10_few_steps(cli, cifar10_root: Path, tmp_path: Path) -> None:
     """The real experiment config on a CIFAR-10 subset, ResNet-18 on the CPU."""
     out = cli(
-        "contrastive-train", "experiment=moco_cifar10", f"data.root={cifar10_root}", "data.subset=256",
-        "data.test_subset=128", "data.batch_size=64", "pipeline.queue_size=256", "trainer.max_epochs=1",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "probe.epochs=5", "hydra.run.dir=run",
+        "contrastive-train",
+        "experiment=moco_cifar10",
+        f"data.root={cifar10_root}",
+        "data.subset=256",
+        "data.test_subset=128",
+        "data.batch_size=64",
+        "pipeline.queue_size=256",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "probe.epochs=5",
+        "hydra.run.dir=run",
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -472,8 +506,13 @@ def test_moco_cifar10_few_steps(cli, cifar10_root: Path, tmp_path: Path) -> None
 @pytest.mark.slow
 def test_moco_shapes_demo_learns(cli, tmp_path: Path) -> None:
     """The CPU demo as shipped: MoCo must beat the untrained network's kNN by 10 points."""
-    out = cli("contrastive-train", "experiment=moco_shapes", "trainer.enable_progress_bar=false", "hydra.run.dir=run",
-              cwd=tmp_path)
+    out = cli(
+        "contrastive-train",
+        "experiment=moco_shapes",
+        "trainer.enable_progress_bar=false",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs"] == 25

@@ -13,8 +13,16 @@ from contrastive.cli.run import build_pipeline
 from contrastive.optim import LARS
 
 
-def _naive_lars(params: list[list[float]], grads: list[list[list[float]]], shapes: list[tuple[int, ...]], lr: float,
-                momentum: float, wd: float, eta: float, nesterov: bool) -> list[list[float]]:
+def _naive_lars(
+    params: list[list[float]],
+    grads: list[list[list[float]]],
+    shapes: list[tuple[int, ...]],
+    lr: float,
+    momentum: float,
+    wd: float,
+    eta: float,
+    nesterov: bool,
+) -> list[list[float]]:
     """The update written out element by element, one step per entry of ``grads``."""
     w = [list(p) for p in params]
     v: list[list[float] | None] = [None] * len(w)
@@ -45,8 +53,16 @@ def test_lars_equals_its_formula(nesterov: bool, lr: float, momentum: float, wd:
         for t, gr in zip(tensors, step):
             t.grad = gr.clone()
         opt.step()
-    expected = _naive_lars([p.flatten().tolist() for p in params], [[x.flatten().tolist() for x in s] for s in grads],
-                           shapes, lr, momentum, wd, eta, nesterov)
+    expected = _naive_lars(
+        [p.flatten().tolist() for p in params],
+        [[x.flatten().tolist() for x in s] for s in grads],
+        shapes,
+        lr,
+        momentum,
+        wd,
+        eta,
+        nesterov,
+    )
     for t, e, s in zip(tensors, expected, shapes):
         torch.testing.assert_close(t.detach(), torch.tensor(e, dtype=torch.float64).reshape(s), rtol=1e-12, atol=1e-15)
 
@@ -59,7 +75,9 @@ def test_adaptation_makes_the_step_scale_free() -> None:
         opt = LARS([wc, bc], lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=0.01)
         wc.grad, bc.grad = torch.full_like(wc, scale), torch.full_like(bc, 1.0)
         opt.step()
-        assert torch.linalg.vector_norm(wc.detach() - w.detach()).item() == pytest.approx(0.01 * 4.0 * math.sqrt(3), rel=1e-12)
+        assert torch.linalg.vector_norm(wc.detach() - w.detach()).item() == pytest.approx(
+            0.01 * 4.0 * math.sqrt(3), rel=1e-12
+        )
         assert torch.equal(bc.detach(), b.detach() - 1.0)
 
 
@@ -117,7 +135,11 @@ def test_step_does_not_modify_the_gradient() -> None:
 def test_lars_defaults_are_simclrs() -> None:
     """Without arguments LARS is SimCLR's: lr 0.3 (per 256), momentum 0.9, wd 1e-6, eta 1e-3, biases exempt."""
     assert LARS([torch.nn.Parameter(torch.zeros(2))]).defaults == {
-        "lr": 0.3, "momentum": 0.9, "weight_decay": 1e-6, "trust_coefficient": 1e-3, "exclude_1d": True,
+        "lr": 0.3,
+        "momentum": 0.9,
+        "weight_decay": 1e-6,
+        "trust_coefficient": 1e-3,
+        "exclude_1d": True,
         "nesterov": False,
     }
 
@@ -126,9 +148,17 @@ def test_lars_defaults_are_simclrs() -> None:
 def test_lars_trains_through_the_cli(cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The default run with optimizer=lars, 5 epochs (measured: kNN 24.7 -> 37.8). With eta = 0.001
     a step moves each layer by lr * eta of its norm, so the short run needs a large lr."""
-    out = cli("contrastive-train", "optimizer=lars", "optimizer.lr=5.0", "trainer.max_epochs=5",
-              "trainer.enable_progress_bar=false", "eval.every_n_epochs=5", "probe.epochs=5", "hydra.run.dir=run",
-              cwd=tmp_path)
+    out = cli(
+        "contrastive-train",
+        "optimizer=lars",
+        "optimizer.lr=5.0",
+        "trainer.max_epochs=5",
+        "trainer.enable_progress_bar=false",
+        "eval.every_n_epochs=5",
+        "probe.epochs=5",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["knn_top1"] > metrics["knn_top1_untrained"] + 7

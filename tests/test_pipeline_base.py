@@ -7,14 +7,22 @@ import torch
 from torch import nn
 
 from contrastive.augment import Augment
+from contrastive.losses import NTXent
 from contrastive.models import ema_update, momentum_copy, resnet
 from contrastive.pipelines import NonFiniteLossError, SimCLR
-from contrastive.losses import NTXent
 
 
 def _pipeline(on_nonfinite: str) -> SimCLR:
-    return SimCLR(projector=nn.Linear(4, 2), loss=NTXent(), backbone=nn.Flatten(), augment=Augment(),
-                  optimizer=torch.optim.SGD, feature_dim=4, num_classes=2, on_nonfinite=on_nonfinite)
+    return SimCLR(
+        projector=nn.Linear(4, 2),
+        loss=NTXent(),
+        backbone=nn.Flatten(),
+        augment=Augment(),
+        optimizer=torch.optim.SGD,
+        feature_dim=4,
+        num_classes=2,
+        on_nonfinite=on_nonfinite,
+    )
 
 
 def test_nonfinite_raise_names_step_and_term() -> None:
@@ -86,10 +94,19 @@ def test_bad_on_nonfinite_value() -> None:
         _pipeline("ignore")
 
 
-@pytest.mark.parametrize("key, value", [("feature_dim", 0), ("num_classes", 0), ("knn_k", -1), ("knn_temperature", 0.0)])
+@pytest.mark.parametrize(
+    "key, value", [("feature_dim", 0), ("num_classes", 0), ("knn_k", -1), ("knn_temperature", 0.0)]
+)
 def test_bad_base_arguments_name_the_key(key: str, value: float) -> None:
-    args = dict(projector=nn.Linear(4, 2), loss=NTXent(), backbone=nn.Flatten(), augment=Augment(),
-                optimizer=torch.optim.SGD, feature_dim=4, num_classes=2)
+    args = dict(
+        projector=nn.Linear(4, 2),
+        loss=NTXent(),
+        backbone=nn.Flatten(),
+        augment=Augment(),
+        optimizer=torch.optim.SGD,
+        feature_dim=4,
+        num_classes=2,
+    )
     with pytest.raises(ValueError, match=f"invalid {key}={value}"):
         SimCLR(**{**args, key: value})
 
@@ -164,13 +181,29 @@ def test_training_on_the_cpu_runs_channels_last() -> None:
     from contrastive.pipelines.base import channels_last
 
     assert channels_last(torch.device("cpu")) and not channels_last(torch.device("mps"))
-    p = _RecordLayout(projector=nn.Linear(32, 8), loss=NTXent(), backbone=convnet(width=8), augment=Augment(size=16),
-                      optimizer=torch.optim.SGD, feature_dim=32, num_classes=10, knn_k=5)
+    p = _RecordLayout(
+        projector=nn.Linear(32, 8),
+        loss=NTXent(),
+        backbone=convnet(width=8),
+        augment=Augment(size=16),
+        optimizer=torch.optim.SGD,
+        feature_dim=32,
+        num_classes=10,
+        knn_k=5,
+    )
     convs = [m.weight for m in p.modules() if isinstance(m, nn.Conv2d)]
     assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     data = TensorDataModule(shapes(num_train=8, num_test=4, size=16, seed=0), batch_size=8, eval_batch_size=4)
-    pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0).fit(p, datamodule=data)
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    ).fit(p, datamodule=data)
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert p.view_layouts == [True, True]
     assert p.features(data.splits.test.images).shape == (4, 32)

@@ -18,9 +18,15 @@ from contrastive.io import ResumableCSVLogger, state_dict_mismatch
 
 BIN = Path(sys.executable).parent
 RUN = [
-    "data.source.num_train=400", "data.source.num_test=100", "data.batch_size=50", "trainer.max_epochs=4",
-    "trainer.enable_progress_bar=false", "eval.every_n_epochs=10", "eval.final_probe=false",
-    "checkpoint.every_n_epochs=1", "trainer.deterministic=true",
+    "data.source.num_train=400",
+    "data.source.num_test=100",
+    "data.batch_size=50",
+    "trainer.max_epochs=4",
+    "trainer.enable_progress_bar=false",
+    "eval.every_n_epochs=10",
+    "eval.final_probe=false",
+    "checkpoint.every_n_epochs=1",
+    "trainer.deterministic=true",
 ]
 
 
@@ -99,8 +105,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
         ("pipeline.num_views=3", "pipeline.num_views=3 needs loss=sup_con"),
         ("experiment=siamese_shapes loss=nt_xent", "loss NTXent does not fit the Siamese pipeline"),
         ("loss.temperature=abc", "temperature must be a number > 0, got 'abc'"),
-        pytest.param("trainer.accelerator=gpu", "No supported gpu backend found! (trainer.accelerator=gpu",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+        pytest.param(
+            "trainer.accelerator=gpu",
+            "No supported gpu backend found! (trainer.accelerator=gpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+        ),
     ],
 )
 def test_bad_values_are_refused_before_training(cli, tmp_path: Path, override: str, message: str) -> None:
@@ -120,29 +129,54 @@ def test_state_dict_mismatch_says_what_differs() -> None:
     saved = {k: v for k, v in module.state_dict().items() if not k.startswith("1.")}
     saved["0.weight"], saved["queue.keys"] = torch.zeros(4, 2), torch.zeros(5)
     assert state_dict_mismatch(saved, module) == (
-        "missing 1.* (5); unexpected queue.* (1); of another shape 0.weight (4, 2) vs (3, 2)")
+        "missing 1.* (5); unexpected queue.* (1); of another shape 0.weight (4, 2) vs (3, 2)"
+    )
 
 
 def test_resume_from_another_experiments_checkpoint_is_refused_before_work(cli, tmp_path: Path) -> None:
-    tiny = ["data.source.num_train=80", "data.source.num_test=40", "data.batch_size=40", "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false", "eval.final_probe=false"]
-    moco = cli("contrastive-train", "experiment=moco_shapes", *tiny, "pipeline.queue_size=80", "hydra.run.dir=moco",
-               cwd=tmp_path)
+    tiny = [
+        "data.source.num_train=80",
+        "data.source.num_test=40",
+        "data.batch_size=40",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "eval.final_probe=false",
+    ]
+    moco = cli(
+        "contrastive-train",
+        "experiment=moco_shapes",
+        *tiny,
+        "pipeline.queue_size=80",
+        "hydra.run.dir=moco",
+        cwd=tmp_path,
+    )
     assert moco.returncode == 0, moco.stderr[-2000:]
     ckpt = tmp_path / "moco" / "checkpoints" / "last.ckpt"
     out = cli("contrastive-train", *tiny, f"resume={ckpt}", "hydra.run.dir=simclr", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
-    assert line.startswith(f"error: cannot resume from {ckpt}: it was written by another model or pipeline "
-                           "(run 'moco_shapes'; unexpected ") and "queue.* (2)" in line and "resume=never" in line
+    assert (
+        line.startswith(
+            f"error: cannot resume from {ckpt}: it was written by another model or pipeline "
+            "(run 'moco_shapes'; unexpected "
+        )
+        and "queue.* (2)" in line
+        and "resume=never" in line
+    )
     assert not (tmp_path / "simclr" / "logs").exists()  # refused before the untrained measurement
     missing = cli("contrastive-train", *tiny, f"resume={tmp_path / 'nope.ckpt'}", cwd=tmp_path)
     assert missing.returncode == 2 and "; pass resume=RUN_DIR/checkpoints/last.ckpt" in missing.stderr
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(cli, tmp_path: Path) -> None:
-    base = ["data.source.num_train=100", "data.source.num_test=50", "data.batch_size=50",
-            "trainer.enable_progress_bar=false", "eval.final_probe=false", "hydra.run.dir=run"]
+    base = [
+        "data.source.num_train=100",
+        "data.source.num_test=50",
+        "data.batch_size=50",
+        "trainer.enable_progress_bar=false",
+        "eval.final_probe=false",
+        "hydra.run.dir=run",
+    ]
     ok = cli("contrastive-train", *base, "trainer.max_epochs=1", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -167,7 +201,11 @@ def test_resumed_csv_log_keeps_rows_before_the_checkpoint(tmp_path: Path) -> Non
     with old.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["train/loss"], r["val/knn_top1"]) for r in rows] == [
-        ("0", "", "15.0"), ("7", "3.9", ""), ("15", "3.5", ""), ("17", "3.0", "")]
+        ("0", "", "15.0"),
+        ("7", "3.9", ""),
+        ("15", "3.5", ""),
+        ("17", "3.0", ""),
+    ]
     assert rows[-1]["train/epoch_seconds"] == "0.5" and rows[0]["train/epoch_seconds"] == ""
     fresh = ResumableCSVLogger(tmp_path, name="logs", version="")  # not resuming: Lightning's behaviour
     with pytest.warns(UserWarning, match="will be deleted"):
@@ -216,18 +254,26 @@ def test_sigterm_exits_143_with_what_to_do(capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit) as exit_info:
         run_guarded(terminated)(None)  # type: ignore[arg-type]
     assert exit_info.value.code == 128 + signal.SIGTERM
-    assert capsys.readouterr().err == ("error: stopped by SIGTERM; checkpoints/last.ckpt keeps the last whole epoch: "
-                                       "run the same command to continue\n")
+    assert capsys.readouterr().err == (
+        "error: stopped by SIGTERM; checkpoints/last.ckpt keeps the last whole epoch: "
+        "run the same command to continue\n"
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("seed=-1", "seed=-1 is invalid: it must be an integer in"),
-    ("seed=4294967296", "seed=4294967296 is invalid"),
-    ("scheduler.warmup_epochs=abc", "scheduler.warmup_epochs='abc' is invalid: it must be a non-negative number"),
-    ("eval.knn_temperature=abc", "eval.knn_temperature='abc' is invalid: it must be a positive number"),
-    ("trainer.max_time=1", "trainer.max_time=1 is invalid: it must be DD:HH:MM:SS, e.g. trainer.max_time=00:04:00:00"),
-    ("trainer.max_time=00:00:05", "trainer.max_time='00:00:05' is invalid: it must be DD:HH:MM:SS"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=-1", "seed=-1 is invalid: it must be an integer in"),
+        ("seed=4294967296", "seed=4294967296 is invalid"),
+        ("scheduler.warmup_epochs=abc", "scheduler.warmup_epochs='abc' is invalid: it must be a non-negative number"),
+        ("eval.knn_temperature=abc", "eval.knn_temperature='abc' is invalid: it must be a positive number"),
+        (
+            "trainer.max_time=1",
+            "trainer.max_time=1 is invalid: it must be DD:HH:MM:SS, e.g. trainer.max_time=00:04:00:00",
+        ),
+        ("trainer.max_time=00:00:05", "trainer.max_time='00:00:05' is invalid: it must be DD:HH:MM:SS"),
+    ],
+)
 def test_values_that_crashed_with_a_traceback_are_refused_by_name(config, override: str, message: str) -> None:  # type: ignore[no-untyped-def]
     from contrastive.cli import ConfigError
     from contrastive.cli.checks import check_config
@@ -237,10 +283,16 @@ def test_values_that_crashed_with_a_traceback_are_refused_by_name(config, overri
         check_config(config("train", [override]))
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("trainer.precision=abc", "Precision 'abc' is invalid.*trainer.\\* values are the arguments of pytorch_lightning"),
-    ("trainer.num_nodes=0", "`num_nodes` must be a positive integer.*arguments of pytorch_lightning.Trainer"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        (
+            "trainer.precision=abc",
+            "Precision 'abc' is invalid.*trainer.\\* values are the arguments of pytorch_lightning",
+        ),
+        ("trainer.num_nodes=0", "`num_nodes` must be a positive integer.*arguments of pytorch_lightning.Trainer"),
+    ],
+)
 def test_trainer_values_it_refuses_are_one_config_error(config, tmp_path: Path, override: str, hint: str) -> None:  # type: ignore[no-untyped-def]
     """They were a ValueError traceback (only TypeError and MisconfigurationException were caught)."""
     from contrastive.cli import ConfigError
@@ -285,12 +337,14 @@ def test_an_unforeseen_error_in_a_sweep_job_is_recorded_and_the_sweep_goes_on(tm
     monkeypatch.setattr(cli_module.HydraConfig, "get", staticmethod(lambda: job))
     assert cli_module.run_guarded(broken)(None) is None  # the sweep goes on to its next job
     assert (tmp_path / "error.txt").read_text() == (
-        "ZeroDivisionError: division by zero (traceback in the job's cli.log)\n")
+        "ZeroDivisionError: division by zero (traceback in the job's cli.log)\n"
+    )
 
 
 @pytest.mark.parametrize("stop", ["sigint", "sigterm"])
-def test_ctrl_c_in_fit_exits_130_with_what_to_do_and_sigterm_stays_sigterm(stop: str,
-                                                                            capsys: pytest.CaptureFixture) -> None:
+def test_ctrl_c_in_fit_exits_130_with_what_to_do_and_sigterm_stays_sigterm(
+    stop: str, capsys: pytest.CaptureFixture
+) -> None:
     """Lightning ends Ctrl-C with sys.exit(1) after its graceful shutdown: the user read only 'Detected
     KeyboardInterrupt'. Its SIGTERMException also leaves the trainer 'interrupted', and must still say SIGTERM."""
     import pytorch_lightning as pl
@@ -307,11 +361,27 @@ def test_ctrl_c_in_fit_exits_130_with_what_to_do_and_sigterm_stays_sigterm(stop:
         def on_train_batch_end(self, *args: object) -> None:
             raise KeyboardInterrupt if stop == "sigint" else SIGTERMException()
 
-    pipeline = SimCLR(projector=nn.Linear(192, 4), loss=NTXent(), backbone=nn.Flatten(), augment=Augment(size=8),
-                      optimizer=torch.optim.SGD, feature_dim=192, num_classes=10, knn_k=5)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[Stop()])
+    pipeline = SimCLR(
+        projector=nn.Linear(192, 4),
+        loss=NTXent(),
+        backbone=nn.Flatten(),
+        augment=Augment(size=8),
+        optimizer=torch.optim.SGD,
+        feature_dim=192,
+        num_classes=10,
+        knn_k=5,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[Stop()],
+    )
     data = TensorDataModule(shapes(num_train=16, num_test=4, size=8), batch_size=8, eval_batch_size=4)
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT during its shutdown
     try:
@@ -322,8 +392,10 @@ def test_ctrl_c_in_fit_exits_130_with_what_to_do_and_sigterm_stays_sigterm(stop:
     signum = signal.SIGINT if stop == "sigint" else signal.SIGTERM
     assert exit_info.value.code == 128 + signum
     name = "Ctrl-C" if stop == "sigint" else "SIGTERM"
-    assert capsys.readouterr().err.endswith(f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole "
-                                            "epoch: run the same command to continue\n")
+    assert capsys.readouterr().err.endswith(
+        f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole "
+        "epoch: run the same command to continue\n"
+    )
 
 
 def test_a_read_only_place_is_one_line_naming_it(capsys: pytest.CaptureFixture) -> None:
@@ -341,7 +413,8 @@ def test_a_read_only_place_is_one_line_naming_it(capsys: pytest.CaptureFixture) 
     assert capsys.readouterr().err == (
         "error: cannot write outputs: Read-only file system. contrastive-train writes its run folder under the "
         "current folder, contrastive-eval beside the checkpoint: run from a folder you can write to, or pass "
-        "hydra.run.dir=/a/writable/folder\n")
+        "hydra.run.dir=/a/writable/folder\n"
+    )
 
     def other() -> None:  # any other OSError is not a user's setup problem: its traceback stays
         raise OSError(errno.EIO, "Input/output error", "x")

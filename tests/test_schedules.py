@@ -19,8 +19,9 @@ def _old_momentum_at(step: int, total_steps: int, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
-def _old_warmup_cosine_factor(step: int, total_steps: int, steps_per_epoch: int, warmup_epochs: float,
-                              final_lr_fraction: float) -> float:
+def _old_warmup_cosine_factor(
+    step: int, total_steps: int, steps_per_epoch: int, warmup_epochs: float, final_lr_fraction: float
+) -> float:
     """pipelines/base.py's warmup_cosine factor before the move, verbatim."""
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
     if step < warmup:
@@ -122,8 +123,9 @@ def _naive(step: int, total: int, warmup: int, start: float, peak: float, end: f
         (1, 0, 3.0, 3.0, -1.0),
     ],
 )
-def test_warmup_then_cosine_against_a_float64_table(total: int, warmup: int, start: float, peak: float,
-                                                    end: float) -> None:
+def test_warmup_then_cosine_against_a_float64_table(
+    total: int, warmup: int, start: float, peak: float, end: float
+) -> None:
     values = [warmup_then_cosine(t, total, warmup, start, peak, end) for t in range(total + 20)]
     want = [_naive(t, total, warmup, start, peak, end) for t in range(total + 20)]
     assert values == pytest.approx(want, rel=1e-13, abs=1e-15)
@@ -142,5 +144,7 @@ def test_dino_teacher_temperature_is_numpy_linspace_then_constant() -> None:
 
 def test_warmup_then_cosine_refuses_a_warmup_outside_the_run() -> None:
     for warmup in (-1, 10, 11):
-        with pytest.raises(ValueError, match=rf"warmup_steps must lie in \[0, total_steps\) = \[0, 10\) .*, got {warmup}"):
+        with pytest.raises(
+            ValueError, match=rf"warmup_steps must lie in \[0, total_steps\) = \[0, 10\) .*, got {warmup}"
+        ):
             warmup_then_cosine(0, 10, warmup, 0.0, 1.0, 0.0)

@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_siamese_table_refuses_an_out_folder_with_earlier_runs(tmp_path: Path) -> None:
@@ -41,10 +42,25 @@ def test_bench_losses_prints_the_table_and_reports_a_failed_measurement() -> Non
 
 
 def test_bench_decode_prints_both_rows_and_checks_the_tensors_agree(tmp_path: Path) -> None:
-    out = _script("bench_decode.py", "--images", "12", "--width", "40", "--height", "30", "--size", "8",
-                  "--workers", "3", "--dir", str(tmp_path))
+    out = _script(
+        "bench_decode.py",
+        "--images",
+        "12",
+        "--width",
+        "40",
+        "--height",
+        "30",
+        "--size",
+        "8",
+        "--workers",
+        "3",
+        "--dir",
+        str(tmp_path),
+    )
     assert out.returncode == 0, out.stderr
-    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and "workers" not in line]
+    rows = [
+        line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and "workers" not in line
+    ]
     assert [row[0].strip() for row in rows] == ["1", "3"] and rows[0][2].strip() == "1.00"
     assert float(rows[1][2]) > 0 and "12 JPEGs 40x30 -> 8x8" in out.stdout
     assert list(tmp_path.iterdir()) == []  # the synthetic folder is removed
@@ -53,16 +69,39 @@ def test_bench_decode_prints_both_rows_and_checks_the_tensors_agree(tmp_path: Pa
 def test_bench_throughput_prints_every_case_and_the_ratios() -> None:
     """The CPU table of issue 5's benchmark, shrunk: every case measured (a positive rate), a/b, a/c and
     the channels_last / NCHW ratios computed from the printed rates."""
-    out = _script("bench_throughput.py", "--device", "cpu", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                  "--model", "convnet", "--images", "32", "--workers", "0", "--nchw")
+    out = _script(
+        "bench_throughput.py",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--model",
+        "convnet",
+        "--images",
+        "32",
+        "--workers",
+        "0",
+        "--nchw",
+    )
     assert out.returncode == 0, out.stderr
-    rates = {line.split()[0]: float(line.split("images/s")[0].split()[-1])
-             for line in out.stdout.splitlines() if "images/s" in line}
+    rates = {
+        line.split()[0]: float(line.split("images/s")[0].split()[-1])
+        for line in out.stdout.splitlines()
+        if "images/s" in line
+    }
     assert list(rates) == ["(c)", "(a)", "(a0)", "(b)", "(cN)", "(aN)"] and all(r > 0 for r in rates.values())
     summary = next(line for line in out.stdout.splitlines() if line.startswith("a/b"))
     assert "(device cpu, batch 8, model convnet" in summary
     layout = next(line for line in out.stdout.splitlines() if line.startswith("channels_last/NCHW"))
     printed = [float(w) for w in (summary + " " + layout).split() if w[0].isdigit() and "." in w]
-    expected = [rates["(a)"] / rates["(b)"], rates["(a)"] / rates["(c)"], rates["(c)"] / rates["(cN)"],
-                rates["(a)"] / rates["(aN)"]]
+    expected = [
+        rates["(a)"] / rates["(b)"],
+        rates["(a)"] / rates["(c)"],
+        rates["(c)"] / rates["(cN)"],
+        rates["(a)"] / rates["(aN)"],
+    ]
     assert printed == pytest.approx(expected, rel=0.1, abs=0.01)  # the rates print rounded to whole images/s

@@ -89,12 +89,15 @@ def test_experiment_supcon_cifar10_holds_the_recipe(config) -> None:
     assert (list(cfg.aug.scale), cfg.aug.gray_p, cfg.aug.jitter_p) == ([0.08, 1.0], 0.2, 0.8)  # SimCLR's
     assert cfg.model.backbone.name == "resnet18"
     # SupContrast's lr 0.5 at batch 1024 on (T/0.07) x L_out: x 512/1024 / 0.7 on L_out; weight decay 1e-4 x 0.7
-    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == pytest.approx((0.5 * 512 / 1024 / 0.7, 1e-4 * 0.7), rel=1e-3)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == pytest.approx(
+        (0.5 * 512 / 1024 / 0.7, 1e-4 * 0.7), rel=1e-3
+    )
 
 
-@pytest.mark.parametrize(("override", "cls"), [("loss=triplet", TripletMargin),
-                                               ("loss=contrastive_margin", ContrastiveMargin),
-                                               ("loss=sup_con", SupCon)])
+@pytest.mark.parametrize(
+    ("override", "cls"),
+    [("loss=triplet", TripletMargin), ("loss=contrastive_margin", ContrastiveMargin), ("loss=sup_con", SupCon)],
+)
 def test_loss_option_swaps_the_metric_loss(config, override: str, cls: type) -> None:
     pipeline = build_pipeline(config("train", ["experiment=siamese_shapes", override]))
     assert isinstance(pipeline.loss.metric_loss, cls) and pipeline.loss.regularizer is None
@@ -131,7 +134,8 @@ def test_features_are_the_embedding(config) -> None:
 
     # channels-last, as features() feeds the backbone on CPU and GPU (NCHW rounds differently)
     x = normalize_uint8(images, pipeline.augment.mean, pipeline.augment.std).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     with torch.no_grad():
         assert torch.equal(feats, pipeline.projector(pipeline.backbone(x)))
     # precision="64-true" / "bf16-true" put the whole module in that dtype: the projector had float32 input
@@ -212,8 +216,9 @@ def test_regularizer_weight_defaults_to_one_and_the_loss_carries_it(config) -> N
 
 
 def test_softmax_ce_regularizer_is_one_cli_override(cli, tmp_path: Path) -> None:
-    metrics, columns = train(cli, tmp_path, "experiment=siamese_cifar10", *SHRINK,
-                             "regularizer=softmax_ce", "regularizer.weight=0.5")
+    metrics, columns = train(
+        cli, tmp_path, "experiment=siamese_cifar10", *SHRINK, "regularizer=softmax_ce", "regularizer.weight=0.5"
+    )
     assert {"train/ce", "train/ce_acc", "train/metric", "train/loss"} <= columns
     for key in ("knn_top1", "linear_top1", *RETRIEVAL):
         assert 0.0 <= metrics[key] <= 100.0, key
@@ -223,8 +228,15 @@ def test_softmax_ce_regularizer_is_one_cli_override(cli, tmp_path: Path) -> None
 
 def test_without_the_override_no_ce_is_logged(cli, tmp_path: Path) -> None:
     tiny = [o for o in SHRINK if "num_train" not in o and "max_epochs" not in o]
-    _, columns = train(cli, tmp_path, "experiment=siamese_cifar10", *tiny, "data.source.num_train=200",
-                       "trainer.max_epochs=1", "eval.final_probe=false")
+    _, columns = train(
+        cli,
+        tmp_path,
+        "experiment=siamese_cifar10",
+        *tiny,
+        "data.source.num_train=200",
+        "trainer.max_epochs=1",
+        "eval.final_probe=false",
+    )
     assert {"train/metric", "train/loss"} <= columns
     assert not any(c.startswith("train/ce") for c in columns)
 
@@ -245,9 +257,19 @@ def test_supcon_experiment_beats_the_untrained_network(cli, tmp_path: Path) -> N
     default run's crops (20%: CIFAR's 8% cuts the shape away), 5 epochs, about 20 s.
     Measured: kNN 24.7 -> 57.6, probe 53.4 -> 65.4 (2026-11-23)."""
     metrics, columns = train(
-        cli, tmp_path, "experiment=supcon_cifar10", "data=shapes", "model=convnet", "data.batch_size=64",
-        "trainer.max_epochs=5", "trainer.enable_progress_bar=false", "eval.every_n_epochs=5", "probe.epochs=5",
-        "aug.scale=[0.2,1.0]", "optimizer.lr=0.3", "scheduler.warmup_epochs=1",
+        cli,
+        tmp_path,
+        "experiment=supcon_cifar10",
+        "data=shapes",
+        "model=convnet",
+        "data.batch_size=64",
+        "trainer.max_epochs=5",
+        "trainer.enable_progress_bar=false",
+        "eval.every_n_epochs=5",
+        "probe.epochs=5",
+        "aug.scale=[0.2,1.0]",
+        "optimizer.lr=0.3",
+        "scheduler.warmup_epochs=1",
     )
     assert {"train/metric", "train/loss", "val/knn_top1"} <= columns
     assert metrics["knn_top1"] > metrics["knn_top1_untrained"] + 15.0
@@ -256,8 +278,14 @@ def test_supcon_experiment_beats_the_untrained_network(cli, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_batch_size_that_is_not_p_times_k_is_one_clear_line(cli, tmp_path: Path) -> None:
-    out = cli("contrastive-train", "experiment=siamese_shapes", *SHRINK, "data.batch_size=40", "hydra.run.dir=run",
-              cwd=tmp_path)
+    out = cli(
+        "contrastive-train",
+        "experiment=siamese_shapes",
+        *SHRINK,
+        "data.batch_size=40",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "Traceback" not in out.stderr
@@ -267,8 +295,7 @@ def test_batch_size_that_is_not_p_times_k_is_one_clear_line(cli, tmp_path: Path)
 def test_retrieval_ranks_in_the_geometry_the_loss_trained(config) -> None:
     """A margin loss on raw embeddings (loss.normalize=false) is evaluated by Euclidean distance:
     by cosine, classes told apart by their norm looked unlearned."""
-    from contrastive.evaluation import feature_metrics
-    from contrastive.evaluation import retrieval_metrics
+    from contrastive.evaluation import feature_metrics, retrieval_metrics
 
     def metric(*overrides: str) -> str:
         return build_pipeline(config("train", ["experiment=siamese_shapes", *overrides])).retrieval_metric
@@ -280,7 +307,9 @@ def test_retrieval_ranks_in_the_geometry_the_loss_trained(config) -> None:
     # two classes on one ray, told apart only by their norm: perfect by distance, chance by angle
     g = torch.Generator().manual_seed(0)
     y = torch.arange(2).repeat_interleave(20)
-    x = (1 + 4 * y[:, None].double()) * (torch.ones(40, 3, dtype=torch.float64) + 0.01 * torch.randn(40, 3, generator=g, dtype=torch.float64))
+    x = (1 + 4 * y[:, None].double()) * (
+        torch.ones(40, 3, dtype=torch.float64) + 0.01 * torch.randn(40, 3, generator=g, dtype=torch.float64)
+    )
     features = {"train": (x, y), "test": (x, y)}
     by_distance = feature_metrics(features, 2, True, 0, 0.1, None, "euclidean")
     assert by_distance["map_at_r"] == 100.0 == retrieval_metrics(x, y, metric="euclidean")["map_at_r"]

@@ -93,9 +93,19 @@ def test_online_probe_gets_the_class_labels_once_per_view(config) -> None:  # ty
 @pytest.mark.slow
 def test_four_view_simclr_learns(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """loss=sup_con pipeline.num_views=4 on the built-in data, 8 short epochs (measured kNN 18.0 -> 27.9)."""
-    out = cli("contrastive-train", "loss=sup_con", "loss.temperature=0.2", "pipeline.num_views=4",
-              "data.source.num_train=1000", "trainer.max_epochs=8", "trainer.enable_progress_bar=false",
-              "eval.every_n_epochs=8", "probe.epochs=5", "hydra.run.dir=run", cwd=tmp_path)
+    out = cli(
+        "contrastive-train",
+        "loss=sup_con",
+        "loss.temperature=0.2",
+        "pipeline.num_views=4",
+        "data.source.num_train=1000",
+        "trainer.max_epochs=8",
+        "trainer.enable_progress_bar=false",
+        "eval.every_n_epochs=8",
+        "probe.epochs=5",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["knn_top1"] > metrics["knn_top1_untrained"] + 6

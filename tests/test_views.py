@@ -34,8 +34,9 @@ def _images(batch: int = 8, seed: int = 0) -> Tensor:
 
 def _pipeline(augment: Augment | MultiCrop, seed: int = 0) -> Pipeline:
     cls = _MultiCropPipeline if isinstance(augment, MultiCrop) else Pipeline
-    return cls(backbone=nn.Flatten(), augment=augment, optimizer=torch.optim.SGD, feature_dim=4, num_classes=2,
-               seed=seed)
+    return cls(
+        backbone=nn.Flatten(), augment=augment, optimizer=torch.optim.SGD, feature_dim=4, num_classes=2, seed=seed
+    )
 
 
 def _dino(solarize_p: float = 0.0) -> MultiCrop:
@@ -73,8 +74,9 @@ def _same(a: list[Tensor], b: list[Tensor]) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize(("w", "seed"), [(1, 0), (1, 7), (2, 0), (3, 5)])
-def test_views_are_bitwise_the_former_implementation(monkeypatch: pytest.MonkeyPatch, n: int, w: int,
-                                                     seed: int) -> None:
+def test_views_are_bitwise_the_former_implementation(
+    monkeypatch: pytest.MonkeyPatch, n: int, w: int, seed: int
+) -> None:
     """Same generator draws in the same order, rows/of included: three steps in a row, on every rank."""
     augment = Augment(blur_p=0.5, solarize_p=0.2)  # every op drawn and applied
     images = _images(4 * w, seed)
@@ -113,8 +115,10 @@ def test_crops_draw_each_group_in_one_call_in_group_order() -> None:
     """The groups in order from one generator, each group as draw_views draws it (its n-fold batch)."""
     images, multicrop = _images(), _dino(solarize_p=0.3)
     g = torch.Generator().manual_seed(11)
-    want = [*draw_views(multicrop.groups[0].augment, images, 2, g),
-            *draw_views(multicrop.groups[1].augment, images, 6, g)]
+    want = [
+        *draw_views(multicrop.groups[0].augment, images, 2, g),
+        *draw_views(multicrop.groups[1].augment, images, 6, g),
+    ]
     _same(multicrop(images, torch.Generator().manual_seed(11)), want)
     p = _pipeline(multicrop, seed=11)
     _same([c.contiguous() for c in p.crops(images)], want)  # the pipeline: the same values, channels-last
@@ -152,8 +156,10 @@ def test_a_single_group_multicrop_is_the_plain_augment_bitwise(monkeypatch: pyte
     images = _images(6, seed=1)
     _same(_pipeline(MultiCrop([ViewGroup(augment, 3)]), 2).crops(images), _pipeline(augment, 2).views(images, 3))
     _as_rank(monkeypatch, 2, 1)
-    _same(_pipeline(MultiCrop({"global": ViewGroup(augment, 2)}), 2).crops(images[3:]),
-          _pipeline(augment, 2).views(images[3:], 2))
+    _same(
+        _pipeline(MultiCrop({"global": ViewGroup(augment, 2)}), 2).crops(images[3:]),
+        _pipeline(augment, 2).views(images[3:], 2),
+    )
 
 
 def test_features_normalise_with_the_shared_statistics() -> None:
@@ -170,10 +176,14 @@ def test_features_normalise_with_the_shared_statistics() -> None:
         ([], r"MultiCrop: no groups; give at least one ViewGroup"),
         ("global", r"MultiCrop: groups must be a list of ViewGroup .*got str"),
         ([Augment()], r"MultiCrop: group '0' must be a ViewGroup \(an Augment and num_views\), got Augment"),
-        ([ViewGroup(Augment(**GLOBAL), 2), ViewGroup(Augment(**LOCAL, mean=(0.5,), std=(0.5,)), 6)],
-         r"group '1' normalises with mean=\(0.5,\), std=\(0.5,\) but group '0' with mean=\(0.4914, .*must share them"),
-        ({"local": ViewGroup(Augment(**LOCAL), 6), "global": ViewGroup(Augment(**GLOBAL), 2)},
-         r"group 'global' \(32 px\) follows the smaller group 'local' \(16 px\): order the groups from the largest"),
+        (
+            [ViewGroup(Augment(**GLOBAL), 2), ViewGroup(Augment(**LOCAL, mean=(0.5,), std=(0.5,)), 6)],
+            r"group '1' normalises with mean=\(0.5,\), std=\(0.5,\) but group '0' with mean=\(0.4914, .*must share them",
+        ),
+        (
+            {"local": ViewGroup(Augment(**LOCAL), 6), "global": ViewGroup(Augment(**GLOBAL), 2)},
+            r"group 'global' \(32 px\) follows the smaller group 'local' \(16 px\): order the groups from the largest",
+        ),
     ],
 )
 def test_bad_multicrops_are_refused(groups: object, message: str) -> None:
@@ -190,10 +200,20 @@ def test_a_view_group_needs_a_positive_integer_of_views(num_views: object) -> No
 
 
 def test_pipelines_that_draw_one_augment_refuse_a_multicrop_at_once() -> None:
-    with pytest.raises(ValueError, match=r"the SimCLR pipeline draws its views from one Augment, not a MultiCrop of "
-                                         r"\[32, 32, 16, 16, 16, 16, 16, 16\] px views: use an Augment \(aug=simclr\)"):
-        SimCLR(projector=nn.Linear(4, 2), loss=NTXent(), backbone=nn.Flatten(), augment=_dino(),
-               optimizer=torch.optim.SGD, feature_dim=4, num_classes=2)
+    with pytest.raises(
+        ValueError,
+        match=r"the SimCLR pipeline draws its views from one Augment, not a MultiCrop of "
+        r"\[32, 32, 16, 16, 16, 16, 16, 16\] px views: use an Augment \(aug=simclr\)",
+    ):
+        SimCLR(
+            projector=nn.Linear(4, 2),
+            loss=NTXent(),
+            backbone=nn.Flatten(),
+            augment=_dino(),
+            optimizer=torch.optim.SGD,
+            feature_dim=4,
+            num_classes=2,
+        )
     with pytest.raises(ValueError, match=r"views\(\) draws n views of one Augment, but augment is a MultiCrop"):
         _pipeline(_dino()).views(_images(), 2)
     with pytest.raises(ValueError, match=r"crops\(\) draws the groups of a contrastive.views.MultiCrop"):
@@ -217,8 +237,16 @@ def test_the_multicrop_config_is_dino_at_cifar_scale(config) -> None:  # type: i
         for key, value in vars(simclr).items():
             if key not in ("size", "scale", "_graphs"):
                 assert getattr(g.augment, key) == value, key
-    cfg = config("train", ["experiment=simclr_cifar10", "aug=multicrop", "data.image_size=64",
-                           "aug.groups.local.num_views=8", "aug.groups.global.augment.solarize_p=0.2"])
+    cfg = config(
+        "train",
+        [
+            "experiment=simclr_cifar10",
+            "aug=multicrop",
+            "data.image_size=64",
+            "aug.groups.local.num_views=8",
+            "aug.groups.global.augment.solarize_p=0.2",
+        ],
+    )
     multicrop = instantiate(cfg.aug)
     assert multicrop.sizes == [64] * 2 + [32] * 8
     assert [g.augment.solarize_p for g in multicrop.groups] == [0.2, 0.0]  # BYOL/DINO: one global view solarised

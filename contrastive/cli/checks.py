@@ -7,7 +7,8 @@ The rules of a pipeline (its queue, its BatchNorm groups, ...) are the pipeline'
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, get_args
+from collections.abc import Callable
+from typing import Any, get_args
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -61,14 +62,21 @@ def check_config(cfg: DictConfig) -> None:
     _check(cfg, "eval.knn_temperature", (int, float), lambda v: v > 0, "a positive number")
     max_time = OmegaConf.select(cfg, "trainer.max_time")
     if max_time is not None and not (isinstance(max_time, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", max_time)):
-        raise ConfigError(f"trainer.max_time={max_time!r} is invalid: it must be DD:HH:MM:SS, e.g. "
-                          "trainer.max_time=00:04:00:00 for four hours")
+        raise ConfigError(
+            f"trainer.max_time={max_time!r} is invalid: it must be DD:HH:MM:SS, e.g. "
+            "trainer.max_time=00:04:00:00 for four hours"
+        )
     _check(cfg, "data.num_classes", *_POSITIVE_INT)
     _check_optional(cfg, "optimizer.lr", (int, float), lambda v: v > 0, "a positive number")
     _check_optional(cfg, "optimizer.weight_decay", *_NON_NEGATIVE)
     _check_optional(cfg, "optimizer.momentum", (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
-    _check_optional(cfg, "scheduler.final_lr_fraction", (int, float), lambda v: 0 <= v <= 1,
-                    "a number in [0, 1] (the final lr as a fraction of the peak)")
+    _check_optional(
+        cfg,
+        "scheduler.final_lr_fraction",
+        (int, float),
+        lambda v: 0 <= v <= 1,
+        "a number in [0, 1] (the final lr as a fraction of the peak)",
+    )
     if cfg.eval.final_probe:
         check_probe_config(cfg)
     for key in ("data.subset", "data.test_subset"):
@@ -86,16 +94,22 @@ def warmup_warning(cfg: DictConfig) -> str | None:
     warmup, epochs = OmegaConf.select(cfg, "scheduler.warmup_epochs"), cfg.trainer.max_epochs
     if not warmup or epochs == 0 or warmup < epochs:
         return None
-    return (f"scheduler.warmup_epochs={warmup} >= trainer.max_epochs={epochs}: the whole run is warm-up (the lr "
-            f"rises to its peak and never decays); pass a shorter one, e.g. scheduler.warmup_epochs={epochs / 10:g} "
-            "(a tenth of the run; fractions of an epoch are fine)")
+    return (
+        f"scheduler.warmup_epochs={warmup} >= trainer.max_epochs={epochs}: the whole run is warm-up (the lr "
+        f"rises to its peak and never decays); pass a shorter one, e.g. scheduler.warmup_epochs={epochs / 10:g} "
+        "(a tenth of the run; fractions of an epoch are fine)"
+    )
+
 
 def knn_k_warning(key: str, k: int, num_train: int) -> str | None:
     """A line to log when kNN's k exceeds the training images (the vote is then over all of them), else None."""
     if k <= num_train:
         return None
-    return (f"{key}={k} is more than the {num_train} training images: the kNN votes over all of them (k = "
-            f"{num_train}), which is not the k-NN figure asked for; pass a smaller {key}")
+    return (
+        f"{key}={k} is more than the {num_train} training images: the kNN votes over all of them (k = "
+        f"{num_train}), which is not the k-NN figure asked for; pass a smaller {key}"
+    )
+
 
 def check_eval_config(cfg: DictConfig) -> None:
     """``contrastive-eval``'s values, checked before the checkpoint is read."""
@@ -110,6 +124,7 @@ def check_eval_config(cfg: DictConfig) -> None:
     _check(cfg, "knn_temperature", (int, float), lambda v: v > 0, "a positive number")
     for key in ("subset", "test_subset"):
         _check_optional(cfg, key, *_POSITIVE_INT)
+
 
 def check_against_data(cfg: DictConfig, splits: Splits, world: int, pipeline: Pipeline) -> None:
     """Checks that need the data set: batch vs set size, class count, image size; then the pipeline's own
@@ -143,7 +158,9 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int, pipeline: Pi
             "sizes, which the gathered losses cannot pair up: use sampler.drop_last=true (the default)"
         )
     facts = RunFacts(
-        batch_size=batch_size, world_size=world, num_train=len(splits.train),
+        batch_size=batch_size,
+        world_size=world,
+        num_train=len(splits.train),
         last_batch=len(splits.train) % (batch_size * world) if keeps_last else 0,
         sync_batchnorm=bool(OmegaConf.select(cfg, "trainer.sync_batchnorm")),
     )
@@ -157,12 +174,15 @@ def check_eval_data(run_cfg: DictConfig, splits: Splits, data_root: str | None) 
     """The data set found has the run's number of classes (else kNN and the probe score another task)."""
     if splits.num_classes != run_cfg.data.num_classes:
         where = f"data_root={data_root}" if data_root is not None else f"data.root={run_cfg.data.get('root')}"
-        raise ConfigError(f"the run trained on {run_cfg.data.num_classes} classes, but the data at {where} has "
-                          f"{splits.num_classes}: point data_root at the data set the run trained on")
+        raise ConfigError(
+            f"the run trained on {run_cfg.data.num_classes} classes, but the data at {where} has "
+            f"{splits.num_classes}: point data_root at the data set the run trained on"
+        )
 
 
 # What contrastive-eval writes beside metrics.json; a later eval of the same checkpoint removes those it
 # did not write again, so the folder never mixes two evaluations.
+
 
 def check_feature_dim(backbone: torch.nn.Module, feature_dim: int, image_size: int, in_channels: int = 3) -> None:
     """``model.feature_dim`` (the heads' input width) against one forward pass of a blank image.
@@ -175,8 +195,12 @@ def check_feature_dim(backbone: torch.nn.Module, feature_dim: int, image_size: i
         width = backbone.eval()(torch.zeros(1, in_channels, image_size, image_size)).shape[1:]
     backbone.train(was_training)
     if len(width) != 1:
-        raise ConfigError(f"the backbone outputs shape {tuple(width)} per image, not a feature vector: end "
-                          "model.backbone with a global pooling and a flatten (as the built-in backbones do)")
+        raise ConfigError(
+            f"the backbone outputs shape {tuple(width)} per image, not a feature vector: end "
+            "model.backbone with a global pooling and a flatten (as the built-in backbones do)"
+        )
     if width[0] != feature_dim:
-        raise ConfigError(f"model.feature_dim={feature_dim}, but the backbone outputs {width[0]} features per "
-                          f"image: pass model.feature_dim={width[0]}")
+        raise ConfigError(
+            f"model.feature_dim={feature_dim}, but the backbone outputs {width[0]} features per "
+            f"image: pass model.feature_dim={width[0]}"
+        )

@@ -17,8 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 from contrastive.cli.checks import check_eval_config, check_eval_data, knn_k_warning
 from contrastive.cli.run import build_pipeline, build_splits, final_metrics
 from contrastive.cli.shell import (
-    ConfigError, exit_with, is_multirun, log_data_warnings, override_paths, quote_paths, register_resolvers, run_dir_of,
-    run_guarded, run_hydra,
+    ConfigError,
+    exit_with,
+    is_multirun,
+    log_data_warnings,
+    override_paths,
+    quote_paths,
+    register_resolvers,
+    run_dir_of,
+    run_guarded,
+    run_hydra,
 )
 from contrastive.data import DOWNLOAD_HINT, DataError, Splits
 from contrastive.evaluation.linear import exportable_classifier
@@ -43,8 +51,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     for key in ("subset", "test_subset"):
         if cfg[key] is not None:
             run_cfg.data[key] = cfg[key]
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
 
     pipeline = build_pipeline(run_cfg)
     try:
@@ -79,14 +90,25 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         probe_out.update(instantiate(cfg.probe)(*args, **kwargs))
         return probe_out
 
-    metrics = final_metrics(features, splits.num_classes, closed_set, cfg.knn_k, cfg.knn_temperature,
-                              probe if cfg.linear_probe else None, pipeline.retrieval_metric)
+    metrics = final_metrics(
+        features,
+        splits.num_classes,
+        closed_set,
+        cfg.knn_k,
+        cfg.knn_temperature,
+        probe if cfg.linear_probe else None,
+        pipeline.retrieval_metric,
+    )
     write_json_atomic(out_dir / "metrics.json", metrics)
-    written = write_plots(out_dir, features, probe_out, splits, run_dir=Path(run_dir_of(cfg.checkpoint))) \
-        if cfg.plots else []
+    written = (
+        write_plots(out_dir, features, probe_out, splits, run_dir=Path(run_dir_of(cfg.checkpoint))) if cfg.plots else []
+    )
     if cfg.export:
-        written.append(save_torch_atomic(export_backbone(pipeline, exportable_classifier(probe_out)),
-                                         out_dir / "backbone_torchvision.pt"))
+        written.append(
+            save_torch_atomic(
+                export_backbone(pipeline, exportable_classifier(probe_out)), out_dir / "backbone_torchvision.pt"
+            )
+        )
         log.info("backbone state dict written to %s", written[-1])
     for name in set(EVAL_OUTPUTS) - {p.name for p in written}:  # an earlier eval's, e.g. before linear_probe=false
         (out_dir / name).unlink(missing_ok=True)
@@ -94,15 +116,29 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     log.info("written to %s", out_dir / "metrics.json")
     return metrics
 
-EVAL_OUTPUTS = ("training_curves.png", "embedding_tsne.png", "similarity_histograms.png", "confusion_matrix.png",
-                "backbone_torchvision.pt")
+
+EVAL_OUTPUTS = (
+    "training_curves.png",
+    "embedding_tsne.png",
+    "similarity_histograms.png",
+    "confusion_matrix.png",
+    "backbone_torchvision.pt",
+)
 
 
-def write_plots(out_dir: Path, features: dict[str, tuple[torch.Tensor, torch.Tensor]], probe_out: dict[str, Any],
-                splits: Splits, run_dir: Path) -> list[Path]:
+def write_plots(
+    out_dir: Path,
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    probe_out: dict[str, Any],
+    splits: Splits,
+    run_dir: Path,
+) -> list[Path]:
     """Training curves, 2-D embedding, similarity histograms and the probe's confusion matrix as PNGs; their paths."""
     from contrastive.evaluation import (
-        plot_confusion_matrix, plot_embedding_2d, plot_similarity_histograms, plot_training_curves,
+        plot_confusion_matrix,
+        plot_embedding_2d,
+        plot_similarity_histograms,
+        plot_training_curves,
     )
 
     xte, yte = (t.cpu() for t in features["test"])
@@ -117,9 +153,17 @@ def write_plots(out_dir: Path, features: dict[str, tuple[torch.Tensor, torch.Ten
         log.warning("embedding_tsne.png skipped: t-SNE needs at least 3 test images, there are %d", len(xte))
     written.append(plot_similarity_histograms(xte, yte, out_dir / "similarity_histograms.png"))
     if "test_predictions" in probe_out:
-        written.append(plot_confusion_matrix(yte, probe_out["test_predictions"].cpu(), splits.test.num_classes,
-                                             out_dir / "confusion_matrix.png", class_names=names))
+        written.append(
+            plot_confusion_matrix(
+                yte,
+                probe_out["test_predictions"].cpu(),
+                splits.test.num_classes,
+                out_dir / "confusion_matrix.png",
+                class_names=names,
+            )
+        )
     return written
+
 
 @hydra.main(version_base="1.3", config_path="pkg://contrastive.configs", config_name="eval")
 @run_guarded
@@ -137,13 +181,22 @@ def evaluate() -> None:
     # leaves no eval_* folder (or parent folders) behind.
     paths = [p for arg in sys.argv[1:] if arg.startswith("checkpoint=") for p in override_paths(arg)]
     if not paths and not any(arg.startswith("-") for arg in sys.argv[1:]):  # --help, --cfg job: no checkpoint needed
-        exit_with(ConfigError("contrastive-eval needs the checkpoint to evaluate: pass "
-                               "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of contrastive-train)"))
+        exit_with(
+            ConfigError(
+                "contrastive-eval needs the checkpoint to evaluate: pass "
+                "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of contrastive-train)"
+            )
+        )
     for path in paths:
         try:
             load_checkpoint(path, mmap=True)
         except CheckpointError as e:
             several = "," in path and not Path(path).expanduser().exists() and not is_multirun(sys.argv[1:])
-            exit_with(CheckpointError(f"{str(e).rstrip('.')}. To evaluate several checkpoints, add -m: contrastive-eval -m "
-                                       "checkpoint=A,B") if several else e)
+            exit_with(
+                CheckpointError(
+                    f"{str(e).rstrip('.')}. To evaluate several checkpoints, add -m: contrastive-eval -m checkpoint=A,B"
+                )
+                if several
+                else e
+            )
     run_hydra(_eval_main, "eval")

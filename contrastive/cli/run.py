@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -25,8 +25,14 @@ from contrastive.data import Splits
 from contrastive.evaluation import check_finite, feature_metrics
 from contrastive.evaluation.report import JOB_ERROR_FILE
 from contrastive.io import (
-    AtomicCheckpointIO, CheckpointError, EpochCheckpoint, LastCheckpoint, ResumableCSVLogger, SaveRunConfig,
-    load_checkpoint, state_dict_mismatch,
+    AtomicCheckpointIO,
+    CheckpointError,
+    EpochCheckpoint,
+    LastCheckpoint,
+    ResumableCSVLogger,
+    SaveRunConfig,
+    load_checkpoint,
+    state_dict_mismatch,
 )
 from contrastive.pipelines import Pipeline
 
@@ -42,6 +48,7 @@ def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
     if data_cfg.test_classes is not None:
         test = test.select_classes(list(data_cfg.test_classes))
     return Splits(train.subset(data_cfg.subset, seed), test.subset(data_cfg.test_subset, seed))
+
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:
     """Instantiate every part of the run and pass the finished objects to the pipeline."""
@@ -60,17 +67,21 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
     }
     return instantiate(cfg.pipeline, **parts)
 
+
 def resolve_accelerator(accelerator: str) -> str:
     """``auto`` never picks Apple's MPS, and ``mps`` is refused: MPS has no float64, which the losses'
     fixed temperature and the evaluation (kNN votes, retrieval sums) use. CUDA, else the CPU."""
     apple = not torch.cuda.is_available() and torch.backends.mps.is_available()
     if accelerator == "mps" or (accelerator == "gpu" and apple):  # Lightning's "gpu" is MPS on a Mac
-        raise ConfigError(f"trainer.accelerator={accelerator}: Apple's GPU backend has no float64, which the losses "
-                          "and the evaluation use: use trainer.accelerator=cpu (or a CUDA GPU)")
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: Apple's GPU backend has no float64, which the losses "
+            "and the evaluation use: use trainer.accelerator=cpu (or a CUDA GPU)"
+        )
     if accelerator == "auto" and apple:
         log.info("Apple's MPS backend is visible but not used (it has no float64): training on the CPU")
         return "cpu"
     return accelerator
+
 
 def resolve_precision(precision: Any, accelerator: str) -> Any:
     """``auto``: bf16 autocast when training on a GPU, fp32 otherwise."""
@@ -78,6 +89,7 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
         return precision
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return "bf16-mixed" if gpu else "32-true"
+
 
 def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> pl.Trainer:
     """The run's Lightning Trainer: last/periodic checkpoints, CSV and TensorBoard logs, atomic writes.
@@ -90,9 +102,13 @@ def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
         SaveRunConfig(config),  # type: ignore[arg-type]
         LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
         EpochCheckpoint(
-            dirpath=run_dir / "checkpoints", filename="epoch={epoch:04d}", auto_insert_metric_name=False,
+            dirpath=run_dir / "checkpoints",
+            filename="epoch={epoch:04d}",
+            auto_insert_metric_name=False,
             # save_on_train_epoch_end: at every epoch's end, not only after the (sparser) validations
-            save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
+            save_top_k=-1,
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+            save_on_train_epoch_end=True,
         ),
         LearningRateMonitor(logging_interval="step"),
     ]
@@ -118,11 +134,15 @@ def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
         raise ConfigError(f"{e}: trainer.* keys are the arguments of pytorch_lightning.Trainer") from None
     except (MisconfigurationException, ValueError) as e:  # a value it refuses, e.g. precision=abc or a GPU where
         where = " ".join(str(e).lower().split())  # there is none (the accelerator's errors get the hint)
-        hint = ("use trainer.accelerator=auto, or trainer=cpu" if re.search(r"accelerator|device|gpu|cuda|mps|tpu", where)
-                else "trainer.* values are the arguments of pytorch_lightning.Trainer")
+        hint = (
+            "use trainer.accelerator=auto, or trainer=cpu"
+            if re.search(r"accelerator|device|gpu|cuda|mps|tpu", where)
+            else "trainer.* values are the arguments of pytorch_lightning.Trainer"
+        )
         raise ConfigError(
             f"{e} (trainer.accelerator={trainer_args['accelerator']}, trainer.devices={trainer_args['devices']}): {hint}"
         ) from None
+
 
 def resume_checkpoint(resume: Any, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint a run continues from, as (path, memory-mapped contents), or None.
@@ -144,6 +164,7 @@ def resume_checkpoint(resume: Any, run_dir: Path) -> tuple[str, dict[str, Any]] 
         path = own
     return str(path), load_checkpoint(path, key="resume", mmap=True)
 
+
 def set_aside_later_checkpoints(ckpt_dir: Path, epoch: int, source: str | None) -> Path | None:
     """Move the checkpoints of a branch the run abandons into ``ckpt_dir/set_aside_<time>/``.
 
@@ -154,8 +175,11 @@ def set_aside_later_checkpoints(ckpt_dir: Path, epoch: int, source: str | None) 
     """
     if not ckpt_dir.is_dir():
         return None
-    later = [p for p in ckpt_dir.glob("epoch=*.ckpt")
-             if (m := re.fullmatch(r"epoch=(\d+)(-v\d+)?\.ckpt", p.name)) and int(m[1]) > epoch]
+    later = [
+        p
+        for p in ckpt_dir.glob("epoch=*.ckpt")
+        if (m := re.fullmatch(r"epoch=(\d+)(-v\d+)?\.ckpt", p.name)) and int(m[1]) > epoch
+    ]
     last = ckpt_dir / "last.ckpt"
     if last.is_file() and (source is None or not last.samefile(source)):
         later.append(last)
@@ -168,6 +192,7 @@ def set_aside_later_checkpoints(ckpt_dir: Path, epoch: int, source: str | None) 
         p.rename(dest / p.name)
     return dest
 
+
 def check_resumable(ckpt_path: str, ckpt: dict[str, Any], pipeline: Pipeline) -> None:
     """Refuse, before any work, a checkpoint whose weights do not fit ``pipeline`` (another experiment's)."""
     mismatch = state_dict_mismatch(ckpt["state_dict"], pipeline)
@@ -178,7 +203,10 @@ def check_resumable(ckpt_path: str, ckpt: dict[str, Any], pipeline: Pipeline) ->
             "Pass resume=never to start over, or resume=PATH to a checkpoint of this experiment."
         )
 
-def final_metrics(features: dict[str, tuple[torch.Tensor, torch.Tensor]], *args: Any, **kwargs: Any) -> dict[str, float]:
+
+def final_metrics(
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]], *args: Any, **kwargs: Any
+) -> dict[str, float]:
     """:func:`contrastive.evaluation.feature_metrics` of a trained network (same arguments); features
     holding NaN/Inf are a diverged run's: one :class:`CheckpointError` saying what to evaluate instead."""
     for split, (x, _) in features.items():
@@ -211,8 +239,9 @@ class SweepSummary(HydraCallback):
         from contrastive.evaluation import summarize_runs
 
         sweep = Path(config.hydra.sweep.dir)
-        runs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml")
-                      if p.stat().st_mtime >= self.started - 1)  # 1 s: file systems with coarse timestamps
+        runs = sorted(
+            p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml") if p.stat().st_mtime >= self.started - 1
+        )  # 1 s: file systems with coarse timestamps
         if not runs:
             return
         log.info("sweep summary: %s", summarize_runs(runs, sweep))
@@ -220,6 +249,9 @@ class SweepSummary(HydraCallback):
         for run, message in failed:
             log.error("job %s failed: %s", " ".join(OmegaConf.load(run / ".hydra" / "overrides.yaml")), message)
         if failed:
-            print(f"error: {len(failed)} of {len(runs)} jobs failed (listed above, and in each job's "
-                  f"{JOB_ERROR_FILE}); the summary has their rows without metrics", file=sys.stderr)
+            print(
+                f"error: {len(failed)} of {len(runs)} jobs failed (listed above, and in each job's "
+                f"{JOB_ERROR_FILE}); the summary has their rows without metrics",
+                file=sys.stderr,
+            )
             sys.exit(2)

@@ -12,8 +12,9 @@ import re
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_module
@@ -22,7 +23,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import QuotedString
 from hydra.errors import (
-    ConfigCompositionException, HydraException, InstantiationException, MissingConfigException, OverrideParseException,
+    ConfigCompositionException,
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
 )
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -40,8 +45,15 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, InstantiationException,
-               MisconfigurationException)  # the last: Lightning's, e.g. trainer.accelerator=gpu without a GPU
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    NonFiniteLossError,
+    InstantiationException,
+    MisconfigurationException,
+)  # the last: Lightning's, e.g. trainer.accelerator=gpu without a GPU
+
 
 def _user_message(error: Exception) -> str:
     """The message of ``error``; for a failed Hydra instantiation, the cause's own message and the
@@ -53,13 +65,16 @@ def _user_message(error: Exception) -> str:
         error = error.__cause__  # type: ignore[assignment]
     return f"{error} (while building {key})" if key else str(error)
 
+
 def one_line(error: Exception) -> str:
     return " ".join(m.strip() for m in _user_message(error).strip().splitlines())
+
 
 def exit_with(error: Exception) -> NoReturn:
     """Print ``error`` as one line on stderr and exit with status 2."""
     print(f"error: {one_line(error)}", file=sys.stderr)
     sys.exit(2)
+
 
 def log_data_warnings() -> None:
     """Show :class:`DataWarning` as a log line (on the console and in the run's ``cli.log``), not as
@@ -74,13 +89,16 @@ def log_data_warnings() -> None:
 
     warnings.showwarning = showwarning
 
+
 def quiet_library_notices() -> None:
     """Drop two lines Lightning prints in every training run that no user of this CLI can act on:
     its advertisement for litlogger and a deprecation inside its own pytree code."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
+        lambda record: "litlogger" not in record.getMessage()
+    )
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # batches come from tensors
+
 
 def _config_keys(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Every dotted key of the shipped config ``config_name`` with ``overrides`` (e.g. ``experiment=...``),
@@ -100,6 +118,7 @@ def _config_keys(config_name: str, overrides: list[str] | tuple[str, ...] = ()) 
 
     return walk(tree, "")
 
+
 def run_hydra(main: Callable[[], Any], config_name: str) -> None:
     """Run a ``@hydra.main`` entry point; a bad override is one line (exit status 2).
 
@@ -118,22 +137,33 @@ def run_hydra(main: Callable[[], Any], config_name: str) -> None:
         others = [a for a in sys.argv[1:] if not a.startswith("-") and a.partition("=")[0].lstrip("+~") != key]
         keys = [k for k in _config_keys(config_name, others) if not k.rpartition(".")[2].startswith("_")]  # no _target_
         close = [k for k in difflib.get_close_matches(key, keys, n=2) if k != key][:1]
-        exit_with(ConfigError(f"unknown config key {key}{f' (did you mean {close[0]}?)' if close else ''}: "
-                               f"`--cfg job` lists the keys with their values"))
+        exit_with(
+            ConfigError(
+                f"unknown config key {key}{f' (did you mean {close[0]}?)' if close else ''}: "
+                f"`--cfg job` lists the keys with their values"
+            )
+        )
     except OSError as e:  # e.g. Hydra creating the run folder in a read-only place: one line, not three tracebacks
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or e.filename is None:
             raise
-        exit_with(ConfigError(
-            f"cannot write {e.filename}: {e.strerror}. contrastive-train writes its run folder under the current "
-            "folder, contrastive-eval beside the checkpoint: run from a folder you can write to, or pass "
-            "hydra.run.dir=/a/writable/folder"))
+        exit_with(
+            ConfigError(
+                f"cannot write {e.filename}: {e.strerror}. contrastive-train writes its run folder under the current "
+                "folder, contrastive-eval beside the checkpoint: run from a folder you can write to, or pass "
+                "hydra.run.dir=/a/writable/folder"
+            )
+        )
+
 
 def _stopped_by(signum: signal.Signals) -> NoReturn:
     """What to do after a stop by a signal; exit status 128 + its number, as a shell reports it."""
     name = "Ctrl-C" if signum == signal.SIGINT else signum.name
-    print(f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole epoch: run the same "
-          "command to continue", file=sys.stderr)
+    print(
+        f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole epoch: run the same command to continue",
+        file=sys.stderr,
+    )
     sys.exit(128 + signum)
+
 
 def fit_interruptible(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit``, with Ctrl-C raised as KeyboardInterrupt: Lightning ends its graceful shutdown
@@ -146,6 +176,7 @@ def fit_interruptible(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.interrupted:
             raise KeyboardInterrupt from None
         raise
+
 
 def run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Turn user errors into one clear line on stderr and exit status 2 (no traceback).
@@ -177,13 +208,15 @@ def run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             if error_file is None:
                 raise
             log.exception("job failed")  # the traceback, into the job's cli.log too
-            write_bytes_atomic(error_file, f"{type(e).__name__}: {one_line(e)} (traceback in the job's "
-                                           "cli.log)\n".encode())
+            write_bytes_atomic(
+                error_file, f"{type(e).__name__}: {one_line(e)} (traceback in the job's cli.log)\n".encode()
+            )
             return None
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
 
 def quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     """``argv`` with the path overrides of ``keys`` quoted for Hydra where its grammar cannot read them.
@@ -213,6 +246,7 @@ def quote_paths(argv: list[str], keys: tuple[str, ...]) -> list[str]:
         out.append(arg)
     return out
 
+
 def _existing_paths(value: str) -> list[str] | None:
     """``A,B,...`` read as existing paths whose own names may hold commas (run folders are named
     ``a=1,b=2``): from the left, the longest run of comma-separated pieces that exists is one path.
@@ -226,8 +260,10 @@ def _existing_paths(value: str) -> list[str] | None:
         i = j
     return paths
 
+
 def is_multirun(argv: list[str]) -> bool:
     return any(arg in ("-m", "--multirun") for arg in argv)
+
 
 def override_paths(arg: str) -> list[str]:
     """The string values of one ``key=value`` override: one, or each of a sweep's (``-m key=A,B``)."""
@@ -236,10 +272,12 @@ def override_paths(arg: str) -> list[str]:
     # a quoted element of a sweep ('A','B') comes as a QuotedString, not unquoted as a lone value is
     return [v.text if isinstance(v, QuotedString) else v for v in values if isinstance(v, (str, QuotedString))]
 
+
 def run_dir_of(checkpoint: str) -> str:
     """The run directory of a checkpoint: the parent of its ``checkpoints/`` folder."""
     p = Path(checkpoint).expanduser().resolve()
     return str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
+
 
 def short_name(name: str, limit: int = 120) -> str:
     """One folder name from the overrides: ``/`` (e.g. of ``data.root=/data``) written as ``%2F`` so that
@@ -249,6 +287,7 @@ def short_name(name: str, limit: int = 120) -> str:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]
     return f"{name.encode()[: limit - 11].decode(errors='ignore')}_{digest}"
+
 
 def register_resolvers() -> None:
     resolvers = {"run_dir_of": run_dir_of, "stem_of": lambda p: Path(p).stem, "short_name": short_name}

@@ -14,11 +14,22 @@ from omegaconf import DictConfig
 
 from contrastive.cli.checks import check_against_data, check_config, knn_k_warning, warmup_warning
 from contrastive.cli.run import (
-    build_pipeline, build_splits, check_resumable, final_metrics, make_trainer, resume_checkpoint,
+    build_pipeline,
+    build_splits,
+    check_resumable,
+    final_metrics,
+    make_trainer,
+    resume_checkpoint,
     set_aside_later_checkpoints,
 )
 from contrastive.cli.shell import (
-    fit_interruptible, log_data_warnings, quiet_library_notices, quote_paths, register_resolvers, run_guarded, run_hydra,
+    fit_interruptible,
+    log_data_warnings,
+    quiet_library_notices,
+    quote_paths,
+    register_resolvers,
+    run_guarded,
+    run_hydra,
 )
 from contrastive.data import TensorDataModule
 from contrastive.io import write_json_atomic
@@ -45,7 +56,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     # bad settings fail before any work, for the processes the Trainer will start
     train_batches(splits.train, batch_size=cfg.data.batch_size, seed=cfg.seed, world=trainer.world_size)
     datamodule = TensorDataModule(
-        splits, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.on_device, cfg.seed,
+        splits,
+        cfg.data.batch_size,
+        cfg.data.eval_batch_size,
+        cfg.data.on_device,
+        cfg.seed,
         train_batches=train_batches,
     )
     start_epoch = -1
@@ -53,16 +68,26 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         check_resumable(ckpt_path, ckpt, pipeline)
         start_epoch = int(ckpt["epoch"])
         del ckpt  # memory-mapped; Lightning reads the checkpoint itself in fit
-    if trainer.is_global_zero and (moved := set_aside_later_checkpoints(run_dir / "checkpoints", start_epoch, ckpt_path)):
-        log.warning("this run starts %s: the checkpoints of the abandoned later epochs were moved to %s",
-                    "over" if ckpt_path is None else f"from {ckpt_path}", moved)
+    if trainer.is_global_zero and (
+        moved := set_aside_later_checkpoints(run_dir / "checkpoints", start_epoch, ckpt_path)
+    ):
+        log.warning(
+            "this run starts %s: the checkpoints of the abandoned later epochs were moved to %s",
+            "over" if ckpt_path is None else f"from {ckpt_path}",
+            moved,
+        )
 
     # The same seed gives the same initial weights, so this is the untrained figure also on resume.
     def measure() -> dict[str, float]:
         trainer.validate(pipeline, datamodule=datamodule, verbose=False)
         return final_metrics(
-            pipeline.last_features, cfg.data.num_classes, closed_set, cfg.eval.knn_k, cfg.eval.knn_temperature,
-            instantiate(cfg.probe) if cfg.eval.final_probe else None, pipeline.retrieval_metric,
+            pipeline.last_features,
+            cfg.data.num_classes,
+            closed_set,
+            cfg.eval.knn_k,
+            cfg.eval.knn_temperature,
+            instantiate(cfg.probe) if cfg.eval.final_probe else None,
+            pipeline.retrieval_metric,
         )
 
     closed_set = cfg.data.train_classes == cfg.data.test_classes

@@ -30,8 +30,8 @@ global batch, and all ranks yield the same number of batches. The schedule of ep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import Callable, Iterable, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -70,8 +70,9 @@ class EpochBatches:
             only to check the settings before the processes exist.
     """
 
-    def __init__(self, data: ImageTensors, seed: int = 0, epoch_source: Callable[[], int] | None = None,
-                 world: int | None = None) -> None:
+    def __init__(
+        self, data: ImageTensors, seed: int = 0, epoch_source: Callable[[], int] | None = None, world: int | None = None
+    ) -> None:
         self.data, self.seed, self.epoch, self.epoch_source = data, seed, 0, epoch_source
         self.world, self.rank = dist_world_size() if world is None else world, dist_rank()
 
@@ -136,7 +137,9 @@ class IndexBatches(EpochBatches):
 
     def batches(self) -> list[Tensor]:
         n, device = len(self.data), self.data.images.device
-        idx = torch.randperm(n, generator=self.generator()).to(device) if self.shuffle else torch.arange(n, device=device)
+        idx = (
+            torch.randperm(n, generator=self.generator()).to(device) if self.shuffle else torch.arange(n, device=device)
+        )
         global_batch = self.batch_size * self.world
         mine = []
         for b in range(len(self)):

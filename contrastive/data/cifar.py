@@ -67,23 +67,28 @@ def _cifar(cls: type[CIFAR10], root: Path, download: bool, override: str) -> Spl
     if missing:
         raise DataError(f"{cls.__name__} under {base} is incomplete: missing {missing}")
     if not all(check_integrity(str(base / name), md5) for name, md5 in batches):  # a rebuilt copy's sums differ
-        warnings.warn(f"{base}: checksums differ from the official archive; using this copy as is",
-                      DataWarning, stacklevel=3)
+        warnings.warn(
+            f"{base}: checksums differ from the official archive; using this copy as is", DataWarning, stacklevel=3
+        )
     loaded = {}
     for name in [name for name, _ in batches] + [cls.meta["filename"]]:
         try:
             with open(base / name, "rb") as f:
                 loaded[name] = pickle.load(f, encoding="latin1")  # Python 2 pickles: str keys, numpy arrays
         except Exception as e:
-            raise DataError(f"cannot read {base / name} ({type(e).__name__}: {e}): the file is damaged; "
-                            f"replace it, or {folder}/, with a fresh copy") from None
+            raise DataError(
+                f"cannot read {base / name} ({type(e).__name__}: {e}): the file is damaged; "
+                f"replace it, or {folder}/, with a fresh copy"
+            ) from None
     try:  # every file unpickles: a wrong key or shape is a damaged copy too
         names = [str(c) for c in loaded[cls.meta["filename"]][cls.meta["key"]]]
-        train, test = (_images_and_labels([loaded[name] for name, _ in part])
-                       for part in (cls.train_list, cls.test_list))
+        train, test = (
+            _images_and_labels([loaded[name] for name, _ in part]) for part in (cls.train_list, cls.test_list)
+        )
     except Exception as e:
-        raise DataError(f"cannot read {cls.__name__} under {base} ({type(e).__name__}: {e}): replace "
-                        f"{folder}/ with a fresh copy") from None
+        raise DataError(
+            f"cannot read {cls.__name__} under {base} ({type(e).__name__}: {e}): replace {folder}/ with a fresh copy"
+        ) from None
     return Splits(*(ImageTensors(images, labels, len(names), names) for images, labels in (train, test)))
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -105,7 +105,9 @@ def _decode_folder(folder: Path, size: int, names: list[str], workers: int | Non
 
     workers = _usable_cpus() if workers is None else workers
     if workers < 1:
-        raise ValueError(f"image_folder: workers must be >= 1, or None (null in a config) for every core, got {workers}")
+        raise ValueError(
+            f"image_folder: workers must be >= 1, or None (null in a config) for every core, got {workers}"
+        )
     with ThreadPoolExecutor(max_workers=min(workers, len(files))) as pool:
         images = list(pool.map(load, (file for file, _ in files)))  # in file order
     labels = torch.tensor([label for _, label in files])
@@ -132,8 +134,9 @@ def _folder_fingerprint(base: Path, classes: dict[str, list[str]]) -> str:
     return h.hexdigest()
 
 
-def image_folder(root: str, size: int = 32, train: str = "train", test: str = "test", cache: bool = True,
-                 workers: int | None = None) -> Splits:
+def image_folder(
+    root: str, size: int = 32, train: str = "train", test: str = "test", cache: bool = True, workers: int | None = None
+) -> Splits:
     """Any labelled image set laid out as ``root/{train,test}/<class>/<image>``, decoded once.
 
     Images are decoded, converted to RGB and resized to ``size x size`` once; hidden
@@ -163,7 +166,8 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
             f"training classes, so the data set has {len(names)} classes. For class-disjoint retrieval pass "
             f"data.train_classes=[{','.join(map(str, range(len(train_names))))}] "
             f"data.test_classes=[{','.join(map(str, test_labels))}] data.num_classes={len(train_names)} eval.knn_k=0",
-            DataWarning, stacklevel=2,
+            DataWarning,
+            stacklevel=2,
         )
     cache_file = base / f".contrastive_cache_{size}.pt"
 
@@ -171,8 +175,10 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
         train_set = _decode_folder(base / train, size, names, workers)
         counts = torch.bincount(train_set.labels, minlength=len(names))
         if empty := [n for i, n in enumerate(train_names) if counts[i] == 0]:  # a class that no image can teach
-            raise DataError(f"{len(empty)} class folder(s) of {base / train} hold no images ({', '.join(empty[:5])}"
-                            f"{', ...' if len(empty) > 5 else ''}): remove them or add images")
+            raise DataError(
+                f"{len(empty)} class folder(s) of {base / train} hold no images ({', '.join(empty[:5])}"
+                f"{', ...' if len(empty) > 5 else ''}): remove them or add images"
+            )
         return train_set, _decode_folder(base / test, size, names, workers)
 
     if not cache:
@@ -185,19 +191,32 @@ def image_folder(root: str, size: int = 32, train: str = "train", test: str = "t
             except Exception:  # a cache cut short (a killed write of an older version): rebuild it
                 saved = {}
             if saved.get("fingerprint") == fingerprint:  # a cache without one predates fingerprints: rebuild
-                return Splits(*(ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
-                                for s in (saved["train"], saved["test"])))
+                return Splits(
+                    *(
+                        ImageTensors(s["images"], s["labels"], len(saved["names"]), saved["names"])
+                        for s in (saved["train"], saved["test"])
+                    )
+                )
         train_set, test_set = decode()
         from contrastive.io import save_torch_atomic
 
         try:
-            save_torch_atomic({"fingerprint": fingerprint, "names": names,
-                               "train": {"images": train_set.images, "labels": train_set.labels},
-                               "test": {"images": test_set.images, "labels": test_set.labels}}, cache_file)
+            save_torch_atomic(
+                {
+                    "fingerprint": fingerprint,
+                    "names": names,
+                    "train": {"images": train_set.images, "labels": train_set.labels},
+                    "test": {"images": test_set.images, "labels": test_set.labels},
+                },
+                cache_file,
+            )
         except OSError as e:  # a read-only or shared data folder: train anyway, decode again next time
-            warnings.warn(f"could not write the decoded-image cache {cache_file} ({e}); the images will be "
-                          "decoded again next run. Pass data.source.cache=false to skip the cache.", DataWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"could not write the decoded-image cache {cache_file} ({e}); the images will be "
+                "decoded again next run. Pass data.source.cache=false to skip the cache.",
+                DataWarning,
+                stacklevel=2,
+            )
     return Splits(train_set, test_set)
 
 

@@ -8,7 +8,16 @@ from torch import Tensor
 from contrastive.data.tensors import ImageTensors, Splits
 
 SHAPE_NAMES = [
-    "disk", "square", "diamond", "ring", "plus", "triangle", "x", "frame", "two-dots", "half-disk",
+    "disk",
+    "square",
+    "diamond",
+    "ring",
+    "plus",
+    "triangle",
+    "x",
+    "frame",
+    "two-dots",
+    "half-disk",
 ]
 
 

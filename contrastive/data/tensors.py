@@ -50,13 +50,10 @@ class ImageTensors:
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise DataError(
-                f"images must be a uint8 tensor (N, C, H, W), got {self.images.dtype} "
-                f"{tuple(self.images.shape)}"
+                f"images must be a uint8 tensor (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
             )
         if self.labels.ndim != 1 or len(self.labels) != len(self.images):
-            raise DataError(
-                f"labels must be (N,) with N = {len(self.images)} images, got {tuple(self.labels.shape)}"
-            )
+            raise DataError(f"labels must be (N,) with N = {len(self.images)} images, got {tuple(self.labels.shape)}")
         if len(self.images) == 0:
             raise DataError("the data set is empty: it holds no images")
         if self.labels.is_floating_point() and not bool((self.labels == self.labels.round()).all()):
@@ -106,4 +103,3 @@ class Splits:
     @property
     def num_classes(self) -> int:
         return self.train.num_classes
-

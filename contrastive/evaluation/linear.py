@@ -91,8 +91,10 @@ def linear_probe(
         for ``"l2"`` it takes L2-normalised features.
     """
     if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train_features and test_features must be (N, D) and (M, D), got "
-                         f"{tuple(train_features.shape)} and {tuple(test_features.shape)}")
+        raise ValueError(
+            f"train_features and test_features must be (N, D) and (M, D), got "
+            f"{tuple(train_features.shape)} and {tuple(test_features.shape)}"
+        )
     n, d = train_features.shape
     check_labels(train_labels, num_classes, n, "train_labels")
     check_labels(test_labels, num_classes, test_features.shape[0], "test_labels")
@@ -165,8 +167,10 @@ def exportable_classifier(probe_out: dict[str, Any]) -> nn.Linear | None:
     the features' length, so no ``fc`` on the raw features predicts as it does.
     """
     if probe_out.get("normalize") == "l2":
-        log.warning("backbone_torchvision.pt holds no fc: the probe was trained on L2-normalised features "
-                    "(probe.normalize=l2), which an fc on the raw features cannot reproduce; "
-                    "probe.normalize=standardize (the default) exports it")
+        log.warning(
+            "backbone_torchvision.pt holds no fc: the probe was trained on L2-normalised features "
+            "(probe.normalize=l2), which an fc on the raw features cannot reproduce; "
+            "probe.normalize=standardize (the default) exports it"
+        )
         return None
     return probe_out.get("classifier")

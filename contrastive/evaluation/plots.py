@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -92,6 +91,7 @@ def _number(cell: str | None) -> float | None:
 def _curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Group metric names into (title, columns) panels: loss (and the Siamese loss terms
     ``metric`` and ``ce``), learning rate, accuracy and MAP@R (the class-disjoint monitor)."""
+
     def is_lr(c: str) -> bool:
         name = c.rsplit("/", 1)[-1]
         return name == "lr" or name.startswith("lr-") or c.startswith("lr-")
@@ -139,8 +139,14 @@ def plot_training_curves(metrics_csv_path: str | Path, out_path: str | Path, dpi
             ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=column)
         if title.startswith("top-1"):
             last_column = max(columns, key=lambda c: series[c][-1][1])
-            ax.annotate(f"{series[last_column][-1][1]:.2f}", series[last_column][-1], fontsize=8,
-                        textcoords="offset points", xytext=(-10, 6), ha="right")
+            ax.annotate(
+                f"{series[last_column][-1][1]:.2f}",
+                series[last_column][-1],
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(-10, 6),
+                ha="right",
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -295,8 +301,9 @@ def plot_similarity_histograms(
         pairs = pairs.to(x.device)
         sims = (x[pairs[:, 0]] * x[pairs[:, 1]]).sum(1).clamp(-1, 1).cpu().numpy()  # (P,)
         if len(sims):
-            ax.hist(sims, bins=bins, range=(-1, 1), density=True, alpha=0.55, color=color,
-                    label=f"{name} (n={len(sims)})")
+            ax.hist(
+                sims, bins=bins, range=(-1, 1), density=True, alpha=0.55, color=color, label=f"{name} (n={len(sims)})"
+            )
             ax.axvline(float(sims.mean()), color=color, linestyle="--", linewidth=1)
             means.append(f"{name} {sims.mean():.3f}")
     ax.set_xlim(-1, 1)
@@ -318,7 +325,9 @@ def confusion_matrix(true: Tensor, pred: Tensor, num_classes: int) -> Tensor:
     Returns:
         (C, C) int64 counts.
     """
-    from torchmetrics.functional.classification import multiclass_confusion_matrix  # here: torchmetrics loads matplotlib (2 s)
+    from torchmetrics.functional.classification import (
+        multiclass_confusion_matrix,  # here: torchmetrics loads matplotlib (2 s)
+    )
 
     return multiclass_confusion_matrix(pred.long().cpu(), true.long().cpu(), num_classes, validate_args=False)
 
@@ -361,12 +370,24 @@ def plot_confusion_matrix(
         for t in range(num_classes):
             for p in range(num_classes):
                 v = float(shown[t, p])
-                ax.text(p, t, f"{v:.0f}", ha="center", va="center", fontsize=7 if num_classes > 10 else 8,
-                        color="white" if v > threshold else "black")
+                ax.text(
+                    p,
+                    t,
+                    f"{v:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7 if num_classes > 10 else 8,
+                    color="white" if v > threshold else "black",
+                )
     if num_classes <= 40:
         names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
-        ax.set_xticks(range(num_classes), names, rotation=45 if class_names is not None else 0, ha="right"
-                      if class_names is not None else "center", fontsize=8)
+        ax.set_xticks(
+            range(num_classes),
+            names,
+            rotation=45 if class_names is not None else 0,
+            ha="right" if class_names is not None else "center",
+            fontsize=8,
+        )
         ax.set_yticks(range(num_classes), names, fontsize=8)
     accuracy = 100 * float(counts.diag().sum() / counts.sum().clamp_min(1))
     ax.set_title(f"confusion matrix (top-1 {accuracy:.2f}%)")

@@ -130,15 +130,16 @@ def seed_table(runs: Sequence[Run], params: Sequence[str], metrics: Sequence[str
     return [*keys, "n", *metrics], rows
 
 
-def _plot_summary(runs: Sequence[Run], labels: Sequence[str], params: Sequence[str], metrics: Sequence[str],
-                  out_path: Path, dpi: int) -> Path:
+def _plot_summary(
+    runs: Sequence[Run], labels: Sequence[str], params: Sequence[str], metrics: Sequence[str], out_path: Path, dpi: int
+) -> Path:
     """Each metric against the one swept parameter (seeds aside), or a bar per run when several vary."""
     varying = [p for p in params if p not in SEED_KEYS and len({r.overrides.get(p, "") for r in runs}) > 1]
     cols = max(1, min(3, len(metrics)))
     rows = max(1, math.ceil(len(metrics) / cols))
     fig = new_figure((4.5 * cols, 3.6 * rows), dpi)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[len(metrics):]:
+    for ax in axes[len(metrics) :]:
         ax.set_axis_off()
     for ax, metric in zip(axes, metrics):
         ys = [r.metrics.get(metric, math.nan) for r in runs]
@@ -219,12 +220,19 @@ def summarize_runs(
     writer.writerow(["run", *keys, *metrics])
     for label, run in zip(labels, runs):
         values = [run.metrics.get(m) for m in metrics]
-        writer.writerow([label, *(run.overrides.get(k, "") for k in keys),
-                         *("" if v is None or math.isnan(v) else repr(v) for v in values)])
+        writer.writerow(
+            [
+                label,
+                *(run.overrides.get(k, "") for k in keys),
+                *("" if v is None or math.isnan(v) else repr(v) for v in values),
+            ]
+        )
     write_bytes_atomic(out / "summary.csv", buf.getvalue().encode())
 
-    table = [[label, *(run.overrides.get(k, "") for k in keys), *(_fmt(run.metrics.get(m)) for m in metrics)]
-             for label, run in zip(labels, runs)]
+    table = [
+        [label, *(run.overrides.get(k, "") for k in keys), *(_fmt(run.metrics.get(m)) for m in metrics)]
+        for label, run in zip(labels, runs)
+    ]
     text = f"# Sweep summary ({len(runs)} runs)\n\n" + markdown_table(["run", *keys, *metrics], table)
     header, rows = seed_table(runs, keys, metrics)
     if rows:

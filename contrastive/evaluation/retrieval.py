@@ -82,8 +82,11 @@ def retrieval_metrics(
         plus ``num_queries`` (queries averaged over) and ``num_excluded_queries``.
     """
     if reference is not None and reference is query:
-        warnings.warn("reference is the query tensor itself, so every query finds itself at rank 1 (P@1 100): "
-                      "for leave-one-out retrieval within one set pass reference=None", stacklevel=2)
+        warnings.warn(
+            "reference is the query tensor itself, so every query finds itself at rank 1 (P@1 100): "
+            "for leave-one-out retrieval within one set pass reference=None",
+            stacklevel=2,
+        )
     ks = (ks,) if isinstance(ks, int) else ks
     leave_one_out = reference is None
     if leave_one_out != (reference_labels is None):

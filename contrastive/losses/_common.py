@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from contrastive.distributed import gather_with_grad, rank
 
-
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -35,5 +35,7 @@ def input_forms(loss: nn.Module) -> frozenset[LossForm] | None:
         return None
     unknown = set(forms) - set(LOSS_FORMS)
     if unknown:
-        raise ValueError(f"{type(loss).__name__}.input_forms holds {sorted(unknown)}: the forms are {', '.join(LOSS_FORMS)}")
+        raise ValueError(
+            f"{type(loss).__name__}.input_forms holds {sorted(unknown)}: the forms are {', '.join(LOSS_FORMS)}"
+        )
     return frozenset(forms)

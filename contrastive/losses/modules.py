@@ -110,7 +110,13 @@ class TripletMargin(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return triplet_margin(
-            embeddings, labels, self.margin, self.mining, self.squared, self.normalize, soft=self.soft,
+            embeddings,
+            labels,
+            self.margin,
+            self.mining,
+            self.squared,
+            self.normalize,
+            soft=self.soft,
             gather=self.gather,
         )
 
@@ -145,5 +151,7 @@ class ContrastiveMargin(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, squared={self.squared}, "
-                f"normalize={self.normalize}, gather={self.gather}")
+        return (
+            f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, squared={self.squared}, "
+            f"normalize={self.normalize}, gather={self.gather}"
+        )

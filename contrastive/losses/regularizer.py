@@ -75,8 +75,10 @@ class SoftmaxCERegularizer(nn.Module):
             (scalar cross-entropy, scalar top-1 accuracy in percent, 0-100).
         """
         if labels.dtype.is_floating_point or labels.dtype.is_complex:
-            raise ValueError(f"labels must be integer class ids in [0, {self.classifier.out_features}), got {labels.dtype}: "
-                             "cast them with .long() if they are whole numbers.")
+            raise ValueError(
+                f"labels must be integer class ids in [0, {self.classifier.out_features}), got {labels.dtype}: "
+                "cast them with .long() if they are whole numbers."
+            )
         logits = self.logits(embeddings)  # (n, C)
         ce = F.cross_entropy(logits, labels.long(), label_smoothing=self.label_smoothing)  # any integer dtype
         accuracy = (logits.detach().argmax(dim=1) == labels).to(logits.dtype).mean() * 100  # percent, as every top-1

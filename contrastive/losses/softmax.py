@@ -30,8 +30,9 @@ from contrastive.losses.logsumexp import row_logsumexp
 
 def _check_pair(a: Tensor, b: Tensor, names: str) -> None:
     if a.ndim != 2 or a.shape != b.shape or len(a) == 0:
-        raise ValueError(f"{names} must both be (N, D), N >= 1, with the same shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}.")
+        raise ValueError(
+            f"{names} must both be (N, D), N >= 1, with the same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
 
 
 @no_autocast
@@ -113,7 +114,9 @@ def info_nce(
     if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != query.shape[1]):
         raise ValueError(f"negatives must be (M, {query.shape[1]}), got {tuple(negatives.shape)}.")
     # One compute dtype for all (float64 if any input is): the matmuls need it.
-    dtype = torch.promote_types(query.dtype, key.dtype if negatives is None else torch.promote_types(key.dtype, negatives.dtype))
+    dtype = torch.promote_types(
+        query.dtype, key.dtype if negatives is None else torch.promote_types(key.dtype, negatives.dtype)
+    )
     query, key = l2_normalize(query.to(dtype)), l2_normalize(key.to(dtype))  # (n, D)
     anchors = query / temperature  # (n, D)
     positive = (anchors * key).sum(dim=1)  # (n,)

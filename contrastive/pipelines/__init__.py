@@ -2,8 +2,9 @@
 
 from contrastive.pipelines.base import NonFiniteLossError, Pipeline, RunFacts
 from contrastive.pipelines.moco import MoCo
-from contrastive.pipelines.simclr import SimCLR
 from contrastive.pipelines.siamese import Siamese
+from contrastive.pipelines.simclr import SimCLR
+
 # the configs' former scheduler _target_, which checkpoints written before contrastive.schedules store
 from contrastive.schedules import warmup_cosine
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -127,14 +128,22 @@ class Pipeline(pl.LightningModule):
         super().__init__()
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        for name, value, ok in (("feature_dim", feature_dim, feature_dim >= 1), ("num_classes", num_classes, num_classes >= 1),
-                                ("knn_k", knn_k, knn_k >= 0), ("knn_temperature", knn_temperature, knn_temperature > 0)):
+        for name, value, ok in (
+            ("feature_dim", feature_dim, feature_dim >= 1),
+            ("num_classes", num_classes, num_classes >= 1),
+            ("knn_k", knn_k, knn_k >= 0),
+            ("knn_temperature", knn_temperature, knn_temperature > 0),
+        ):
             if not ok:
-                raise ValueError(f"Pipeline: invalid {name}={value} (feature_dim and num_classes >= 1, knn_k >= 0 "
-                                 "where 0 monitors MAP@R instead, knn_temperature > 0)")
+                raise ValueError(
+                    f"Pipeline: invalid {name}={value} (feature_dim and num_classes >= 1, knn_k >= 0 "
+                    "where 0 monitors MAP@R instead, knn_temperature > 0)"
+                )
         if isinstance(augment, MultiCrop) and not self.multi_crop:
-            raise ValueError(f"the {type(self).__name__} pipeline draws its views from one Augment, not a MultiCrop of "
-                             f"{augment.sizes} px views: use an Augment (aug=simclr), or a pipeline that takes multi-crop")
+            raise ValueError(
+                f"the {type(self).__name__} pipeline draws its views from one Augment, not a MultiCrop of "
+                f"{augment.sizes} px views: use an Augment (aug=simclr), or a pipeline that takes multi-crop"
+            )
         self.backbone = backbone
         self.augment = augment
         self.optimizer_factory = optimizer
@@ -182,10 +191,15 @@ class Pipeline(pl.LightningModule):
         """The last, smaller batch splits into ``groups`` BatchNorm groups of at least 2 images."""
         last = facts.last_batch
         if last and (last % groups or last // groups < 2):
-            what = (f"split into pipeline.bn_splits={groups} BatchNorm groups of 2 or more" if groups > 1
-                    else "normalise with BatchNorm (one image)")
-            raise ValueError(f"sampler.drop_last=false leaves a last batch of {last} image(s), which the network "
-                             f"cannot {what}: use sampler.drop_last=true (the default) or another data.batch_size")
+            what = (
+                f"split into pipeline.bn_splits={groups} BatchNorm groups of 2 or more"
+                if groups > 1
+                else "normalise with BatchNorm (one image)"
+            )
+            raise ValueError(
+                f"sampler.drop_last=false leaves a last batch of {last} image(s), which the network "
+                f"cannot {what}: use sampler.drop_last=true (the default) or another data.batch_size"
+            )
 
     # ------------------------------------------------------------------ encoding
     def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
@@ -195,8 +209,10 @@ class Pipeline(pl.LightningModule):
         views one process holding the global batch would draw (``contrastive.views.draw_views``).
         """
         if isinstance(self.augment, MultiCrop):
-            raise ValueError(f"views() draws n views of one Augment, but augment is a MultiCrop of {self.augment.sizes} "
-                             "px views: use crops()")
+            raise ValueError(
+                f"views() draws n views of one Augment, but augment is a MultiCrop of {self.augment.sizes} "
+                "px views: use crops()"
+            )
         return self._layout(draw_views(self.augment, images, n, self.generator, world_size(), rank()))
 
     def crops(self, images: Tensor) -> list[Tensor]:
@@ -206,8 +222,10 @@ class Pipeline(pl.LightningModule):
         each group one ``Augment`` call on its n-fold batch, drawn as :meth:`views` draws.
         """
         if not isinstance(self.augment, MultiCrop):
-            raise ValueError("crops() draws the groups of a contrastive.views.MultiCrop, but augment is one Augment: "
-                             "use views(), or build the pipeline with a MultiCrop (aug=multicrop)")
+            raise ValueError(
+                "crops() draws the groups of a contrastive.views.MultiCrop, but augment is one Augment: "
+                "use views(), or build the pipeline with a MultiCrop (aug=multicrop)"
+            )
         return self._layout(self.augment(images, self.generator, world_size(), rank()))
 
     def _layout(self, views: list[Tensor]) -> list[Tensor]:
@@ -235,8 +253,10 @@ class Pipeline(pl.LightningModule):
         if self.online_head is None:
             return None
         if features.shape[-1] != self.online_head.in_features:  # else a bare matmul shape error
-            raise ValueError(f"the backbone outputs {features.shape[-1]} features per image, but the pipeline was "
-                             f"built with feature_dim={self.online_head.in_features}: pass feature_dim={features.shape[-1]}")
+            raise ValueError(
+                f"the backbone outputs {features.shape[-1]} features per image, but the pipeline was "
+                f"built with feature_dim={self.online_head.in_features}: pass feature_dim={features.shape[-1]}"
+            )
         logits = self.online_head(features.detach().to(self.online_head.weight.dtype))
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean() * 100
@@ -303,7 +323,9 @@ class Pipeline(pl.LightningModule):
             raise NonFiniteLossError(self._nonfinite_message(terms, flags, step))
 
     def _nonfinite_message(self, terms: dict[str, Tensor], finite: Tensor, step: int) -> str:
-        bad = ", ".join(f"{k}={float(v.detach().float().mean())}" for (k, v), ok in zip(terms.items(), finite.tolist()) if not ok)
+        bad = ", ".join(
+            f"{k}={float(v.detach().float().mean())}" for (k, v), ok in zip(terms.items(), finite.tolist()) if not ok
+        )
         if world_size() > 1:
             bad += f" (this process's value; non-finite on at least one of the {world_size()} processes)"
         return (
@@ -340,10 +362,13 @@ class Pipeline(pl.LightningModule):
         all_labels = _all_gather_padded(labels, rows).flatten(0, 1)  # (W*rows,)
         starts = sizes.cumsum(1) - sizes  # (W, B): where batch b begins in rank r's rows
         sizes, starts = sizes.tolist(), starts.tolist()
-        order = torch.cat([
-            torch.arange(sizes[r][b], device=feats.device) + r * rows + starts[r][b]
-            for b in range(len(sizes[0])) for r in range(len(sizes))
-        ])  # (N,)
+        order = torch.cat(
+            [
+                torch.arange(sizes[r][b], device=feats.device) + r * rows + starts[r][b]
+                for b in range(len(sizes[0]))
+                for r in range(len(sizes))
+            ]
+        )  # (N,)
         return all_feats[order], all_labels[order]
 
     def on_validation_epoch_end(self) -> None:
@@ -371,8 +396,15 @@ class Pipeline(pl.LightningModule):
         log = dict(prog_bar=True, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
         self.last_features = {"train": (bank, bank_labels), "test": (test, test_labels)}
         # knn_k=0: the test classes differ from the train classes, so retrieval among the test images instead
-        figures = feature_metrics(self.last_features, self.num_classes, self.knn_k > 0, self.knn_k,
-                                  self.knn_temperature, metric=self.retrieval_metric, retrieval=self.knn_k == 0)
+        figures = feature_metrics(
+            self.last_features,
+            self.num_classes,
+            self.knn_k > 0,
+            self.knn_k,
+            self.knn_temperature,
+            metric=self.retrieval_metric,
+            retrieval=self.knn_k == 0,
+        )
         name = "knn_top1" if self.knn_k > 0 else "map_at_r"
         self.log(f"val/{name}", figures[name], **log)
         self._val_outputs = {}
@@ -419,8 +451,13 @@ class Pipeline(pl.LightningModule):
         self.train_seconds += seconds  # validation included: the run's wall-clock
         training = seconds - self._epoch_validation
         # summed over processes: the whole job's throughput; the slowest process's epoch time
-        self.log("train/images_per_s", self._epoch_images / max(training, 1e-9), prog_bar=True, sync_dist=True,
-                 reduce_fx="sum")
+        self.log(
+            "train/images_per_s",
+            self._epoch_images / max(training, 1e-9),
+            prog_bar=True,
+            sync_dist=True,
+            reduce_fx="sum",
+        )
         self.log("train/epoch_seconds", training, sync_dist=True, reduce_fx="max")
 
     # ------------------------------------------------------------------ state

@@ -41,9 +41,11 @@ def queue_problem(queue_size: int, keys_per_step: int) -> str | None:
     at least one step's keys, else the negatives are a fragment of one batch."""
     if keys_per_step <= queue_size:
         return None
-    return (f"pipeline.queue_size={queue_size} is smaller than the keys enqueued per step ({keys_per_step} = "
-            "data.batch_size x processes, x 2 when pipeline.symmetric): raise pipeline.queue_size or lower "
-            "data.batch_size")
+    return (
+        f"pipeline.queue_size={queue_size} is smaller than the keys enqueued per step ({keys_per_step} = "
+        "data.batch_size x processes, x 2 when pipeline.symmetric): raise pipeline.queue_size or lower "
+        "data.batch_size"
+    )
 
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -57,8 +59,15 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     Inputs (N, C) and (N, C, *S) alike; N must be a multiple of G.
     """
 
-    def __init__(self, num_features: int, num_splits: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        num_splits: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         if num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
@@ -104,8 +113,9 @@ def convert_to_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
     if num_splits == 1:
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SplitBatchNorm):
-        split = SplitBatchNorm(module.num_features, num_splits, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+        split = SplitBatchNorm(
+            module.num_features, num_splits, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         split.load_state_dict(module.state_dict())
         state = [*module.parameters(), *module.buffers()]
         return split.to(state[0].device) if state else split
@@ -137,9 +147,18 @@ class MoCo(Pipeline):
     loss_forms: ClassVar[tuple[LossForm, ...]] = ("query_key_negatives",)
     loss_hint: ClassVar[str] = "it calls loss(query, key, queue); use loss=info_nce"
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, loss: nn.Module,
-                 queue_size: int = 4096, momentum: float = 0.99, momentum_cosine: bool = False,
-                 symmetric: bool = False, bn_splits: int = 8, **base: Any) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector: nn.Module,
+        loss: nn.Module,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        momentum_cosine: bool = False,
+        symmetric: bool = False,
+        bn_splits: int = 8,
+        **base: Any,
+    ) -> None:
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"pipeline.momentum={momentum} must be in [0, 1]")
         self.loss_form(loss)
@@ -187,8 +206,10 @@ class MoCo(Pipeline):
         # Lightning's sync_batchnorm=True (applied before this hook) swaps SplitBatchNorm for global statistics,
         # through which the positive key leaks; the CLI refuses it earlier, a plain Trainer gets here.
         if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
-            raise ValueError("MoCo with SyncBatchNorm (Trainer(sync_batchnorm=True)) would replace its shuffle-BN by "
-                             "global BatchNorm statistics, through which the positive key leaks: use sync_batchnorm=False")
+            raise ValueError(
+                "MoCo with SyncBatchNorm (Trainer(sync_batchnorm=True)) would replace its shuffle-BN by "
+                "global BatchNorm statistics, through which the positive key leaks: use sync_batchnorm=False"
+            )
 
     # ------------------------------------------------------------------ parts of a step
     def current_momentum(self) -> float:

@@ -46,8 +46,10 @@ class Siamese(Pipeline):
     """
 
     loss_forms: ClassVar[tuple[LossForm, ...]] = ("embeddings_labels",)
-    loss_hint: ClassVar[str] = ("it calls loss(embeddings, labels); use loss=triplet, loss=contrastive_margin or "
-                                "loss=sup_con (NT-Xent and InfoNCE on two views run in pipeline=simclr)")
+    loss_hint: ClassVar[str] = (
+        "it calls loss(embeddings, labels); use loss=triplet, loss=contrastive_margin or "
+        "loss=sup_con (NT-Xent and InfoNCE on two views run in pipeline=simclr)"
+    )
 
     def __init__(
         self,

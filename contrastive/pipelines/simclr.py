@@ -12,8 +12,9 @@ from contrastive.losses import LossForm, input_forms
 from contrastive.pipelines.base import Pipeline
 
 
-def instance_labels(batch_size: int, num_views: int, process_rank: int = 0,
-                    device: torch.device | str | None = None) -> Tensor:
+def instance_labels(
+    batch_size: int, num_views: int, process_rank: int = 0, device: torch.device | str | None = None
+) -> Tensor:
     """Labels that make every view of an image a positive of the others and nothing else.
 
     ``(arange(B) + rank * B).repeat(V)``, shape (V*B,), view-major like ``cat(views)``:
@@ -41,8 +42,10 @@ class SimCLR(Pipeline):
     """
 
     loss_forms: ClassVar[tuple[LossForm, ...]] = ("two_views", "multi_view")
-    loss_hint: ClassVar[str] = ("it contrasts views of the same image; use loss=nt_xent, loss=info_nce or loss=sup_con "
-                                "(class-label losses run in pipeline=siamese)")
+    loss_hint: ClassVar[str] = (
+        "it contrasts views of the same image; use loss=nt_xent, loss=info_nce or loss=sup_con "
+        "(class-label losses run in pipeline=siamese)"
+    )
 
     def __init__(self, projector: nn.Module, loss: nn.Module, num_views: int = 2, **base: Any) -> None:
         self.loss_form(loss)  # refuses a loss of another form

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import contrastive.data.batching as data_mod
-from contrastive.data import DataError, ImageTensors, IndexBatches, PKBatches, SamplerError, pk_epoch, schedule_classes, shapes
+from contrastive.data import (
+    DataError,
+    ImageTensors,
+    IndexBatches,
+    PKBatches,
+    SamplerError,
+    pk_epoch,
+    schedule_classes,
+    shapes,
+)
 
 
 def test_index_batches_cover_epoch_and_reshuffle() -> None:
@@ -187,8 +196,9 @@ def test_bad_settings_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     data = labelled(COUNTS)
     with pytest.raises(ValueError) as err:
         PKBatches(data, batch_size=64, classes_per_batch=8, samples_per_class=4)
-    assert all(s in str(err.value) for s in ("sampler.classes_per_batch", "sampler.samples_per_class",
-                                            "data.batch_size"))
+    assert all(
+        s in str(err.value) for s in ("sampler.classes_per_batch", "sampler.samples_per_class", "data.batch_size")
+    )
     assert isinstance(err.value, DataError)  # the CLI prints DataErrors as one line, exit status 2
     with pytest.raises(SamplerError, match="has 5"):  # 5 classes present, 6 asked for
         PKBatches(data, batch_size=12, classes_per_batch=6, samples_per_class=2)

@@ -78,14 +78,21 @@ def _expected(batches: list[dict], label_key: str) -> tuple[torch.Tensor, torch.
 def test_cifar10_batches_are_read_bitwise_and_a_rebuilt_copy_warns_once(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    layout = {"data_batch_1": 7, "data_batch_2": 3, "data_batch_3": 5, "data_batch_4": 1, "data_batch_5": 4,
-              "test_batch": 6}
+    layout = {
+        "data_batch_1": 7,
+        "data_batch_2": 3,
+        "data_batch_3": 5,
+        "data_batch_4": 1,
+        "data_batch_5": 4,
+        "test_batch": 6,
+    }
     made = _write_cifar(folder, layout, ("batches.meta", "label_names"), "labels")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         splits = cifar10(str(tmp_path))
     assert [(w.category, str(w.message)) for w in caught] == [
-        (DataWarning, f"{folder}: checksums differ from the official archive; using this copy as is")]
+        (DataWarning, f"{folder}: checksums differ from the official archive; using this copy as is")
+    ]
     train = [made["batches"][f"data_batch_{i}"] for i in range(1, 6)]
     for part, batches in ((splits.train, train), (splits.test, [made["batches"]["test_batch"]])):
         images, labels = _expected(batches, "labels")
@@ -95,8 +102,9 @@ def test_cifar10_batches_are_read_bitwise_and_a_rebuilt_copy_warns_once(tmp_path
         assert part.num_classes == 10 and part.class_names == made["names"]
 
 
-def test_cifar10_copy_with_the_official_checksums_loads_silently(tmp_path: Path, fake_cifar10,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cifar10_copy_with_the_official_checksums_loads_silently(
+    tmp_path: Path, fake_cifar10, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torchvision.datasets import CIFAR10
 
     fake_cifar10(tmp_path, n_train=10, n_test=4)
@@ -129,8 +137,9 @@ def test_cifar100_reads_its_fine_labels_and_names(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cifar10_matches_torchvisions_reader_on_the_shared_copy(cifar10_root: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cifar10_matches_torchvisions_reader_on_the_shared_copy(
+    cifar10_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The rebuilt CIFAR-10 (Python 2 pickles, as the official files) as torchvision reads it, md5 check off."""
     import torchvision.datasets.cifar
     from torchvision.datasets import CIFAR10

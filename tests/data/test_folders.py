@@ -58,8 +58,10 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
     for cache in (False, True):
         with pytest.raises(DataError) as error:
             image_folder(str(tmp_path / "hollow"), cache=cache)
-        assert str(error.value) == (f"1 class folder(s) of {tmp_path / 'hollow' / 'train'} hold no images "
-                                    "(emptyclass): remove them or add images")
+        assert str(error.value) == (
+            f"1 class folder(s) of {tmp_path / 'hollow' / 'train'} hold no images "
+            "(emptyclass): remove them or add images"
+        )
     (tmp_path / "hollow" / "train" / "emptyclass").rmdir()
     assert image_folder(str(tmp_path / "hollow")).train.class_names == ["cat", "dog"]
     (tmp_path / "hollow" / "test" / "cat" / "0.png").unlink()  # a test split without one class's images is fine
@@ -244,7 +246,9 @@ def test_image_folder_labels_test_only_classes_after_the_training_classes(tmp_pa
     assert test.class_names == ["dog", "ant", "bee"] and test.labels.tolist() == [0, 0, 1, 2, 2, 2]
 
 
-def test_image_folder_trains_without_cache_when_root_is_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_folder_trains_without_cache_when_root_is_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import contrastive.io
     from contrastive.data import image_folder
 

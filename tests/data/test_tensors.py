@@ -38,7 +38,9 @@ def test_select_classes_relabels() -> None:
     assert len(part) == 30 and part.class_names == ["triangle", "x", "frame"]
 
 
-def test_the_cli_logs_data_warnings_as_one_line(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_cli_logs_data_warnings_as_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import warnings
 
     from contrastive.cli.shell import log_data_warnings

@@ -29,8 +29,16 @@ def ranked(query: list[float], refs: list[list[float]], skip: int | None, metric
     return [j for _, _, j in sorted(scored)]
 
 
-def knn_loop(train: torch.Tensor, train_y: torch.Tensor, query: torch.Tensor, num_classes: int, k: int,
-             temperature: float, weighted: bool, exclude_self: bool = False) -> list[int]:
+def knn_loop(
+    train: torch.Tensor,
+    train_y: torch.Tensor,
+    query: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    weighted: bool,
+    exclude_self: bool = False,
+) -> list[int]:
     """Weighted (exp(sim/T)) or majority vote of the k nearest, ties to the lowest class."""
     refs, ys = train.tolist(), train_y.tolist()
     preds = []
@@ -46,8 +54,14 @@ def knn_loop(train: torch.Tensor, train_y: torch.Tensor, query: torch.Tensor, nu
     return preds
 
 
-def retrieval_loop(query: torch.Tensor, query_y: torch.Tensor, refs: torch.Tensor | None,
-                   refs_y: torch.Tensor | None, ks: tuple[int, ...], metric: str = "cosine") -> dict[str, float]:
+def retrieval_loop(
+    query: torch.Tensor,
+    query_y: torch.Tensor,
+    refs: torch.Tensor | None,
+    refs_y: torch.Tensor | None,
+    ks: tuple[int, ...],
+    metric: str = "cosine",
+) -> dict[str, float]:
     """Musgrave et al. 2020 definitions, one query at a time, in percent."""
     loo = refs is None
     ref_list = query.tolist() if loo else refs.tolist()

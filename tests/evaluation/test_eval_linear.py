@@ -59,9 +59,19 @@ def test_rejects_unknown_options() -> None:
         linear_probe(x, y, x, y, 2, optimizer="lbfgs")  # type: ignore[arg-type]
 
 
-def _reference_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, c: int, *, epochs: int,
-                     batch_size: int, seed: int, lr: float = 0.1, wd: float = 1e-5, momentum: float = 0.9
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_probe(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    c: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    lr: float = 0.1,
+    wd: float = 1e-5,
+    momentum: float = 0.9,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The documented recipe in float64 by hand: standardise with the train mean and population std
     (a constant column becomes 0), zero init, Nesterov SGD with L2 decay, cosine lr per step to 0."""
     x_train, x_test = x_train.double(), x_test.double()
@@ -94,8 +104,12 @@ def test_default_recipe_matches_a_float64_reference_with_a_constant_feature() ->
     w, b, logits = _reference_probe(x[:100], y[:100], x[100:], 3, epochs=100, batch_size=32, seed=0)
     assert torch.isfinite(out["classifier"].weight).all()
     torch.testing.assert_close(out["classifier"](x[100:]).double(), logits, atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(torch.tensor(out["linear_test_loss"], dtype=torch.float64),
-                               torch.nn.functional.cross_entropy(logits, y[100:]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(out["linear_test_loss"], dtype=torch.float64),
+        torch.nn.functional.cross_entropy(logits, y[100:]),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     assert out["linear_top1"] == 100.0 * (logits.argmax(1) == y[100:]).double().mean().item()
     # the decay itself (its documented default, 1e-5, moves these weights below float32 noise)
     import inspect

@@ -18,7 +18,9 @@ from contrastive.evaluation.neighbors import prepare_features, similarity, topk_
     seed=st.integers(0, 2**31 - 1),
     data=st.data(),
 )
-def test_topk_equals_stable_sort_with_many_ties(rows: int, cols: int, levels: int, seed: int, data: st.DataObject) -> None:
+def test_topk_equals_stable_sort_with_many_ties(
+    rows: int, cols: int, levels: int, seed: int, data: st.DataObject
+) -> None:
     g = torch.Generator().manual_seed(seed)
     sims = torch.randint(0, levels, (rows, cols), generator=g).float()  # few distinct values: ties everywhere
     k = data.draw(st.integers(1, cols))
@@ -45,8 +47,9 @@ def test_euclidean_ranking_does_not_depend_on_a_shift_of_all_features() -> None:
     """Far from the origin, float32 ``2 q.r - |q|^2 - |r|^2`` cancels to noise unless centred first."""
     q = torch.tensor([[1000.0, 0.0]])
     r = torch.tensor([[999.92, 0.17], [999.875, -0.05]])  # distances 0.188 and 0.135: reference 1 is nearer
-    torch.testing.assert_close(similarity(q, r, "euclidean"), -torch.cdist(q.double(), r.double()).pow(2).float(),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        similarity(q, r, "euclidean"), -torch.cdist(q.double(), r.double()).pow(2).float(), atol=1e-4, rtol=0
+    )
     assert topk_neighbors(q, r, 1, "euclidean")[1].item() == 1
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 16, generator=g)
@@ -66,8 +69,9 @@ def test_cosine_neighbours_and_metrics_do_not_depend_on_the_features_scale() -> 
     _, idx = topk_neighbors(prepare_features(x), prepare_features(x), 5, self_index=torch.arange(60))
     base = retrieval_metrics(x, y)
     for scale in (1e20, 1e-20):
-        _, scaled = topk_neighbors(prepare_features(x * scale), prepare_features(x * scale), 5,
-                                   self_index=torch.arange(60))
+        _, scaled = topk_neighbors(
+            prepare_features(x * scale), prepare_features(x * scale), 5, self_index=torch.arange(60)
+        )
         assert torch.equal(scaled, idx)
         assert retrieval_metrics(x * scale, y) == base
         assert torch.equal(knn_predict(x * scale, y, x[:10] * scale, 4, k=5), knn_predict(x, y, x[:10], 4, k=5))

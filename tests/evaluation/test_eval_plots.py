@@ -79,19 +79,32 @@ def test_training_curves_only_present_panels_and_empty_file_raises(tmp_path: Pat
 def test_siamese_loss_terms_share_the_loss_panel() -> None:
     from contrastive.evaluation.plots import _curve_panels
 
-    columns = ["train/loss_step", "train/metric_step", "train/ce_epoch", "train/ce_acc_epoch", "lr-AdamW/pg1",
-               "val/map_at_r", "val/knn_top1", "train/online_probe_top1"]
+    columns = [
+        "train/loss_step",
+        "train/metric_step",
+        "train/ce_epoch",
+        "train/ce_acc_epoch",
+        "lr-AdamW/pg1",
+        "val/map_at_r",
+        "val/knn_top1",
+        "train/online_probe_top1",
+    ]
     panels = dict(_curve_panels(columns))
     assert panels["loss"] == ["train/loss_step", "train/metric_step", "train/ce_epoch"]
-    assert panels["top-1 / MAP@R (%)"] == ["train/ce_acc_epoch", "val/map_at_r", "val/knn_top1",
-                                           "train/online_probe_top1"]
+    assert panels["top-1 / MAP@R (%)"] == [
+        "train/ce_acc_epoch",
+        "val/map_at_r",
+        "val/knn_top1",
+        "train/online_probe_top1",
+    ]
 
 
 @pytest.mark.parametrize("method", ["tsne", "pca"])
 def test_embedding_png(tmp_path: Path, method: str) -> None:
     x, y = _blobs()
-    out = plot_embedding_2d(x, y, tmp_path / f"{method}.png", method=method, max_points=150,
-                            class_names=["a", "b", "c", "d"], dpi=DPI)
+    out = plot_embedding_2d(
+        x, y, tmp_path / f"{method}.png", method=method, max_points=150, class_names=["a", "b", "c", "d"], dpi=DPI
+    )
     _assert_png(out, EMBEDDING_SIZE)
 
 
@@ -145,7 +158,9 @@ def test_importing_the_evaluation_package_loads_no_plotting_or_training_library(
     import subprocess
     import sys
 
-    code = ("import sys, contrastive.evaluation, contrastive.losses; "
-            "print(sorted(m for m in ('matplotlib', 'torchmetrics', 'pytorch_lightning', 'sklearn') if m in sys.modules))")
+    code = (
+        "import sys, contrastive.evaluation, contrastive.losses; "
+        "print(sorted(m for m in ('matplotlib', 'torchmetrics', 'pytorch_lightning', 'sklearn') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

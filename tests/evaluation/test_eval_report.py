@@ -31,8 +31,12 @@ def test_parse_override_prefixes() -> None:
 
 
 def test_two_runs_give_both_rows_with_their_values(tmp_path: Path) -> None:
-    a = _fake_run(tmp_path / "multirun", "0", ["loss.temperature=0.1", "seed=0"], {"knn_top1": 81.25, "linear_top1": 85.5})
-    b = _fake_run(tmp_path / "multirun", "1", ["loss.temperature=0.5", "seed=0"], {"knn_top1": 77.0, "linear_top1": 83.125})
+    a = _fake_run(
+        tmp_path / "multirun", "0", ["loss.temperature=0.1", "seed=0"], {"knn_top1": 81.25, "linear_top1": 85.5}
+    )
+    b = _fake_run(
+        tmp_path / "multirun", "1", ["loss.temperature=0.5", "seed=0"], {"knn_top1": 77.0, "linear_top1": 83.125}
+    )
     md = summarize_runs([a, b], tmp_path / "report")
     assert md == tmp_path / "report" / "summary.md"
 
@@ -101,8 +105,10 @@ def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
 
 def test_a_sweep_through_zero_is_plotted_on_a_linear_axis(tmp_path: Path, saved_figures: list[Figure]) -> None:
     """weight_decay 0 and 0.001: the log-axis test max/min must not divide by the 0 (min(xs) > 0 guard)."""
-    runs = [_fake_run(tmp_path, str(i), [f"optimizer.weight_decay={wd}"], {"knn_top1": y})
-            for i, (wd, y) in enumerate([("0", 70.0), ("0.001", 75.0)])]
+    runs = [
+        _fake_run(tmp_path, str(i), [f"optimizer.weight_decay={wd}"], {"knn_top1": y})
+        for i, (wd, y) in enumerate([("0", 70.0), ("0.001", 75.0)])
+    ]
     summarize_runs(runs, tmp_path / "out")
     (ax,) = saved_figures[0].axes
     assert ax.get_xscale() == "linear"
@@ -151,8 +157,10 @@ def test_no_runs_is_refused(tmp_path: Path) -> None:
 
 def test_three_metrics_give_three_panels_in_one_row(tmp_path: Path, saved_figures: list[Figure]) -> None:
     """One panel per metric, up to 3 per row: 3 metrics make a 1 x 3 figure of 13.5 x 3.6 inches."""
-    runs = [_fake_run(tmp_path, str(i), [f"lr={lr}"], {"knn_top1": 80.0 + i, "linear_top1": 85.0, "loss": 0.5})
-            for i, lr in enumerate(["0.1", "0.2"])]
+    runs = [
+        _fake_run(tmp_path, str(i), [f"lr={lr}"], {"knn_top1": 80.0 + i, "linear_top1": 85.0, "loss": 0.5})
+        for i, lr in enumerate(["0.1", "0.2"])
+    ]
     summarize_runs(runs, tmp_path / "out")
     (fig,) = saved_figures
     assert [ax.get_title() for ax in fig.axes] == ["knn_top1", "linear_top1", "loss"]
@@ -167,8 +175,10 @@ def test_parse_override_strips_whitespace_around_key_and_value() -> None:
 
 def test_numeric_levels_are_plotted_in_numeric_order(tmp_path: Path, saved_figures: list[Figure]) -> None:
     """Levels 10, 2, 1 give a mean line through x = 1, 2, 10 (not run order, not text order 1, 10, 2)."""
-    runs = [_fake_run(tmp_path, str(i), [f"pipeline.knn_k={k}"], {"knn_top1": y})
-            for i, (k, y) in enumerate([("10", 70.0), ("2", 72.0), ("1", 74.0)])]
+    runs = [
+        _fake_run(tmp_path, str(i), [f"pipeline.knn_k={k}"], {"knn_top1": y})
+        for i, (k, y) in enumerate([("10", 70.0), ("2", 72.0), ("1", 74.0)])
+    ]
     summarize_runs(runs, tmp_path / "out")
     (ax,) = saved_figures[0].axes
     dots, means = ax.lines

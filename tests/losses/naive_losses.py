@@ -82,8 +82,9 @@ def _distances(x: Tensor, squared: bool, normalize: bool) -> list[list[float]]:
     return [[dist(a, b, squared) for b in xs] for a in xs]
 
 
-def triplet(x: Tensor, labels: Tensor, margin: float, mining: str, squared: bool, normalize: bool,
-            soft: bool = False) -> float:
+def triplet(
+    x: Tensor, labels: Tensor, margin: float, mining: str, squared: bool, normalize: bool, soft: bool = False
+) -> float:
     d, y = _distances(x, squared, normalize), labels.tolist()
 
     def hinge(v: float) -> float:  # v = d(a, p) - d(a, n) + margin
@@ -112,7 +113,9 @@ def triplet(x: Tensor, labels: Tensor, margin: float, mining: str, squared: bool
     return sum(losses) / len(losses) if losses else 0.0
 
 
-def contrastive(x: Tensor, labels: Tensor, pos_margin: float, neg_margin: float, squared: bool, normalize: bool) -> float:
+def contrastive(
+    x: Tensor, labels: Tensor, pos_margin: float, neg_margin: float, squared: bool, normalize: bool
+) -> float:
     d, y = _distances(x, squared, normalize), labels.tolist()
     pull, push = [], []
     for i in range(len(y)):

@@ -27,7 +27,9 @@ def _data() -> dict[str, torch.Tensor]:
     }
 
 
-def _losses(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor, gather: bool):  # type: ignore[no-untyped-def]
+def _losses(
+    net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor, gather: bool
+):  # type: ignore[no-untyped-def]
     """Each case maps (local x1, local x2, local labels of the stacked views) to a loss."""
     z1, z2 = net(x1), net(x2)
     return {
@@ -73,7 +75,9 @@ def _worker(r: int, port: int, out_dir: str) -> None:
         results = {}
         for name in _losses(_make_net(), data["x1"][:1], data["x2"][:1], data["labels"][:2], data["queue"], False):
             net = DistributedDataParallel(_make_net())
-            loss = _losses(net, data["x1"][rows], data["x2"][rows], _local_labels(data["labels"], r), data["queue"], True)[name]
+            loss = _losses(
+                net, data["x1"][rows], data["x2"][rows], _local_labels(data["labels"], r), data["queue"], True
+            )[name]
             loss.backward()
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
@@ -88,7 +92,6 @@ def _worker(r: int, port: int, out_dir: str) -> None:
     finally:
         dist.barrier()  # no rank tears gloo down while its peer still talks (SIGABRT otherwise)
         dist.destroy_process_group()
-
 
 
 def test_gather_is_identity_without_process_group() -> None:

@@ -18,7 +18,12 @@ def batch(n: int, d: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.
     return x, torch.arange(n) % classes
 
 
-CASES = [(6, 3, 2, 0.2, False, True), (10, 5, 3, 0.5, True, True), (12, 4, 4, 0.1, False, False), (16, 8, 5, 1.0, True, False)]
+CASES = [
+    (6, 3, 2, 0.2, False, True),
+    (10, 5, 3, 0.5, True, True),
+    (12, 4, 4, 0.1, False, False),
+    (16, 8, 5, 1.0, True, False),
+]
 
 
 @pytest.mark.parametrize("mining", MINING)
@@ -56,9 +61,14 @@ def test_semi_hard_fallback_uses_farthest_negative() -> None:
     assert loss.item() > 0.3
 
 
-@pytest.mark.parametrize(("n", "classes", "pos_margin", "neg_margin", "squared", "normalize"), [
-    (6, 2, 0.0, 1.0, False, True), (10, 3, 0.2, 1.5, True, True), (9, 4, 0.5, 4.0, False, False),
-])
+@pytest.mark.parametrize(
+    ("n", "classes", "pos_margin", "neg_margin", "squared", "normalize"),
+    [
+        (6, 2, 0.0, 1.0, False, True),
+        (10, 3, 0.2, 1.5, True, True),
+        (9, 4, 0.5, 4.0, False, False),
+    ],
+)
 def test_contrastive_matches_loop(
     n: int, classes: int, pos_margin: float, neg_margin: float, squared: bool, normalize: bool
 ) -> None:
@@ -136,8 +146,14 @@ def test_modules_and_validation() -> None:
         triplet_margin(x, y[:3])
 
 
-@pytest.mark.parametrize("loss", [TripletMargin(0.5, "all", gather=True), TripletMargin(0.5, "semi_hard", gather=True),
-                                  ContrastiveMargin(0.1, 1.0, gather=True)])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        TripletMargin(0.5, "all", gather=True),
+        TripletMargin(0.5, "semi_hard", gather=True),
+        ContrastiveMargin(0.1, 1.0, gather=True),
+    ],
+)
 def test_gather_is_the_identity_in_one_process(loss: torch.nn.Module) -> None:
     """The configs set gather: true; without a process group the value and gradient are bitwise unchanged."""
     g = torch.Generator().manual_seed(3)

@@ -51,7 +51,9 @@ def test_softmax_losses_finite(pair: tuple[torch.Tensor, torch.Tensor], t: float
 
 @settings(max_examples=60, deadline=None)
 @given(batches(), st.integers(1, 4), st.sampled_from(["all", "batch_hard", "semi_hard"]), st.booleans())
-def test_metric_losses_finite(pair: tuple[torch.Tensor, torch.Tensor], classes: int, mining: str, squared: bool) -> None:
+def test_metric_losses_finite(
+    pair: tuple[torch.Tensor, torch.Tensor], classes: int, mining: str, squared: bool
+) -> None:
     x = pair[0].requires_grad_()
     labels = torch.arange(x.shape[0]) % classes
     for normalize in (True, False):
@@ -60,5 +62,7 @@ def test_metric_losses_finite(pair: tuple[torch.Tensor, torch.Tensor], classes: 
         # loss squares the hinge: |x| <= 1e18 for d, 1e8 for squared d.
         limit_triplet = 1e18 if squared and not normalize else float("inf")
         limit_pair = (1e8 if squared else 1e18) if not normalize else float("inf")
-        assert_finite(triplet_margin(x.clamp(-limit_triplet, limit_triplet), labels, 0.2, mining, squared, normalize), x)
+        assert_finite(
+            triplet_margin(x.clamp(-limit_triplet, limit_triplet), labels, 0.2, mining, squared, normalize), x
+        )
         assert_finite(contrastive_margin(x.clamp(-limit_pair, limit_pair), labels, 0.0, 1.0, squared, normalize), x)

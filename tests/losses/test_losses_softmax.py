@@ -121,7 +121,11 @@ def test_half_precision_large_logits_stay_finite(dtype: torch.dtype) -> None:
     z1, z2 = ((randn(8, 32, seed=s) * big).clamp(-4 * big, 4 * big).to(dtype) for s in (1, 2))
     assert torch.isfinite(z1).all() and z1.float().abs().max() > 1e4
     z1.requires_grad_()
-    for loss in (nt_xent(z1, z2, 0.01), info_nce(z1, z2, z2, 0.01), sup_con(torch.cat([z1, z2]), torch.arange(16) % 4, 0.01)):
+    for loss in (
+        nt_xent(z1, z2, 0.01),
+        info_nce(z1, z2, z2, 0.01),
+        sup_con(torch.cat([z1, z2]), torch.arange(16) % 4, 0.01),
+    ):
         assert torch.isfinite(loss) and loss.item() > 0
         (grad,) = torch.autograd.grad(loss, z1)
         assert torch.isfinite(grad).all()
@@ -214,7 +218,9 @@ def test_module_wrappers_match_functions() -> None:
     symmetric = 0.5 * (info_nce(z1, z2, None, 0.2) + info_nce(z2, z1, None, 0.2))
     assert InfoNCE(0.2, symmetric=True)(z1, z2).item() == pytest.approx(symmetric.item(), rel=1e-12)
     assert SupCon(0.2, chunk_size=2)(z1, labels).item() == pytest.approx(sup_con(z1, labels, 0.2).item(), rel=1e-12)
-    assert "temperature" not in NTXent(0.3).state_dict() and "temperature.log_scale" in NTXent(learnable=True).state_dict()
+    assert (
+        "temperature" not in NTXent(0.3).state_dict() and "temperature.log_scale" in NTXent(learnable=True).state_dict()
+    )
 
 
 def test_learnable_temperature_gets_gradient_and_clamp_holds() -> None:
