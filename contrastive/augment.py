@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ __all__ = [
     "to_float",
 ]
 
-Pair = Union[Sequence[float], tuple[float, float]]
+Pair = Sequence[float] | tuple[float, float]
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
@@ -325,8 +325,10 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     pad = kernel_size // 2
     kernel = gaussian_kernels(sigma.to(images.device), kernel_size).view(-1, 1, 1, 1, kernel_size)
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")  # (B, C, H + 2p, W + 2p)
-    rows = sum(kernel[..., t] * padded[..., t : t + width] for t in range(kernel_size))  # (B, C, H + 2p, W)
-    return sum(kernel[..., t] * rows[..., t : t + height, :] for t in range(kernel_size))  # (B, C, H, W)
+    # sum() of tensors is a tensor (0 + the first term + ...); typeshed's sum() adds int for an empty iterable.
+    # rows: (B, C, H + 2p, W), then the result (B, C, H, W)
+    rows = cast(Tensor, sum(kernel[..., t] * padded[..., t : t + width] for t in range(kernel_size)))
+    return cast(Tensor, sum(kernel[..., t] * rows[..., t : t + height, :] for t in range(kernel_size)))
 
 
 def solarize(images: Tensor, threshold: float = 0.5) -> Tensor:
@@ -334,7 +336,7 @@ def solarize(images: Tensor, threshold: float = 0.5) -> Tensor:
     return torch.where(images >= threshold, 1 - images, images)
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
     """``(x - mean_c) / std_c`` per channel; images (B, C, H, W) float, ``mean``/``std`` C floats (or one
     for every channel).
 
@@ -552,10 +554,11 @@ class Augment:
         )
         if len(jitter) != 4:
             raise ValueError(f"jitter must be (brightness, contrast, saturation, hue), got {jitter}")
-        self.jitter = tuple(
+        brightness, contrast, saturation, hue = (
             _jitter_range(name, value, hue=name == "hue")
             for name, value in zip(("brightness", "contrast", "saturation", "hue"), jitter)
         )
+        self.jitter = (brightness, contrast, saturation, hue)  # four ranges, as sample_jitter takes them
         _check_kernel_size(blur_kernel)
         self.blur_kernel = int(blur_kernel)
         if self.blur_p > 0 and self.blur_kernel // 2 >= self.size:  # reflect padding needs pad < side, as torchvision

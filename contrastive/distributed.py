@@ -45,11 +45,11 @@ class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums the gradient over ranks."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
         return all_gather(x)  # (W*n, ...)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
         # Every rank's loss depends on every rank's rows: this rank's rows receive
         # the sum of the gradients that all ranks computed for them.
         # A copy: autograd may hand the same gradient tensor to other inputs (the other

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -180,7 +180,7 @@ class ResumableCSVLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumedWriter(self.log_dir, self.resume_step)
-        return self._experiment
+        return cast(ExperimentWriter, self._experiment)  # set only here: a _ResumedWriter (fabric's type says less)
 
 
 class _ResumedWriter(ExperimentWriter):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torchvision
@@ -68,7 +69,7 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     Buffers (BN running statistics) are not averaged: the key encoder keeps the
     statistics of its own forward passes, as in MoCo.
     """
-    t = [p for p in target.parameters()]
+    t: list[torch.Tensor] = [p for p in target.parameters()]
     s = [p.detach() for p in source.parameters()]
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, torch._foreach_mul(s, 1.0 - momentum))  # not alpha=: that may fuse into an FMA
@@ -83,7 +84,8 @@ def export_backbone(pipeline: nn.Module, classifier: nn.Linear | None) -> dict[s
     A ResNet from ``contrastive.models.resnet`` then loads into
     ``torchvision.models.resnet18(num_classes=C)`` (with the CIFAR stem) with ``strict=True``.
     """
-    state = {k: v.detach().cpu().clone() for k, v in pipeline.backbone.state_dict().items()}
+    backbone = cast(nn.Module, pipeline.backbone)  # every Pipeline has one; nn.Module's __getattr__ says Tensor too
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     probes_backbone = getattr(pipeline, "eval_features", "backbone") == "backbone"  # not a Siamese embedding
     headless = isinstance(getattr(pipeline.backbone, "fc", None), torch.nn.Identity)
     if probes_backbone and headless and classifier is not None:

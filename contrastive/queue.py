@@ -20,6 +20,9 @@ class KeyQueue(nn.Module):
         dim: D, the key dimension.
     """
 
+    keys: Tensor  # buffers, registered in __init__
+    ptr: Tensor
+
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         if size < 1 or dim < 1:

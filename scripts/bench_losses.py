@@ -6,8 +6,8 @@
 Each measurement is one forward + backward of ``nt_xent`` on (N, D) views (2N rows).
 Peak memory is the extra memory over the inputs, after one tiny warm-up step has done
 the one-time set-up: on CUDA ``max_memory_allocated``; on the CPU the growth of the
-process's peak RSS (``ru_maxrss``), so every CPU measurement runs in a fresh subprocess. Time is the median of ``--repeats`` runs
-(CUDA-synchronised). Prints a markdown table with chunked / plain ratios.
+process's peak RSS (``ru_maxrss``), so every CPU measurement runs in a fresh subprocess. Time is the median of
+``--repeats`` runs (CUDA-synchronised). Prints a markdown table with chunked / plain ratios.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def test_batches_move_on_when_a_pass_stops_early() -> None:
     ):
         firsts = []
         for _ in range(3):
-            for images, labels in batches:
+            for _images, labels in batches:
                 firsts.append(labels.tolist())
                 break
         assert firsts[0] != firsts[1] and firsts[1] != firsts[2], type(batches).__name__
@@ -323,12 +323,14 @@ def test_moco_key_encoder_moves_once_per_optimiser_step_under_gradient_accumulat
         (
             "scheduler.final_lr_fraction=1",
             "scheduler.final_lr_fraction=-1",
-            "scheduler.final_lr_fraction=-1 is invalid: it must be a number in [0, 1] (the final lr as a fraction of the peak)",
+            "scheduler.final_lr_fraction=-1 is invalid: it must be a number in [0, 1] "
+            "(the final lr as a fraction of the peak)",
         ),
         (
             "scheduler.final_lr_fraction=0",
             "scheduler.final_lr_fraction=1.5",
-            "scheduler.final_lr_fraction=1.5 is invalid: it must be a number in [0, 1] (the final lr as a fraction of the peak)",
+            "scheduler.final_lr_fraction=1.5 is invalid: it must be a number in [0, 1] "
+            "(the final lr as a fraction of the peak)",
         ),
         # the probe runs at the end of training: its settings are checked before
         ("probe.optimizer=adamw", "probe.optimizer=adam", "probe.optimizer='adam' is invalid: it must be sgd or adamw"),

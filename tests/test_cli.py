@@ -208,7 +208,7 @@ def test_multirun_sweep_writes_summary(cli, tmp_path: Path) -> None:
 def test_missing_cifar_is_one_clear_line(cli, tmp_path: Path) -> None:
     out = cli("contrastive-train", "data=cifar10", f"data.root={tmp_path / 'nope'}", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    (line,) = [s for s in out.stderr.splitlines() if s.startswith("error: ")]
     assert line.startswith(f"error: CIFAR10 not found: expected the folder {tmp_path / 'nope'}")
     assert "data.root=" in line and "data.download=true" in line and line.endswith("(while building data.source)")
     assert "Error in call to target" not in line
@@ -223,7 +223,7 @@ def test_invalid_constructor_argument_names_the_key(cli, tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    (line,) = [s for s in out.stderr.splitlines() if s.startswith("error: ")]
     assert line == "error: weight must be >= 0, got -1. (while building pipeline)"
 
 
@@ -317,7 +317,7 @@ def test_bad_eval_value_is_one_line(cli, tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "contrastive_config": {}}, ckpt)  # passes the file check; never loaded
     out = cli("contrastive-eval", f"checkpoint={ckpt}", "batch_size=0", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    (line,) = [s for s in out.stderr.splitlines() if s.startswith("error: ")]
     assert line == "error: batch_size=0 is invalid: it must be a positive integer"
 
 
@@ -326,7 +326,7 @@ def test_corrupt_last_checkpoint_stops_the_resume_with_one_line(cli, tmp_path: P
     (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
     out = cli("contrastive-train", *SHRINK, "hydra.run.dir=run", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    (line,) = [s for s in out.stderr.splitlines() if s.startswith("error: ")]
     assert "cannot resume from" in line and "last.ckpt" in line and "resume=never" in line
 
 
@@ -364,7 +364,7 @@ def test_simclr_cifar10_few_steps_then_eval(cli, cifar10_root: Path, tmp_path: P
     ev = cli("contrastive-eval", f"checkpoint={ckpt}", "probe.epochs=5", f"data_root={cifar10_root}", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     moved = cli("contrastive-eval", f"checkpoint={ckpt}", f"data_root={tmp_path / 'moved'}", cwd=tmp_path)
-    (line,) = [l for l in moved.stderr.splitlines() if l.startswith("error: ")]
+    (line,) = [s for s in moved.stderr.splitlines() if s.startswith("error: ")]
     assert moved.returncode == 2 and line.startswith("error: CIFAR10 not found")
     # eval's own key, and no download advice (contrastive-eval has neither data.root nor data.download)
     assert line.endswith(

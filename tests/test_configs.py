@@ -184,9 +184,17 @@ def _build_experiment(config: Callable[..., DictConfig], option: str, roots: dic
 
 
 BUILDERS: dict[str, Callable[..., None]] = {
-    "aug": _build_aug, "data": _build_data, "experiment": _build_experiment, "loss": _build_loss,
-    "model": _build_model, "optimizer": _build_optimizer, "pipeline": _build_pipeline, "probe": _build_probe,
-    "regularizer": _build_regularizer, "sampler": _build_sampler, "scheduler": _build_scheduler,
+    "aug": _build_aug,
+    "data": _build_data,
+    "experiment": _build_experiment,
+    "loss": _build_loss,
+    "model": _build_model,
+    "optimizer": _build_optimizer,
+    "pipeline": _build_pipeline,
+    "probe": _build_probe,
+    "regularizer": _build_regularizer,
+    "sampler": _build_sampler,
+    "scheduler": _build_scheduler,
     "trainer": _build_trainer,
 }
 
@@ -197,8 +205,9 @@ def test_every_group_is_covered() -> None:
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
-def test_every_option_composes_and_instantiates(group: str, option: str, config: Any, data_roots: Any,
-                                                tmp_path: Path) -> None:
+def test_every_option_composes_and_instantiates(
+    group: str, option: str, config: Any, data_roots: Any, tmp_path: Path
+) -> None:
     build = BUILDERS[group]
     if group in ("data", "experiment"):
         build(config, option, data_roots)

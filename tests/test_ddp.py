@@ -309,7 +309,8 @@ class _MirrorMoCo(MoCo):
 
 
 def _moco_steps(devices: int, symmetric: bool = False) -> dict[str, Tensor]:
-    """Three MoCo steps (8 keys per step, 16 if symmetric, into a queue of 20, so it wraps); the queue and the weights."""
+    """Three MoCo steps (8 keys per step, 16 if symmetric, into a queue of 20, so it wraps); the queue and the
+    weights."""
     splits = shapes(num_train=3 * 4 * WORLD, num_test=4, size=16, seed=4)
     datamodule = TensorDataModule(splits, batch_size=4 * WORLD // devices, eval_batch_size=8, seed=5)
     torch.manual_seed(0)

@@ -93,7 +93,8 @@ def test_failed_rename_propagates_and_leaves_no_temporary_file(tmp_path: Path, m
 
 
 def test_checkpoint_with_state_dict_but_no_run_config_is_refused(tmp_path: Path) -> None:
-    """A state_dict alone (e.g. a plain torch.save) is not a contrastive checkpoint: the run config must be there too."""
+    """A state_dict alone (e.g. a plain torch.save) is not a contrastive checkpoint: the run config must be there
+    too."""
     foreign = tmp_path / "weights.ckpt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError) as info:

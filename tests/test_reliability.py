@@ -115,7 +115,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(cli, tmp_path: Path)
 def test_bad_values_are_refused_before_training(cli, tmp_path: Path, override: str, message: str) -> None:
     out = cli("contrastive-train", *override.split(), cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
-    lines = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    lines = [s for s in out.stderr.splitlines() if s.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
     if "data.subset" not in override:  # raising data.subset helps only where it caps the data
         assert "data.subset" not in lines[0]
@@ -154,7 +154,7 @@ def test_resume_from_another_experiments_checkpoint_is_refused_before_work(cli, 
     ckpt = tmp_path / "moco" / "checkpoints" / "last.ckpt"
     out = cli("contrastive-train", *tiny, f"resume={ckpt}", "hydra.run.dir=simclr", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    (line,) = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+    (line,) = [s for s in out.stderr.splitlines() if s.startswith("error: ")]
     assert (
         line.startswith(
             f"error: cannot resume from {ckpt}: it was written by another model or pipeline "
@@ -184,7 +184,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(cli, tmp_path: Path) -> 
     # resumes from last.ckpt; the temperature comes from the config (a buffer not restored)
     boom = cli("contrastive-train", *base, "trainer.max_epochs=2", "loss.temperature=1e-40", cwd=tmp_path)
     assert boom.returncode == 2
-    line = [l for l in boom.stderr.splitlines() if l.startswith("error: ")][0]
+    line = [s for s in boom.stderr.splitlines() if s.startswith("error: ")][0]
     assert "non-finite loss at epoch 1, global step 2: loss=nan" in line and "temperature too low" in line
     assert last.read_bytes() == before
 

@@ -178,7 +178,8 @@ def test_features_normalise_with_the_shared_statistics() -> None:
         ([Augment()], r"MultiCrop: group '0' must be a ViewGroup \(an Augment and num_views\), got Augment"),
         (
             [ViewGroup(Augment(**GLOBAL), 2), ViewGroup(Augment(**LOCAL, mean=(0.5,), std=(0.5,)), 6)],
-            r"group '1' normalises with mean=\(0.5,\), std=\(0.5,\) but group '0' with mean=\(0.4914, .*must share them",
+            r"group '1' normalises with mean=\(0.5,\), std=\(0.5,\) but group '0' with mean=\(0.4914, "
+            r".*must share them",
         ),
         (
             {"local": ViewGroup(Augment(**LOCAL), 6), "global": ViewGroup(Augment(**GLOBAL), 2)},

@@ -43,7 +43,7 @@ def check_probe_config(cfg: DictConfig) -> None:
     _check_optional(cfg, "probe.lr", (int, float), lambda v: v > 0, "a positive number (or null for the default)")
     _check(cfg, "probe.weight_decay", *_NON_NEGATIVE)
     for key, choices in (("probe.optimizer", get_args(ProbeOptimizer)), ("probe.normalize", get_args(Normalize))):
-        _check(cfg, key, (str,), lambda v: v in choices, ", ".join(choices[:-1]) + " or " + choices[-1])
+        _check(cfg, key, (str,), choices.__contains__, ", ".join(choices[:-1]) + " or " + choices[-1])
 
 
 def check_config(cfg: DictConfig) -> None:

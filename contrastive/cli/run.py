@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -114,6 +114,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_args, dict)
+    trainer_args = cast(dict[str, Any], trainer_args)  # a config group's keys are strings
     trainer_args["accelerator"] = resolve_accelerator(trainer_args["accelerator"])
     trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
     try:
@@ -140,7 +141,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
             else "trainer.* values are the arguments of pytorch_lightning.Trainer"
         )
         raise ConfigError(
-            f"{e} (trainer.accelerator={trainer_args['accelerator']}, trainer.devices={trainer_args['devices']}): {hint}"
+            f"{e} (trainer.accelerator={trainer_args['accelerator']}, "
+            f"trainer.devices={trainer_args['devices']}): {hint}"
         ) from None
 
 

@@ -65,6 +65,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     )
     start_epoch = -1
     if ckpt is not None:
+        assert ckpt_path is not None  # resume_checkpoint gives both or neither
         check_resumable(ckpt_path, ckpt, pipeline)
         start_epoch = int(ckpt["epoch"])
         del ckpt  # memory-mapped; Lightning reads the checkpoint itself in fit

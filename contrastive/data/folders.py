@@ -230,16 +230,17 @@ def _cache_lock(cache_file: Path) -> Iterator[None]:
     """
     from filelock import FileLock, Timeout
 
-    lock: FileLock | None = FileLock(f"{cache_file}.lock")
+    lock = FileLock(f"{cache_file}.lock")
+    held = True
     try:
         lock.acquire(timeout=0)
     except Timeout:  # an OSError too, so caught first: another process holds the lock
         log.info("another process is decoding into %s: waiting for it", cache_file)
         lock.acquire()
     except OSError:  # a read-only folder: no lock (image_folder warns when it cannot write the cache)
-        lock = None
+        held = False
     try:
         yield
     finally:
-        if lock is not None:
+        if held:
             lock.release()

@@ -170,8 +170,9 @@ def plot_embedding_2d(
     features, PCA initialisation, perplexity ``min(30, (n - 1) / 3)``, ``random_state=seed``.
     ``pca``: the top two principal components (centred SVD). At most ``max_points``
     points, drawn without replacement from ``seed``, so the picture is reproducible.
-    Identical features (a collapsed network: unit features within 1e-6 of their mean) are drawn by PCA, titled so, as t-SNE is
-    undefined for them; so are 1-D features, on a line. A legend is drawn for up to 20 classes. Image ``7.5 x 6`` inches at ``dpi``.
+    Identical features (a collapsed network: unit features within 1e-6 of their mean) are drawn by PCA, titled so, as
+    t-SNE is undefined for them; so are 1-D features, on a line. A legend is drawn for up to 20 classes. Image
+    ``7.5 x 6`` inches at ``dpi``.
 
     Args:
         features: (N, D) features.

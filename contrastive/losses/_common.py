@@ -64,7 +64,8 @@ def max_abs_scale(x: Tensor, dim: int | None = None) -> Tensor:
     Dividing by it brings any finite input to max-abs 1 without changing directions;
     zero rows keep a scale of 1, so their gradient stays that of ``F.normalize``.
     """
-    top = x.detach().abs().amax(dim=dim, keepdim=dim is not None)
+    top = x.detach().abs()
+    top = top.amax() if dim is None else top.amax(dim=dim, keepdim=True)
     return torch.where(top > 0, top, torch.ones_like(top))
 
 
@@ -134,6 +135,8 @@ class Temperature(nn.Module):
     can rise again when the loss wants it (a clamp in the graph would pin T at the
     floor for good, with zero gradient).
     """
+
+    value: Tensor  # the fixed T's buffer (not registered where learnable)
 
     def __init__(self, value: float, learnable: bool = False, max_scale: float = 100.0) -> None:
         super().__init__()

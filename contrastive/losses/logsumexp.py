@@ -9,9 +9,10 @@ O((n + m) D + chunk_size * m) instead of O(n m).
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
 
 from contrastive.losses._common import no_autocast
 
@@ -34,25 +35,35 @@ def masked_logits(anchors: Tensor, candidates: Tensor, self_index: Tensor | None
     return logits.index_put((rows, self_index), logits.new_tensor(float("-inf")))
 
 
+class _Ctx(Protocol):
+    """What ``_ChunkedLogSumExp`` uses of its ``ctx``, as autograd documents it. torch's ``FunctionCtx`` type has
+    neither ``saved_tensors`` nor ``needs_input_grad`` (the real ctx gets them from a C base class) and refuses the
+    None that ``save_for_backward`` takes."""
+
+    saved_tensors: tuple[Any, ...]  # what forward saved, in order
+    needs_input_grad: tuple[bool, ...]
+    chunk_size: int  # set in forward, read in backward
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None: ...
+
+
 class _ChunkedLogSumExp(torch.autograd.Function):
     """Row log-sum-exp of ``masked_logits``, ``chunk_size`` rows at a time."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx, anchors: Tensor, candidates: Tensor, self_index: Tensor | None, chunk_size: int
-    ) -> Tensor:
+    def forward(ctx: _Ctx, anchors: Tensor, candidates: Tensor, self_index: Tensor | None, chunk_size: int) -> Tensor:
         lse = anchors.new_empty(anchors.shape[0])  # (n,)
         for start in range(0, anchors.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             index = None if self_index is None else self_index[rows]
             lse[rows] = torch.logsumexp(masked_logits(anchors[rows], candidates, index), dim=1)
         ctx.save_for_backward(anchors, candidates, self_index, lse)
-        ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
+        ctx.chunk_size = chunk_size
         return lse
 
     @staticmethod
     @no_autocast  # a backward called inside an autocast block would otherwise run these matmuls in bf16
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx: _Ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         if torch.is_grad_enabled():  # backward(create_graph=True): once_differentiable would not say so
             raise RuntimeError(
                 "the chunked softmax losses (chunk_size set) have no second derivative, which "
@@ -60,8 +71,9 @@ class _ChunkedLogSumExp(torch.autograd.Function):
                 "pass chunk_size=None there."
             )
         # d lse_i / d logits_ij = softmax_ij, so dL/dlogits = grad_i * softmax_ij (0 at self).
-        anchors, candidates, self_index, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        chunk_size: int = ctx.chunk_size  # type: ignore[attr-defined]
+        saved: tuple[Tensor, Tensor, Tensor | None, Tensor] = ctx.saved_tensors
+        anchors, candidates, self_index, lse = saved
+        chunk_size = ctx.chunk_size
         grad_anchors = torch.empty_like(anchors) if ctx.needs_input_grad[0] else None
         grad_candidates = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
         for start in range(0, anchors.shape[0], chunk_size):

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytorch_lightning as pl
 import torch
@@ -281,7 +281,8 @@ class Pipeline(pl.LightningModule):
                 # Not None, which Lightning refuses under DDP: a zero on every trainable parameter, so every
                 # process runs the same backward and gradient all-reduce; on_before_optimizer_step then
                 # drops the (zero) gradients, so the optimiser moves nothing, momentum and decay included.
-                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+                # (sum() of tensors is a tensor; typeshed's sum() adds int for an empty iterable)
+                return cast(Tensor, sum(p.sum() for p in self.parameters() if p.requires_grad)) * 0.0
         else:
             self.raise_if_nonfinite()
             self._pending_check = self._finite_flags(terms)
@@ -361,12 +362,12 @@ class Pipeline(pl.LightningModule):
         all_feats = _all_gather_padded(feats, rows).flatten(0, 1)  # (W*rows, F)
         all_labels = _all_gather_padded(labels, rows).flatten(0, 1)  # (W*rows,)
         starts = sizes.cumsum(1) - sizes  # (W, B): where batch b begins in rank r's rows
-        sizes, starts = sizes.tolist(), starts.tolist()
+        size_of, start_of = sizes.tolist(), starts.tolist()  # [r][b], on the host
         order = torch.cat(
             [
-                torch.arange(sizes[r][b], device=feats.device) + r * rows + starts[r][b]
-                for b in range(len(sizes[0]))
-                for r in range(len(sizes))
+                torch.arange(size_of[r][b], device=feats.device) + r * rows + start_of[r][b]
+                for b in range(len(size_of[0]))
+                for r in range(len(size_of))
             ]
         )  # (N,)
         return all_feats[order], all_labels[order]
@@ -393,7 +394,7 @@ class Pipeline(pl.LightningModule):
         # Every rank holds the full, ordered bank and test set, so every rank computes the
         # same figure as one process would. Synced by max, which returns it exactly (a mean of W
         # equal floats can round); without a sync Lightning warns on every validation under DDP.
-        log = dict(prog_bar=True, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
+        log: dict[str, Any] = dict(prog_bar=True, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
         self.last_features = {"train": (bank, bank_labels), "test": (test, test_labels)}
         # knn_k=0: the test classes differ from the train classes, so retrieval among the test images instead
         figures = feature_metrics(
@@ -424,7 +425,8 @@ class Pipeline(pl.LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay on weights only: biases and normalisation parameters are exempt."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)

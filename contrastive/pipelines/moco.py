@@ -95,6 +95,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         bias = self.bias.repeat(g) if self.bias is not None else None
         y = F.batch_norm(x.reshape(n // g, g * c, *x.shape[2:]), mean, var, weight, bias, True, factor, self.eps)
         if self.training and mean is not None and var is not None:
+            assert self.running_mean is not None and self.running_var is not None  # mean, var are their copies
             with torch.no_grad():
                 self.running_mean.copy_(mean.view(g, c).mean(0))
                 self.running_var.copy_(var.view(g, c).mean(0))
@@ -263,6 +264,7 @@ class MoCo(Pipeline):
         h1 = self.backbone(v1)  # (B, F); separate passes: BN groups of B/G, as the demo
         k2 = self.keys(v2)  # (B, D)
         loss = self.loss(self.projector(h1), k2, negatives)
+        new_keys: tuple[Tensor, ...]
         if self.symmetric:
             h2 = self.backbone(v2)
             k1 = self.keys(v1)

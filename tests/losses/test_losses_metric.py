@@ -93,7 +93,9 @@ def test_gradcheck_metric_losses() -> None:
     x.requires_grad_()
     for mining in MINING:
         for squared in (False, True):
-            assert torch.autograd.gradcheck(lambda e: triplet_margin(e, y, 0.3, mining, squared), (x,))
+            assert torch.autograd.gradcheck(
+                lambda e, mining=mining, squared=squared: triplet_margin(e, y, 0.3, mining, squared), (x,)
+            )
     assert torch.autograd.gradcheck(lambda e: contrastive_margin(e, y, 0.1, 1.2), (x,))
     assert torch.autograd.gradcheck(lambda e: contrastive_margin(e, y, 0.0, 3.0, normalize=False), (x,))
 
@@ -102,7 +104,7 @@ def test_gradcheck_metric_losses() -> None:
 def test_low_precision_inputs(dtype: torch.dtype) -> None:
     x, y = batch(12, 8, 3, seed=5)
     low = x.to(dtype)
-    for fn in [lambda e: triplet_margin(e, y, 0.3, m) for m in MINING] + [lambda e: contrastive_margin(e, y)]:
+    for fn in [lambda e, m=m: triplet_margin(e, y, 0.3, m) for m in MINING] + [lambda e: contrastive_margin(e, y)]:
         value = fn(low)
         assert value.dtype == torch.float32
         assert value.item() == pytest.approx(fn(low.double()).item(), rel=1e-5)

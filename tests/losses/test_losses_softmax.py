@@ -75,10 +75,14 @@ def test_gradcheck_softmax_losses() -> None:
     labels = torch.tensor([0, 1, 0, 2])
     t = torch.tensor(0.3, dtype=F64, requires_grad=True)
     for chunk in (None, 3):
-        assert torch.autograd.gradcheck(lambda a, b, t: nt_xent(a, b, t, chunk_size=chunk), (z1, z2, t))
-        assert torch.autograd.gradcheck(lambda a, b, t: info_nce(a, b, None, t, chunk_size=chunk), (z1, z2, t))
-        assert torch.autograd.gradcheck(lambda a, b, c: info_nce(a, b, c, 0.2, chunk_size=chunk), (z1, z2, neg))
-        assert torch.autograd.gradcheck(lambda a, t: sup_con(a, labels, t, chunk_size=chunk), (z1, t))
+        assert torch.autograd.gradcheck(lambda a, b, t, chunk=chunk: nt_xent(a, b, t, chunk_size=chunk), (z1, z2, t))
+        assert torch.autograd.gradcheck(
+            lambda a, b, t, chunk=chunk: info_nce(a, b, None, t, chunk_size=chunk), (z1, z2, t)
+        )
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, chunk=chunk: info_nce(a, b, c, 0.2, chunk_size=chunk), (z1, z2, neg)
+        )
+        assert torch.autograd.gradcheck(lambda a, t, chunk=chunk: sup_con(a, labels, t, chunk_size=chunk), (z1, t))
 
 
 # float64 value of inputs rounded to the dtype: what fp32-inside computation must reach.
@@ -170,8 +174,8 @@ def test_chunked_equals_plain(chunk: int) -> None:
         lambda a, b, c, t, k: sup_con(torch.cat([a, b]), labels, t, chunk_size=k),
     ]
     for form in forms:
-        plain, plain_grads = _value_and_grads(lambda *x: form(*x, None), (z1, z2, neg, t))
-        chunked, chunked_grads = _value_and_grads(lambda *x: form(*x, chunk), (z1, z2, neg, t))
+        plain, plain_grads = _value_and_grads(lambda *x, form=form: form(*x, None), (z1, z2, neg, t))
+        chunked, chunked_grads = _value_and_grads(lambda *x, form=form: form(*x, chunk), (z1, z2, neg, t))
         torch.testing.assert_close(chunked, plain, rtol=1e-10, atol=0)
         for g_chunked, g_plain in zip(chunked_grads, plain_grads):
             torch.testing.assert_close(g_chunked, g_plain, rtol=1e-10, atol=1e-14)
