@@ -17,6 +17,8 @@ class LARS(Optimizer):
 
     ``u = g + wd * w``;
     ``u <- u * eta * ||w|| / ||u||`` when adapted and both norms are > 0 (else unchanged);
+    with ``clip_lr``, ``u <- u * min(eta * ||w|| / ||u|| / lr, 1)`` instead, so that no layer's rate
+    ``lr * ratio`` exceeds ``lr`` (the clip mode of NVIDIA apex's LARC, solo-learn's ``clip_lr``);
     ``v <- m * v + u``; ``w <- w - lr * v`` (Nesterov: ``w <- w - lr * (u + m * v)``).
 
     SimCLR (Chen et al. 2020) exempts biases and BatchNorm parameters from the
@@ -32,6 +34,7 @@ class LARS(Optimizer):
         trust_coefficient: eta > 0, the scale of the layer-wise rate (SimCLR: 0.001).
         exclude_1d: leave biases and normalisation parameters unadapted.
         nesterov: Nesterov momentum.
+        clip_lr: cap each layer's adapted rate at the (scheduled) ``lr`` (solo-learn's recipes, eta 0.02).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class LARS(Optimizer):
         trust_coefficient: float = 1e-3,
         exclude_1d: bool = True,
         nesterov: bool = False,
+        clip_lr: bool = False,
     ) -> None:
         checks = [
             ("lr", lr, lr > 0),
@@ -63,6 +67,7 @@ class LARS(Optimizer):
             trust_coefficient=trust_coefficient,
             exclude_1d=exclude_1d,
             nesterov=nesterov,
+            clip_lr=clip_lr,
         )
         super().__init__(params, defaults)
 
@@ -80,6 +85,8 @@ class LARS(Optimizer):
                 if not (group["exclude_1d"] and p.ndim <= 1):
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
                     trust = group["trust_coefficient"] * w_norm / u_norm
+                    if group.get("clip_lr", False):  # absent from the groups of a checkpoint saved before it
+                        trust = (trust / group["lr"]).clamp(max=1.0)
                     # no host sync: the ratio is chosen on the device
                     update.mul_(torch.where((w_norm > 0) & (u_norm > 0), trust, torch.ones_like(trust)))
                 state = self.state[p]

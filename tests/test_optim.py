@@ -141,7 +141,38 @@ def test_lars_defaults_are_simclrs() -> None:
         "trust_coefficient": 1e-3,
         "exclude_1d": True,
         "nesterov": False,
+        "clip_lr": False,
     }
+
+
+@pytest.mark.parametrize(("lr", "expected_ratio"), [(0.5, 0.02 * 6.0 / 3.0 / 0.5), (0.01, 1.0)])
+def test_clip_lr_caps_each_layers_rate_at_lr(lr: float, expected_ratio: float) -> None:
+    """clip_lr (apex's LARC, solo-learn): the update u is scaled by min(eta ||w|| / ||u|| / lr, 1), then w -= lr u,
+    so a layer moves by min(eta ||w|| / ||u||, lr) ||u||; a bias keeps plain SGD."""
+    w = torch.nn.Parameter(torch.full((3, 4), math.sqrt(3.0), dtype=torch.float64))  # ||w|| = 6
+    b = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = LARS([w, b], lr=lr, momentum=0.0, weight_decay=0.0, trust_coefficient=0.02, clip_lr=True)
+    w.grad = torch.full_like(w, math.sqrt(0.75))  # ||u|| = 3
+    b.grad = torch.ones_like(b)
+    opt.step()
+    step = torch.full((3, 4), math.sqrt(0.75), dtype=torch.float64) * lr * expected_ratio
+    torch.testing.assert_close(
+        w.detach(), torch.full((3, 4), math.sqrt(3.0), dtype=torch.float64) - step, rtol=1e-14, atol=0
+    )
+    torch.testing.assert_close(b.detach(), torch.full((3,), 1.0 - lr, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_a_lars_state_saved_without_clip_lr_loads_and_steps() -> None:
+    """A checkpoint's optimizer state from before clip_lr has groups without the key: it resumes unclipped."""
+    p = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    opt = LARS([p], lr=0.1)
+    state = copy.deepcopy(opt.state_dict())
+    del state["param_groups"][0]["clip_lr"]
+    opt.load_state_dict(state)
+    assert "clip_lr" not in opt.param_groups[0]  # torch takes the saved groups as they are
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.isfinite(p).all()
 
 
 @pytest.mark.slow
