@@ -3,13 +3,16 @@
 from contrastive.losses._common import Temperature, l2_normalize
 from contrastive.losses.forms import LOSS_FORMS, LossForm, input_forms
 from contrastive.losses.logsumexp import row_logsumexp
+from contrastive.losses.margin_softmax import ArcFace, CosFace, arcface_logits, cosface_logits
 from contrastive.losses.metric import contrastive_margin, pairwise_distance, triplet_margin
 from contrastive.losses.modules import ContrastiveMargin, InfoNCE, NTXent, SupCon, TripletMargin
 from contrastive.losses.regularizer import RegularizedMetricLoss, SoftmaxCERegularizer
 from contrastive.losses.softmax import info_nce, nt_xent, sup_con
 
 __all__ = [
+    "ArcFace",
     "ContrastiveMargin",
+    "CosFace",
     "InfoNCE",
     "LOSS_FORMS",
     "LossForm",
@@ -19,7 +22,9 @@ __all__ = [
     "SupCon",
     "Temperature",
     "TripletMargin",
+    "arcface_logits",
     "contrastive_margin",
+    "cosface_logits",
     "info_nce",
     "input_forms",
     "l2_normalize",

@@ -75,7 +75,7 @@ def test_without_regulariser_and_validation() -> None:
     linear = SoftmaxCERegularizer(4, 2)
     torch.testing.assert_close(linear(f, y)[0], F.cross_entropy(linear.classifier(f), y))
     with pytest.raises(ValueError, match="kind"):
-        SoftmaxCERegularizer(4, 2, kind="arcface")
+        SoftmaxCERegularizer(4, 2, kind="sphereface")
     with pytest.raises(ValueError, match="label_smoothing"):
         SoftmaxCERegularizer(4, 2, label_smoothing=1.0)
     with pytest.raises(ValueError, match="temperature"):

@@ -1,0 +1,60 @@
+"""Metric learning beyond triplets in the Siamese pipeline: the margin-softmax heads (CosFace, ArcFace) as
+regulariser kinds and as losses, Proxy-Anchor, and the cross-batch memory (XBM), through the real configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from contrastive.cli.run import build_pipeline
+from contrastive.losses import ArcFace, CosFace, SoftmaxCERegularizer, cosface_logits, triplet_margin
+
+# --------------------------------------------------------------------------- margin-softmax heads
+
+
+@pytest.mark.parametrize(
+    ("option", "kind", "margin", "scale"), [("cosface", "cosface", 0.48, 120.0), ("arcface", "arcface", 0.365, 105.0)]
+)
+def test_margin_heads_are_regularizer_options_with_the_reality_checks_values(
+    config, option: str, kind: str, margin: float, scale: float
+) -> None:
+    """regularizer=cosface|arcface: the middle of the ranges the Reality Check tuned (m 0.34-0.62 and s 88-161;
+    18.6-23.2 degrees and s 50-220)."""
+    cfg = config("train", ["experiment=siamese_shapes", f"regularizer={option}", "regularizer.weight=0.5"])
+    head = build_pipeline(cfg).loss.regularizer
+    assert isinstance(head, SoftmaxCERegularizer)
+    assert (head.kind, head.margin, head.scale, cfg.pipeline.regularizer_weight) == (kind, margin, scale, 0.5)
+    if kind == "arcface":
+        assert 18.6 <= math.degrees(margin) <= 23.2 and 50 <= scale <= 220
+    else:
+        assert 0.34 <= margin <= 0.62 and 88 <= scale <= 161
+    cosine = config("train", ["experiment=siamese_shapes", "regularizer=cosine_softmax_ce"]).regularizer.head
+    assert 0.06 <= cosine.temperature <= 0.11  # the Reality Check's normalised softmax, not PML's 0.05
+
+
+def test_margin_regulariser_adds_its_ce_to_the_triplet_loss(config) -> None:
+    cfg = config("train", ["experiment=siamese_shapes", "regularizer=cosface", "regularizer.weight=0.5"])
+    pipeline = build_pipeline(cfg)
+    pipeline.loss.double()
+    torch.manual_seed(0)
+    e, y = torch.randn(12, 64, dtype=torch.float64), torch.arange(12) % 3
+    terms = pipeline.loss(e, y)
+    w = pipeline.loss.regularizer.classifier.weight
+    expected = triplet_margin(e, y, 0.2, "batch_hard") + 0.5 * F.cross_entropy(cosface_logits(e, w, y, 0.48, 120.0), y)
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(("option", "cls"), [("cosface", CosFace), ("arcface", ArcFace)])
+def test_margin_losses_are_loss_options_of_the_siamese_pipeline(config, option: str, cls: type) -> None:
+    pipeline = build_pipeline(config("train", ["experiment=siamese_shapes", f"loss={option}"]))
+    loss = pipeline.loss.metric_loss
+    assert isinstance(loss, cls) and loss.weight.shape == (10, 64)  # data.num_classes x the embedding
+    optimised = {id(p) for group in pipeline.parameter_groups() for p in group["params"]}
+    assert id(loss.weight) in optimised  # the class weights are trained with the network
+    assert pipeline.retrieval_metric == "cosine"
+    with pytest.raises(Exception) as error:  # Hydra wraps the constructor's ValueError
+        build_pipeline(config("train", ["~experiment", "pipeline=simclr", f"loss={option}"]))
+    assert f"loss {cls.__name__} does not fit the SimCLR pipeline" in str(error.value.__cause__)
