@@ -1,6 +1,7 @@
 """Contrastive and metric losses: pure functions plus thin nn.Module wrappers (torch only)."""
 
 from contrastive.losses._common import Temperature, l2_normalize
+from contrastive.losses.dcl import DCL, dcl
 from contrastive.losses.forms import LOSS_FORMS, LossForm, input_forms
 from contrastive.losses.logsumexp import row_logsumexp
 from contrastive.losses.margin_softmax import ArcFace, CosFace, arcface_logits, cosface_logits
@@ -13,6 +14,7 @@ __all__ = [
     "ArcFace",
     "ContrastiveMargin",
     "CosFace",
+    "DCL",
     "InfoNCE",
     "LOSS_FORMS",
     "LossForm",
@@ -25,6 +27,7 @@ __all__ = [
     "arcface_logits",
     "contrastive_margin",
     "cosface_logits",
+    "dcl",
     "info_nce",
     "input_forms",
     "l2_normalize",

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive.distributed import gather_with_grad, rank, world_size
-from contrastive.losses import contrastive_margin, info_nce, nt_xent, sup_con, triplet_margin
+from contrastive.losses import contrastive_margin, dcl, info_nce, nt_xent, sup_con, triplet_margin
 
 WORLD = 2
 N, D_IN, D_OUT = 6, 5, 4  # per-rank rows
@@ -39,6 +39,11 @@ def _losses(
         "info_nce_queue": info_nce(z1, z2, queue, 0.1, gather=gather),
         "sup_con": sup_con(torch.cat([z1, z2]), labels, 0.1, gather=gather),
         "sup_con_chunked": sup_con(torch.cat([z1, z2]), labels, 0.1, gather=gather, chunk_size=4),
+        "dcl": dcl(z1, z2, 0.2, gather=gather),
+        "dcl_chunked": dcl(z1, z2, 0.2, gather=gather, chunk_size=5),
+        # DCLW's weight is a softmax over the global batch: per-rank weights fail this test
+        "dclw": dcl(z1, z2, 0.2, 0.5, gather=gather),
+        "dclw_chunked": dcl(z1, z2, 0.2, 0.5, gather=gather, chunk_size=4),
         # metric losses: margins large enough that most terms are active; "all" averages the
         # non-zero triplets, a count that differs between ranks
         **{
