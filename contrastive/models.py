@@ -42,16 +42,22 @@ def convnet(width: int = 32, in_channels: int = 3) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batchnorm: bool = True) -> nn.Module:
+def mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batchnorm: bool = True, last_bn: bool = False
+) -> nn.Module:
     """Projection / embedding head: ``num_layers`` linear layers, BN + ReLU between them.
 
-    ``num_layers=1`` is a plain linear map. Built on ``torchvision.ops.MLP``.
+    ``num_layers=1`` is a plain linear map. ``last_bn`` ends the head with a BatchNorm without
+    affine parameters (SimCLR v2's head, MoCo v3's projector). Built on ``torchvision.ops.MLP``.
     """
     if num_layers < 1:
         raise ValueError(f"a head needs at least one layer, got num_layers={num_layers}")
     hidden = [hidden_dim] * (num_layers - 1) + [out_dim]
     norm = nn.BatchNorm1d if batchnorm else None
-    return torchvision.ops.MLP(in_dim, hidden, norm_layer=norm, activation_layer=nn.ReLU, inplace=None)
+    head = torchvision.ops.MLP(in_dim, hidden, norm_layer=norm, activation_layer=nn.ReLU, inplace=None)
+    if last_bn:
+        head.append(nn.BatchNorm1d(out_dim, affine=False))
+    return head
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ from contrastive.losses.forms import LOSS_FORMS, LossForm, input_forms
 from contrastive.losses.logsumexp import row_logsumexp
 from contrastive.losses.margin_softmax import ArcFace, CosFace, arcface_logits, cosface_logits
 from contrastive.losses.metric import contrastive_margin, pairwise_distance, triplet_margin
+from contrastive.losses.mocov3 import MoCoV3Loss, mocov3_loss
 from contrastive.losses.modules import ContrastiveMargin, InfoNCE, NTXent, SupCon, TripletMargin
 from contrastive.losses.regularizer import RegularizedMetricLoss, SoftmaxCERegularizer
 from contrastive.losses.softmax import info_nce, nt_xent, sup_con
@@ -18,6 +19,7 @@ __all__ = [
     "InfoNCE",
     "LOSS_FORMS",
     "LossForm",
+    "MoCoV3Loss",
     "NTXent",
     "RegularizedMetricLoss",
     "SoftmaxCERegularizer",
@@ -31,6 +33,7 @@ __all__ = [
     "info_nce",
     "input_forms",
     "l2_normalize",
+    "mocov3_loss",
     "nt_xent",
     "pairwise_distance",
     "row_logsumexp",
