@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.cli.run import build_pipeline
-from contrastive.losses import ArcFace, CosFace, SoftmaxCERegularizer, cosface_logits, triplet_margin
+from contrastive.losses import (
+    ArcFace,
+    CosFace,
+    ProxyAnchor,
+    SoftmaxCERegularizer,
+    cosface_logits,
+    proxy_anchor,
+    triplet_margin,
+)
 
 # --------------------------------------------------------------------------- margin-softmax heads
 
@@ -58,3 +66,35 @@ def test_margin_losses_are_loss_options_of_the_siamese_pipeline(config, option: 
     with pytest.raises(Exception) as error:  # Hydra wraps the constructor's ValueError
         build_pipeline(config("train", ["~experiment", "pipeline=simclr", f"loss={option}"]))
     assert f"loss {cls.__name__} does not fit the SimCLR pipeline" in str(error.value.__cause__)
+
+
+# --------------------------------------------------------------------------- Proxy-Anchor
+
+
+def test_proxy_anchor_is_a_loss_option_whose_proxies_learn_faster(config) -> None:
+    """loss=proxy_anchor: the paper's margin 0.1, alpha 32, and proxies at 100x the network's learning rate,
+    through the optimiser's own parameter group (the scheduler then scales both rates alike)."""
+    pipeline = build_pipeline(config("train", ["experiment=siamese_shapes", "loss=proxy_anchor"]))
+    loss = pipeline.loss.metric_loss
+    assert isinstance(loss, ProxyAnchor) and loss.proxies.shape == (10, 64)
+    assert (loss.margin, loss.alpha, loss.lr_scale, loss.gather) == (0.1, 32.0, 100.0, True)
+    groups = pipeline.parameter_groups()
+    assert [set(g) - {"params"} for g in groups] == [set(), {"weight_decay"}, {"lr_scale"}]
+    assert groups[2]["lr_scale"] == 100.0 and [id(p) for p in groups[2]["params"]] == [id(loss.proxies)]
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert sorted(everything) == sorted(id(p) for p in pipeline.parameters() if p.requires_grad)  # each once
+    pipeline.scheduler_factory = None  # the scheduler needs a Trainer; the rates are set before it
+    optimizer = pipeline.configure_optimizers()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-3, 2e-3, 0.2])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == pytest.approx([5e-4, 0.0, 5e-4])
+    # without a module asking for another rate, the groups are the plain two
+    plain = build_pipeline(config("train", ["experiment=siamese_shapes"])).parameter_groups()
+    assert [set(g) - {"params"} for g in plain] == [set(), {"weight_decay"}]
+
+
+def test_proxy_anchor_loss_in_the_pipeline_equals_the_function(config) -> None:
+    pipeline = build_pipeline(config("train", ["experiment=siamese_shapes", "loss=proxy_anchor"])).double()
+    torch.manual_seed(0)
+    e, y = torch.randn(12, 64, dtype=torch.float64), torch.arange(12) % 3
+    expected = proxy_anchor(e, y, pipeline.loss.metric_loss.proxies, 0.1, 32.0)
+    assert pipeline.loss(e, y)["loss"].item() == pytest.approx(expected.item(), rel=1e-12)

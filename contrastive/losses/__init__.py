@@ -8,6 +8,7 @@ from contrastive.losses.margin_softmax import ArcFace, CosFace, arcface_logits, 
 from contrastive.losses.metric import contrastive_margin, pairwise_distance, triplet_margin
 from contrastive.losses.mocov3 import MoCoV3Loss, mocov3_loss
 from contrastive.losses.modules import ContrastiveMargin, InfoNCE, NTXent, SupCon, TripletMargin
+from contrastive.losses.proxy_anchor import ProxyAnchor, proxy_anchor
 from contrastive.losses.regularizer import RegularizedMetricLoss, SoftmaxCERegularizer
 from contrastive.losses.softmax import info_nce, nt_xent, sup_con
 
@@ -21,6 +22,7 @@ __all__ = [
     "LossForm",
     "MoCoV3Loss",
     "NTXent",
+    "ProxyAnchor",
     "RegularizedMetricLoss",
     "SoftmaxCERegularizer",
     "SupCon",
@@ -36,6 +38,7 @@ __all__ = [
     "mocov3_loss",
     "nt_xent",
     "pairwise_distance",
+    "proxy_anchor",
     "row_logsumexp",
     "sup_con",
     "triplet_margin",

@@ -413,6 +413,8 @@ class Pipeline(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:  # before the scheduler records each group's initial rate
+            group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         trainer = self.trainer
@@ -424,13 +426,28 @@ class Pipeline(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on weights only: biases and normalisation parameters are exempt."""
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
+        """Weight decay on weights only: biases and normalisation parameters are exempt.
+
+        The parameters of a submodule with an ``lr_scale`` attribute other than 1 (Proxy-Anchor's proxies,
+        which learn 100 times as fast) go into groups of their own carrying ``"lr_scale"``, by which
+        :meth:`configure_optimizers` multiplies the optimiser's rate for them.
+        """
+        scale_of: dict[int, float] = {}  # parameter id -> its module's lr_scale (a descendant's overrides)
+        for module in self.modules():
+            scale = getattr(module, "lr_scale", None)
+            if scale is not None:
+                scale_of |= {id(p): float(scale) for p in module.parameters()}
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): [], (1.0, True): []}
         for p in self.parameters():
             if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+                groups.setdefault((scale_of.get(id(p), 1.0), p.ndim <= 1), []).append(p)
+        return [
+            {"params": params}
+            | ({"weight_decay": 0.0} if exempt else {})
+            | ({"lr_scale": scale} if scale != 1.0 else {})
+            for (scale, exempt), params in groups.items()
+            if params or scale == 1.0
+        ]
 
     # ------------------------------------------------------------------ throughput
     def on_train_epoch_start(self) -> None:

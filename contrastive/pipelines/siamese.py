@@ -47,8 +47,8 @@ class Siamese(Pipeline):
 
     loss_forms: ClassVar[tuple[LossForm, ...]] = ("embeddings_labels",)
     loss_hint: ClassVar[str] = (
-        "it calls loss(embeddings, labels); use loss=triplet, loss=contrastive_margin or "
-        "loss=sup_con (NT-Xent and InfoNCE on two views run in pipeline=simclr)"
+        "it calls loss(embeddings, labels); use loss=triplet, contrastive_margin, sup_con, cosface, arcface or "
+        "proxy_anchor (NT-Xent and InfoNCE on two views run in pipeline=simclr)"
     )
 
     def __init__(
