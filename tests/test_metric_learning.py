@@ -4,12 +4,15 @@ regulariser kinds and as losses, Proxy-Anchor, and the cross-batch memory (XBM),
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from contrastive.cli.run import build_pipeline
+from contrastive.data import TensorDataModule, shapes
 from contrastive.losses import (
     ArcFace,
     CosFace,
@@ -19,6 +22,8 @@ from contrastive.losses import (
     proxy_anchor,
     triplet_margin,
 )
+from contrastive.memory import CrossBatchMemory
+from contrastive.pipelines import Siamese
 
 # --------------------------------------------------------------------------- margin-softmax heads
 
@@ -98,3 +103,149 @@ def test_proxy_anchor_loss_in_the_pipeline_equals_the_function(config) -> None:
     e, y = torch.randn(12, 64, dtype=torch.float64), torch.arange(12) % 3
     expected = proxy_anchor(e, y, pipeline.loss.metric_loss.proxies, 0.1, 32.0)
     assert pipeline.loss(e, y)["loss"].item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- cross-batch memory
+
+
+def _shrunk(*overrides: str) -> Siamese:
+    """siamese_shapes through its real config, with a tiny CNN, the memory's keys as given."""
+    cfg = config_of(["experiment=siamese_shapes", "model.backbone.width=4", "model.feature_dim=16", *overrides])
+    return build_pipeline(cfg)
+
+
+def config_of(overrides: list[str]):  # type: ignore[no-untyped-def]
+    from conftest import compose_config
+
+    return compose_config("train", overrides)
+
+
+def test_memory_is_off_by_default_and_one_override_away(config) -> None:
+    assert build_pipeline(config("train", ["experiment=siamese_shapes"])).memory is None
+    cfg = config("train", ["experiment=siamese_shapes", "pipeline.memory_size=300", "pipeline.memory_start=20"])
+    pipeline = build_pipeline(cfg)
+    assert isinstance(pipeline.memory, CrossBatchMemory) and pipeline.memory.embeddings.shape == (300, 64)
+    assert pipeline.memory_start == 20 and config("train", ["experiment=siamese_shapes"]).pipeline.memory_start == 1000
+    assert {"memory.embeddings", "memory.labels", "memory.ptr", "memory.filled"} <= set(pipeline.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss=proxy_anchor"], "pipeline.memory_size=50: loss ProxyAnchor takes no cross-batch memory"),
+        (["loss=cosface"], "pipeline.memory_size=50: loss CosFace takes no cross-batch memory"),
+        (["pipeline.memory_start=-1"], "pipeline.memory_size must be an integer >= 0 (0: no memory) and "),
+        (["pipeline.embed_dim=null"], "pipeline.memory_size=50 needs the embedding's width: pass embed_dim"),
+    ],
+)
+def test_memory_settings_that_cannot_work_are_one_line(config, overrides: list[str], message: str) -> None:
+    with pytest.raises(Exception) as error:  # Hydra wraps the constructor's ValueError
+        build_pipeline(config("train", ["experiment=siamese_shapes", "pipeline.memory_size=50", *overrides]))
+    cause = error.value.__cause__
+    assert type(cause) is ValueError and str(cause).startswith(message) and "\n" not in str(cause)
+
+
+class _Spy(torch.nn.Module):
+    """The metric loss, recording what each call received."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = loss, []  # type: ignore[var-annotated]
+
+    def forward(self, e: torch.Tensor, y: torch.Tensor, *memory: torch.Tensor) -> torch.Tensor:
+        self.calls.append((e.detach().clone(), y.clone(), [m.clone() for m in memory]))
+        return self.inner(e, y, *memory)
+
+
+def _step(pipeline: Siamese, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(8) % 4
+    return pipeline.training_step((images, labels), 0)
+
+
+def test_the_step_scores_against_the_memory_then_writes_the_batch(config) -> None:
+    """The loss of a step gets the memory as it was before the step; the step's embeddings and labels
+    are written after the loss; before memory_start the loss gets no memory (it fills all the same)."""
+    for start in (0, 1):
+        pipeline = build_pipeline(
+            config("train", ["experiment=siamese_shapes", "pipeline.memory_size=12", f"pipeline.memory_start={start}"])
+        )
+        spy = _Spy(pipeline.loss.metric_loss)
+        pipeline.loss.metric_loss = spy
+        pipeline.log = lambda *a, **k: None  # outside a Trainer: global_step stays 0
+        _step(pipeline, 0)
+        e0, y0, memory = spy.calls[0]
+        assert int(pipeline.memory.filled) == 8 and torch.equal(pipeline.memory()[1], y0)
+        torch.testing.assert_close(pipeline.memory()[0], e0)
+        if start == 1:
+            assert memory == []  # not joined yet
+            continue
+        assert [m.shape for m in memory] == [(0, 64), (0,)]  # joined, still empty
+        loss = _step(pipeline, 1)
+        e1, y1, memory = spy.calls[1]
+        torch.testing.assert_close(memory[0], e0)
+        assert torch.equal(memory[1], y0)
+        expected = triplet_margin(e1, y1, 0.2, "batch_hard", memory=e0, memory_labels=y0)
+        assert spy.inner(e1, y1, *memory).item() == pytest.approx(expected.item(), rel=1e-6)
+        assert loss.requires_grad and int(pipeline.memory.filled) == 12 and int(pipeline.memory.ptr) == 4
+
+
+def test_the_regulariser_learns_from_the_batch_only(config) -> None:
+    cfg = config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "pipeline.memory_size=8"])
+    loss = build_pipeline(cfg).loss.double()
+    torch.manual_seed(0)
+    e, y, mem, mem_y = (
+        torch.randn(6, 64, dtype=torch.float64),
+        torch.arange(6) % 3,
+        torch.randn(8, 64, dtype=torch.float64),
+        torch.arange(8) % 4,
+    )
+    terms = loss(e, y, mem, mem_y)
+    assert terms["metric"].item() == triplet_margin(e, y, 0.2, memory=mem, memory_labels=mem_y).item()
+    assert terms["ce"].item() == loss.regularizer(e, y)[0].item()
+
+
+class _StopAfterEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> tuple[Siamese, pl.Trainer]:
+    """Two epochs of 4 steps (16 images each) into a memory of 40 that joins at step 2 and wraps in epoch 2."""
+    pl.seed_everything(0, verbose=False)
+    data = TensorDataModule(shapes(num_train=64, num_test=16, size=16, seed=0), batch_size=16, eval_batch_size=64)
+    pipeline = _shrunk("pipeline.memory_size=40", "pipeline.memory_start=2", "data.image_size=16")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp,
+        callbacks=[_StopAfterEpoch(stop_after)] if stop_after is not None else [],
+    )
+    trainer.fit(pipeline, datamodule=data, ckpt_path=ckpt)
+    return pipeline, trainer
+
+
+def test_resume_restores_the_memory_exactly(tmp_path: Path) -> None:
+    straight, t_straight = _fit(tmp_path / "a")
+    first, t_first = _fit(tmp_path / "b", stop_after=0)
+    assert t_first.global_step == 4 and (int(first.memory.filled), int(first.memory.ptr)) == (40, 64 % 40)
+    t_first.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed, t_resumed = _fit(tmp_path / "c", ckpt=str(tmp_path / "mid.ckpt"))
+    assert t_straight.global_step == t_resumed.global_step == 8
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and {"memory.embeddings", "memory.labels", "memory.ptr", "memory.filled"} <= set(a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not torch.equal(first.memory.embeddings, resumed.memory.embeddings)  # the second epoch did change it
+    loss_a, loss_b = t_straight.callback_metrics["train/loss_step"], t_resumed.callback_metrics["train/loss_step"]
+    assert torch.equal(loss_a, loss_b)

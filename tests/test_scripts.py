@@ -105,3 +105,33 @@ def test_bench_throughput_prints_every_case_and_the_ratios() -> None:
         rates["(a)"] / rates["(aN)"],
     ]
     assert printed == pytest.approx(expected, rel=0.1, abs=0.01)  # the rates print rounded to whole images/s
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_in_tiny_mode_and_writes_each_result(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh on the CPU with tiny sizes: the speedrun's figures printed, every step's file under OUT."""
+    import os
+
+    from conftest import write_fake_cifar10
+
+    write_fake_cifar10(tmp_path / "data", n_train=500, n_test=200)
+    env = {
+        **os.environ,
+        "TINY": "1",
+        "OUT": str(tmp_path / "out"),
+        "DATA_ROOT": str(tmp_path / "data"),
+        "PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "out"
+    summary = (out / "summary.txt").read_text()
+    assert "speedrun: kNN top-1 " in summary and "1 epochs" in summary and summary.rstrip().endswith("done")
+    for step in ("speedrun_log", "pytest_gpu", "bench_throughput", "bench_losses"):
+        assert f"{step}: exit 0" in summary, summary
+    metrics = __import__("json").loads((out / "speedrun.json").read_text())
+    assert metrics["epochs"] == 1 and 0 <= metrics["knn_top1"] <= 100
+    assert "(c) ceiling" in (out / "bench_throughput.txt").read_text()
+    assert "| 128 " in (out / "bench_losses.txt").read_text()

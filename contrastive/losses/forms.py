@@ -12,6 +12,9 @@ The forms (N rows, D dimensions):
   every view of an image a positive of the others, everything else a negative (SupCon on views).
 - ``"query_key_negatives"``: ``loss(query, key, negatives)``, (N, D), (N, D), (K, D) (MoCo).
 - ``"embeddings_labels"``: ``loss(embeddings, labels)``, (N, D) and (N,) class ids (metric learning).
+- ``"embeddings_labels_memory"``: ``loss(embeddings, labels, memory, memory_labels)``, the batch (N, D) and
+  (N,) as anchors against the batch and a memory of earlier embeddings (M, D) and labels (M,) as candidates
+  (the cross-batch memory, XBM).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Literal, get_args
 
 from torch import nn
 
-LossForm = Literal["two_views", "multi_view", "query_key_negatives", "embeddings_labels"]
+LossForm = Literal["two_views", "multi_view", "query_key_negatives", "embeddings_labels", "embeddings_labels_memory"]
 LOSS_FORMS: tuple[LossForm, ...] = get_args(LossForm)
 
 

@@ -9,6 +9,11 @@ Distributed (``gather=True``): each rank mines for its LOCAL anchors among the
 GATHERED embeddings and labels of all ranks, and divides its sum by the global
 number of terms over world size (one all-reduce of a count), so that DDP's
 gradient averaging gives exactly the single-process loss of the global batch.
+
+Cross-batch memory (``memory``, ``memory_labels``; XBM, Wang et al. 2020): earlier
+embeddings (M, D) and their labels (M,) join the candidates after the batch's, so each
+anchor of the batch mines its positives and negatives among batch + memory (its own row
+of the batch excluded; the memory is the same on every rank and is not gathered).
 """
 
 from __future__ import annotations
@@ -64,21 +69,44 @@ def pairwise_distance(x: Tensor, y: Tensor | None = None, *, squared: bool = Fal
     return d * d if squared else d
 
 
+def check_memory(embeddings: Tensor, memory: Tensor | None, memory_labels: Tensor | None) -> None:
+    """Raise a ValueError unless the memory is absent, or (M, D) embeddings with (M,) labels."""
+    if (memory is None) != (memory_labels is None):
+        raise ValueError("give memory and memory_labels together (the earlier embeddings and their labels), or neither")
+    if memory is not None and memory_labels is not None:
+        if memory.ndim != 2 or memory.shape[1] != embeddings.shape[-1] or memory_labels.shape != memory.shape[:1]:
+            raise ValueError(
+                f"memory must be (M, {embeddings.shape[-1]}) with memory_labels (M,), got {tuple(memory.shape)} "
+                f"and {tuple(memory_labels.shape)}"
+            )
+
+
 def _distances_and_masks(
-    embeddings: Tensor, labels: Tensor, squared: bool, normalize: bool, gather: bool
+    embeddings: Tensor,
+    labels: Tensor,
+    squared: bool,
+    normalize: bool,
+    gather: bool,
+    memory: Tensor | None = None,
+    memory_labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Distances of the local anchors to all candidates (n, Wn), positive mask (same label,
-    not itself) and negative mask (other label); W = 1 without ``gather``."""
+    """Distances of the local anchors to all candidates (n, Wn + M), positive mask (same label,
+    not itself) and negative mask (other label); W = 1 without ``gather``, M = 0 without a memory."""
     if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1] or len(embeddings) == 0:
         raise ValueError(
             f"embeddings must be (n, D), n >= 1, and labels (n,), got {tuple(embeddings.shape)} and "
             f"{tuple(labels.shape)}."
         )
+    check_memory(embeddings, memory, memory_labels)
     x = l2_normalize(embeddings) if normalize else upcast(embeddings)  # (n, D)
     candidates, offset = global_rows(x, gather)  # (Wn, D)
     all_labels, _ = global_rows(labels, gather)  # (Wn,)
-    d = pairwise_distance(x, candidates, squared=squared)  # (n, Wn)
-    same = labels[:, None] == all_labels[None, :]  # (n, Wn)
+    if memory is not None and memory_labels is not None and len(memory):  # an empty one: the plain loss, bitwise
+        stored = l2_normalize(memory) if normalize else upcast(memory)  # (M, D)
+        candidates = torch.cat([candidates, stored.to(x.dtype)])  # (Wn + M, D)
+        all_labels = torch.cat([all_labels, memory_labels.to(all_labels.device)])  # (Wn + M,)
+    d = pairwise_distance(x, candidates, squared=squared)  # (n, Wn + M)
+    same = labels[:, None] == all_labels[None, :]  # (n, Wn + M)
     columns = torch.arange(len(all_labels), device=labels.device)
     itself = columns[None, :] == torch.arange(offset, offset + len(labels), device=labels.device)[:, None]
     return d, same & ~itself, ~same
@@ -107,6 +135,8 @@ def triplet_margin(
     *,
     soft: bool = False,
     gather: bool = False,
+    memory: Tensor | None = None,
+    memory_labels: Tensor | None = None,
 ) -> Tensor:
     """Triplet margin loss ``[d(a, p) - d(a, n) + margin]_+`` with in-batch mining.
 
@@ -139,13 +169,17 @@ def triplet_margin(
         soft: softplus instead of the hinge (see above).
         gather: under torch.distributed, mine the local anchors' positives and
             negatives among all ranks' embeddings (see the module docstring).
+        memory: (M, D) earlier embeddings, more candidates for every anchor (XBM); the
+            "all" and "semi_hard" minings hold an (n, Wn + M, Wn + M) tensor, so a large
+            memory suits "batch_hard".
+        memory_labels: (M,) their labels.
 
     Returns:
         Scalar loss (float32, float64 for float64 inputs); a graph-connected zero
         when there is no valid triplet.
     """
     check_triplet_args(margin, mining)
-    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize, gather)
+    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize, gather, memory, memory_labels)
 
     def hinge(x: Tensor) -> Tensor:
         return torch.nn.functional.softplus(x + margin) if soft else torch.relu(x + margin)
@@ -178,6 +212,8 @@ def contrastive_margin(
     normalize: bool = True,
     *,
     gather: bool = False,
+    memory: Tensor | None = None,
+    memory_labels: Tensor | None = None,
 ) -> Tensor:
     """Contrastive pair loss (Hadsell, Chopra & LeCun 2006) over all pairs in the batch.
 
@@ -196,12 +232,14 @@ def contrastive_margin(
         squared: use squared Euclidean distances.
         normalize: L2-normalise the embeddings first (default True).
         gather: under torch.distributed, pairs of the local rows with all ranks' rows.
+        memory: (M, D) earlier embeddings, paired with every row of the batch too (XBM).
+        memory_labels: (M,) their labels.
 
     Returns:
         Scalar loss; a graph-connected zero when there are no pairs.
     """
     check_pair_margins(pos_margin, neg_margin)
-    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize, gather)
+    d, positive, negative = _distances_and_masks(embeddings, labels, squared, normalize, gather, memory, memory_labels)
     pull = 0.5 * torch.relu(d - pos_margin) ** 2  # (n, Wn)
     push = 0.5 * torch.relu(neg_margin - d) ** 2  # (n, Wn)
     return _masked_mean(pull, positive, gather) + _masked_mean(push, negative, gather)

@@ -76,23 +76,42 @@ class InfoNCE(_SoftmaxLoss):
 
 
 class SupCon(_SoftmaxLoss):
-    """Supervised / multi-view contrastive loss; see :func:`sup_con`. ``forward(z, labels)``."""
+    """Supervised / multi-view contrastive loss; see :func:`sup_con`.
 
-    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"multi_view", "embeddings_labels"})
+    ``forward(z, labels)``, or ``forward(z, labels, memory, memory_labels)`` against a cross-batch memory too.
+    """
+
+    input_forms: ClassVar[frozenset[LossForm]] = frozenset(
+        {"multi_view", "embeddings_labels", "embeddings_labels_memory"}
+    )
 
     def __init__(
         self, temperature: float = 0.1, learnable: bool = False, chunk_size: int | None = None, gather: bool = False
     ) -> None:
         super().__init__(temperature, learnable, chunk_size, gather)
 
-    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
-        return sup_con(z, labels, self.temperature(), chunk_size=self.chunk_size, gather=self.gather)
+    def forward(
+        self, z: Tensor, labels: Tensor, memory: Tensor | None = None, memory_labels: Tensor | None = None
+    ) -> Tensor:
+        return sup_con(
+            z,
+            labels,
+            self.temperature(),
+            chunk_size=self.chunk_size,
+            gather=self.gather,
+            memory=memory,
+            memory_labels=memory_labels,
+        )
 
 
 class TripletMargin(nn.Module):
-    """Triplet margin loss with mining; see :func:`triplet_margin`. ``forward(embeddings, labels)``."""
+    """Triplet margin loss with mining; see :func:`triplet_margin`.
 
-    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"embeddings_labels"})
+    ``forward(embeddings, labels)``, or ``forward(embeddings, labels, memory, memory_labels)`` mining among
+    a cross-batch memory too.
+    """
+
+    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"embeddings_labels", "embeddings_labels_memory"})
 
     def __init__(
         self,
@@ -108,7 +127,9 @@ class TripletMargin(nn.Module):
         self.margin, self.mining, self.squared, self.normalize = margin, mining, squared, normalize
         self.gather, self.soft = gather, soft
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: Tensor | None = None, memory_labels: Tensor | None = None
+    ) -> Tensor:
         return triplet_margin(
             embeddings,
             labels,
@@ -118,6 +139,8 @@ class TripletMargin(nn.Module):
             self.normalize,
             soft=self.soft,
             gather=self.gather,
+            memory=memory,
+            memory_labels=memory_labels,
         )
 
     def extra_repr(self) -> str:
@@ -128,9 +151,13 @@ class TripletMargin(nn.Module):
 
 
 class ContrastiveMargin(nn.Module):
-    """Hadsell et al. 2006 pair loss; see :func:`contrastive_margin`. ``forward(embeddings, labels)``."""
+    """Hadsell et al. 2006 pair loss; see :func:`contrastive_margin`.
 
-    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"embeddings_labels"})
+    ``forward(embeddings, labels)``, or ``forward(embeddings, labels, memory, memory_labels)`` pairing the batch
+    with a cross-batch memory too.
+    """
+
+    input_forms: ClassVar[frozenset[LossForm]] = frozenset({"embeddings_labels", "embeddings_labels_memory"})
 
     def __init__(
         self,
@@ -145,9 +172,19 @@ class ContrastiveMargin(nn.Module):
         self.pos_margin, self.neg_margin, self.squared, self.normalize = pos_margin, neg_margin, squared, normalize
         self.gather = gather
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: Tensor | None = None, memory_labels: Tensor | None = None
+    ) -> Tensor:
         return contrastive_margin(
-            embeddings, labels, self.pos_margin, self.neg_margin, self.squared, self.normalize, gather=self.gather
+            embeddings,
+            labels,
+            self.pos_margin,
+            self.neg_margin,
+            self.squared,
+            self.normalize,
+            gather=self.gather,
+            memory=memory,
+            memory_labels=memory_labels,
         )
 
     def extra_repr(self) -> str:

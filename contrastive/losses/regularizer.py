@@ -140,9 +140,13 @@ class RegularizedMetricLoss(nn.Module):
         self.regularizer = regularizer
         self.weight = weight
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Returns ``{"loss", "metric"}`` plus ``{"ce", "ce_acc"}`` with a regulariser."""
-        metric = self.metric_loss(embeddings, labels)
+    def forward(self, embeddings: Tensor, labels: Tensor, *memory: Tensor) -> dict[str, Tensor]:
+        """Returns ``{"loss", "metric"}`` plus ``{"ce", "ce_acc"}`` with a regulariser.
+
+        ``memory``: a cross-batch memory's ``(embeddings (M, D), labels (M,))``, passed on to the metric
+        loss only (the classifier learns from the batch).
+        """
+        metric = self.metric_loss(embeddings, labels, *memory)
         if self.regularizer is None:
             return {"loss": metric, "metric": metric}
         ce, accuracy = self.regularizer(embeddings, labels)

@@ -26,6 +26,7 @@ from contrastive.losses._common import (
     zero_loss,
 )
 from contrastive.losses.logsumexp import row_logsumexp
+from contrastive.losses.metric import check_memory
 
 
 def _check_pair(a: Tensor, b: Tensor, names: str) -> None:
@@ -137,6 +138,8 @@ def sup_con(
     *,
     chunk_size: int | None = None,
     gather: bool = False,
+    memory: Tensor | None = None,
+    memory_labels: Tensor | None = None,
 ) -> Tensor:
     """Multi-positive contrastive loss, SupCon ``L_out`` (Khosla et al. 2020).
 
@@ -165,6 +168,9 @@ def sup_con(
         chunk_size: row chunking with linear memory; None = plain.
         gather: under torch.distributed, local anchors against all ranks' rows,
             normalised by the global number of anchors with a positive.
+        memory: (K, D) earlier embeddings, candidates (and positives, by label) of every
+            anchor after the batch's rows; never anchors themselves (XBM, Wang et al. 2020).
+        memory_labels: (K,) their labels.
 
     Returns:
         Scalar loss, float32 (float64 for float64 inputs); a graph-connected zero
@@ -174,10 +180,15 @@ def sup_con(
         raise ValueError(f"z must be (M, D), M >= 1, and labels (M,), got {tuple(z.shape)} and {tuple(labels.shape)}.")
     check_temperature(temperature)
     check_chunk_size(chunk_size)
+    check_memory(z, memory, memory_labels)
     z = l2_normalize(z)  # (m, D)
     m = z.shape[0]
     all_z, offset = global_rows(z, gather)  # (Wm, D)
     all_labels, _ = global_rows(labels, gather)  # (Wm,)
+    batch = all_z.shape[0]  # Wm: the anchors of all ranks
+    if memory is not None and memory_labels is not None and len(memory):  # an empty one: the plain loss, bitwise
+        all_z = torch.cat([all_z, l2_normalize(memory).to(z.dtype)])  # (Wm + K, D)
+        all_labels = torch.cat([all_labels, memory_labels.to(all_labels.device)])  # (Wm + K,)
     if all_z.shape[0] < 2:  # no candidate at all: the -inf row would give NaN gradients
         return zero_loss(z, temperature)
     _, inverse = torch.unique(all_labels, return_inverse=True)  # (Wm,) class ids 0..K-1
@@ -192,6 +203,6 @@ def sup_con(
     per_anchor = torch.where(num_positives > 0, lse - positive_mean, 0.0)  # (m,)
     # Divide by the global count of valid anchors over world size, so the mean of the
     # per-rank losses is the global mean (no communication: labels are gathered).
-    world = all_z.shape[0] // m
-    num_valid = (counts[inverse] > 1).sum().clamp_min(1)  # anchors with a positive, all ranks
+    world = batch // m
+    num_valid = (counts[inverse[:batch]] > 1).sum().clamp_min(1)  # anchors with a positive, all ranks
     return per_anchor.sum() * world / num_valid
