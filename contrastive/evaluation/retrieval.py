@@ -12,6 +12,10 @@ from torch import Tensor
 from contrastive.evaluation._common import check_labels
 from contrastive.evaluation.neighbors import Metric, prepare_features, tie_order, topk_neighbors
 
+#: The most similarities one block of queries holds (256 MiB in float32): larger galleries rank fewer
+#: queries at once, so the memory beyond the features does not grow with the gallery.
+MAX_BLOCK = 2**26
+
 
 def relevant_counts(query_labels: Tensor, reference_labels: Tensor, leave_one_out: bool) -> Tensor:
     """``R_i``: how many references share query ``i``'s label (itself not counted in leave-one-out).
@@ -65,7 +69,10 @@ def retrieval_metrics(
     means are summed with ``math.fsum``, so they do not depend on
     ``chunk_size`` or the device. ``K`` larger
     than the number of references is clamped. Only the top ``max(max R, max ks)`` of
-    each chunk of queries is kept: memory is ``O(chunk_size * N)``, never ``Q x N``.
+    each chunk of queries is kept: memory is that of the features (one normalised copy, in
+    leave-one-out too) plus one block of ``min(chunk_size, MAX_BLOCK // N) x N``
+    similarities, never ``Q x N``; no index (faiss) is needed for exact search.
+    A 100,000 x 100,000 gallery of 512-d embeddings: see docs/benchmarks.md.
 
     Args:
         query: (Q, D) query features.
@@ -74,7 +81,7 @@ def retrieval_metrics(
             set (each query's own row excluded by index, not by distance).
         reference_labels: (N,) integer labels; required iff ``reference`` is given.
         ks: the K of ``recall_at_K``.
-        chunk_size: queries ranked at once.
+        chunk_size: queries ranked at once (fewer where ``chunk_size x N`` passes :data:`MAX_BLOCK`).
         metric: ``"cosine"`` (L2-normalised dot product) or ``"euclidean"``.
 
     Returns:
@@ -99,13 +106,15 @@ def retrieval_metrics(
     if not ks or min(ks) < 1 or chunk_size < 1:
         raise ValueError("ks must be non-empty positive integers and chunk_size >= 1")
     available = n_r - int(leave_one_out)
-    prepared = prepare_features(reference, metric)  # (N, D)
-    queries = prepared if leave_one_out else prepare_features(query, metric).to(prepared.dtype)  # (Q, D)
-    reference_labels = reference_labels.to(prepared.device)
-    query_labels = query_labels.to(prepared.device)
+    chunk_size = max(1, min(chunk_size, MAX_BLOCK // n_r))
+    refs = prepare_features(reference, metric)  # (N, D)
+    # leave-one-out: query i is row position[i] of the permuted references, not a second copy
+    queries = None if leave_one_out else prepare_features(query, metric).to(refs.dtype)  # (Q, D)
+    reference_labels = reference_labels.to(refs.device)
+    query_labels = query_labels.to(refs.device)
     r_all = relevant_counts(query_labels, reference_labels, leave_one_out)  # (Q,)
-    perm, position = tie_order(n_r, prepared.device)
-    refs, reference_labels = prepared[perm], reference_labels[perm]  # searched in tie order
+    perm, position = tie_order(n_r, refs.device)
+    refs, reference_labels = refs[perm], reference_labels[perm]  # searched in tie order
 
     recall_ks = list(dict.fromkeys((1, *ks)))  # K=1 is precision@1 too
     per_query = []  # (c, len(recall_ks) + 2) per chunk
@@ -117,7 +126,8 @@ def retrieval_metrics(
         rows = torch.arange(start, stop, device=refs.device)[valid]  # (c,)
         r = r_all[rows]  # (c,)
         k = min(available, max(int(r.max()), max(ks)))
-        _, idx = topk_neighbors(queries[rows], refs, k, metric, position[rows] if leave_one_out else None)  # (c, k)
+        block = refs[position[rows]] if queries is None else queries[rows]  # (c, D)
+        _, idx = topk_neighbors(block, refs, k, metric, position[rows] if queries is None else None)  # (c, k)
         rel = reference_labels[idx] == query_labels[rows, None]  # (c, k)
         rank = torch.arange(1, k + 1, device=rel.device, dtype=torch.float64)  # (k,)
         hits = rel.double().cumsum(1)  # (c, k): relevant among the first j
