@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -90,7 +91,8 @@ def _number(cell: str | None) -> float | None:
 
 def _curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Group metric names into (title, columns) panels: loss (and the Siamese loss terms
-    ``metric`` and ``ce``), learning rate, accuracy and MAP@R (the class-disjoint monitor)."""
+    ``metric`` and ``ce``), learning rate, accuracy and MAP@R (the class-disjoint monitor).
+    The third panel is titled by what it holds: top-1, MAP@R, or both."""
 
     def is_lr(c: str) -> bool:
         name = c.rsplit("/", 1)[-1]
@@ -103,8 +105,51 @@ def _curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
     loss = [c for c in columns if is_loss(c)]
     lr = [c for c in columns if is_lr(c) and c not in loss]
     acc = [c for c in columns if any(t in c for t in ("knn", "top1", "acc", "map_at_r")) and c not in loss + lr]
-    panels = (("loss", loss), ("learning rate", lr), ("top-1 / MAP@R (%)", acc))
+    has_map = any("map_at_r" in c for c in acc)
+    accuracy = "top-1 / MAP@R (%)" if has_map and len(acc) > 1 else ("MAP@R (%)" if has_map else "top-1 (%)")
+    panels = (("loss", loss), ("learning rate", lr), (accuracy, acc))
     return [(title, cols) for title, cols in panels if cols]
+
+
+#: Logged names (``train/<name>_step`` / ``_epoch``, ``val/<name>``) as the curves' legends say them.
+CURVE_NAMES = {
+    "loss": "loss",
+    "metric": "metric-learning loss",
+    "ce": "softmax-CE loss",
+    "ce_acc": "softmax-CE head top-1 (training batches)",
+    "online_probe_top1": "online linear probe top-1 (training batches)",
+    "knn_top1": "kNN top-1 (test split)",
+    "map_at_r": "MAP@R (test split)",
+}
+
+
+def curve_label(column: str) -> str:
+    """The legend of a ``metrics.csv`` column in a user's words: ``train/loss_step`` -> ``loss, per step``,
+    ``val/knn_top1`` -> ``kNN top-1 (test split)``, ``lr-SGD/pg2`` -> ``learning rate (SGD, group 2)``;
+    a column it does not know keeps its name."""
+    lr = re.fullmatch(r"lr-(\w+)(?:/pg(\d+))?", column)
+    if lr:
+        return f"learning rate ({lr[1]}{f', group {lr[2]}' if lr[2] else ''})"
+    name = column.rsplit("/", 1)[-1]
+    for suffix, when in (("_step", ", per step"), ("_epoch", ", epoch mean")):
+        term = name.removesuffix(suffix)
+        if name.endswith(suffix) and term in CURVE_NAMES:
+            return CURVE_NAMES[term] + (when if "loss" in CURVE_NAMES[term] else "")
+    return CURVE_NAMES.get(name, column)
+
+
+def _legends(series: dict[str, list[tuple[float, float]]], columns: list[str]) -> dict[str, str]:
+    """``column -> legend`` for the columns to draw: learning-rate groups of one optimiser that hold the
+    same values throughout (weights and biases under one schedule) are one line, named without the group."""
+    shown: dict[str, str] = {}
+    for column in columns:
+        optimizer = column.split("/")[0]
+        twin = next((c for c in shown if c.split("/")[0] == optimizer and series[c] == series[column]), None)
+        if twin is not None and column.startswith("lr-"):
+            shown[twin] = curve_label(optimizer)
+            continue
+        shown[column] = curve_label(column)
+    return shown
 
 
 def plot_training_curves(metrics_csv_path: str | Path, out_path: str | Path, dpi: int = 100) -> Path:
@@ -134,17 +179,18 @@ def plot_training_curves(metrics_csv_path: str | Path, out_path: str | Path, dpi
     width, height = CURVE_PANEL_SIZE
     fig = new_figure((width * len(panels), height), dpi)
     for ax, (title, columns) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for column in columns:
+        for column, label in _legends(series, columns).items():
             xs, ys = zip(*series[column])
-            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=column)
-        if title.startswith("top-1"):
+            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=label)
+        if title not in ("loss", "learning rate"):
             last_column = max(columns, key=lambda c: series[c][-1][1])
+            ax.margins(y=0.2)  # room above the highest point: its label stays inside, below the title
             ax.annotate(
                 f"{series[last_column][-1][1]:.2f}",
                 series[last_column][-1],
                 fontsize=8,
                 textcoords="offset points",
-                xytext=(-10, 6),
+                xytext=(-10, 4),
                 ha="right",
             )
         ax.set_title(title)

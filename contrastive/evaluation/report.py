@@ -130,6 +130,28 @@ def seed_table(runs: Sequence[Run], params: Sequence[str], metrics: Sequence[str
     return [*keys, "n", *metrics], rows
 
 
+#: Metrics that differ between any two runs by noise (wall-clock time): plotted only where the largest is at
+#: least this many times the smallest (a batch-size sweep's times, not a temperature sweep's).
+NOISY_METRICS = {"train_seconds": 1.25}
+
+
+def varying_metrics(runs: Sequence[Run], metrics: Sequence[str]) -> list[str]:
+    """The metrics whose values differ between the runs (as ``summary.md`` shows them, 2 decimals), in order.
+
+    A sweep's untrained figures, ``epochs`` and the like are equal in every run and say nothing about
+    the swept setting; :data:`NOISY_METRICS` differ by noise and count only beyond their ratio.
+    """
+    varying = []
+    for metric in metrics:
+        values = [v for r in runs if not math.isnan(v := r.metrics.get(metric, math.nan))]
+        if metric in NOISY_METRICS:
+            if values and min(values) > 0 and max(values) / min(values) >= NOISY_METRICS[metric]:
+                varying.append(metric)
+        elif len({_fmt(v) for v in values}) > 1:
+            varying.append(metric)
+    return varying
+
+
 def _plot_summary(
     runs: Sequence[Run], labels: Sequence[str], params: Sequence[str], metrics: Sequence[str], out_path: Path, dpi: int
 ) -> Path:
@@ -172,7 +194,7 @@ def _plot_summary(
         ax.set_title(metric)
         ax.grid(alpha=0.3)
     if not metrics:
-        axes[0].text(0.5, 0.5, "no metrics", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no metric differs between these runs\n(summary.md lists them all)", ha="center")
     return save_figure(fig, out_path)
 
 
@@ -191,8 +213,9 @@ def summarize_runs(
       columns, then the metric columns (full precision; empty cell = missing);
     - ``summary.md``: the same as a Markdown table (2 decimals, 4 significant digits below 1), followed,
       when runs differ only in ``seed``, by a table of mean ± std over seeds;
-    - ``summary.png``: one panel per metric. When exactly one override other than
-      ``seed`` varies, each run is a dot against it and the mean over seeds a line
+    - ``summary.png``: one panel per metric that differs between the runs (:func:`varying_metrics`;
+      the untrained figures and ``epochs`` of a sweep are equal in every run). When exactly one
+      override other than ``seed`` varies, each run is a dot against it and the mean over seeds a line
       (log x when numeric values span 100x); otherwise a bar per run.
 
     Args:
@@ -238,5 +261,5 @@ def summarize_runs(
     if rows:
         text += "\n## Mean ± std over seeds\n\n" + markdown_table(header, rows)
     md_path = write_bytes_atomic(out / "summary.md", text.encode())
-    _plot_summary(runs, labels, keys, metrics, out / "summary.png", dpi)
+    _plot_summary(runs, labels, keys, varying_metrics(runs, metrics), out / "summary.png", dpi)
     return md_path

@@ -164,3 +164,50 @@ def test_importing_the_evaluation_package_loads_no_plotting_or_training_library(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_curve_panels_are_titled_by_what_they_hold_and_legends_read_as_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The third panel was "top-1 / MAP@R" with no MAP@R line, the LR legend read lr-SGD/pg1 (twice, one
+    line per parameter group), and the label of the last (highest) kNN value hit the panel's title."""
+    import contrastive.evaluation.plots as plots
+    from contrastive.evaluation.plots import _curve_panels, curve_label
+
+    assert [t for t, _ in _curve_panels(["train/loss_step", "val/knn_top1", "train/online_probe_top1"])] == [
+        "loss",
+        "top-1 (%)",
+    ]
+    assert [t for t, _ in _curve_panels(["val/map_at_r"])] == ["MAP@R (%)"]
+    assert [t for t, _ in _curve_panels(["val/map_at_r", "val/knn_top1"])] == ["top-1 / MAP@R (%)"]
+    assert [curve_label(c) for c in ("train/loss_step", "train/ce_epoch", "lr-SGD/pg2", "val/map_at_r", "x/y")] == [
+        "loss, per step",
+        "softmax-CE loss, epoch mean",
+        "learning rate (SGD, group 2)",
+        "MAP@R (test split)",
+        "x/y",
+    ]
+
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:  # as the CLI logs: two equal lr groups
+        w = csv.writer(f)
+        w.writerow(["epoch", "lr-SGD/pg1", "lr-SGD/pg2", "step", "train/loss_step", "val/knn_top1"])
+        for step in range(40):
+            lr = 0.1 * (1 - step / 40)
+            w.writerow([step // 10, lr, lr, step, 3 - step / 20, 20 + step if step % 10 == 9 else ""])
+    saved = []
+    real_save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: saved.append(fig) or real_save(fig, path))
+    plot_training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png", dpi=DPI)
+    (fig,) = saved
+    loss, lr, top1 = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "learning rate", "top-1 (%)"]
+    assert [t.get_text() for t in lr.get_legend().get_texts()] == ["learning rate (SGD)"]
+    assert [t.get_text() for t in top1.get_legend().get_texts()] == ["kNN top-1 (test split)"]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (label,) = top1.texts
+    assert label.get_text() == "59.00"
+    box, inside, title = label.get_window_extent(renderer), top1.get_window_extent(renderer), top1.title
+    assert inside.y0 <= box.y0 and box.y1 <= inside.y1 and not box.overlaps(title.get_window_extent(renderer))

@@ -158,7 +158,7 @@ def test_no_runs_is_refused(tmp_path: Path) -> None:
 def test_three_metrics_give_three_panels_in_one_row(tmp_path: Path, saved_figures: list[Figure]) -> None:
     """One panel per metric, up to 3 per row: 3 metrics make a 1 x 3 figure of 13.5 x 3.6 inches."""
     runs = [
-        _fake_run(tmp_path, str(i), [f"lr={lr}"], {"knn_top1": 80.0 + i, "linear_top1": 85.0, "loss": 0.5})
+        _fake_run(tmp_path, str(i), [f"lr={lr}"], {"knn_top1": 80.0 + i, "linear_top1": 85.0 - i, "loss": 0.5 + i})
         for i, lr in enumerate(["0.1", "0.2"])
     ]
     summarize_runs(runs, tmp_path / "out")
@@ -185,3 +185,36 @@ def test_numeric_levels_are_plotted_in_numeric_order(tmp_path: Path, saved_figur
     assert list(dots.get_xdata()) == [10.0, 2.0, 1.0]
     assert list(means.get_xdata()) == [1.0, 2.0, 10.0]
     assert list(means.get_ydata()) == [74.0, 72.0, 70.0]
+
+
+def test_summary_png_shows_only_the_metrics_that_differ(tmp_path: Path, saved_figures: list[Figure]) -> None:
+    """A temperature sweep's summary.png had 22 panels, 11 of which cannot vary: the untrained figures
+    (same seed, same initial network), epochs, and train_seconds (wall-clock noise). summary.csv keeps all."""
+    runs = [
+        _fake_run(
+            tmp_path,
+            str(i),
+            [f"loss.temperature={t}"],
+            {
+                "knn_top1": 70.0 + i,
+                "knn_top1_untrained": 24.7,
+                "map_at_r": 30.0 + 2 * i,
+                "epochs": 25.0,
+                "train_seconds": 60.0 + i,
+                "linear_top1": 90.001,
+            },
+        )
+        for i, t in enumerate(["0.1", "0.2", "0.5"])
+    ]
+    summarize_runs(runs, tmp_path / "out")
+    (fig,) = saved_figures
+    assert [ax.get_title() for ax in fig.axes if ax.axison] == ["knn_top1", "map_at_r"]
+    header = (tmp_path / "out" / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[2:] == ["knn_top1", "knn_top1_untrained", "map_at_r", "epochs", "train_seconds", "linear_top1"]
+    # a sweep whose cost differs (a batch-size sweep): the time is a result, and shown
+    slow = [
+        _fake_run(tmp_path / "b", str(i), [f"data.batch_size={b}"], {"train_seconds": s})
+        for i, (b, s) in enumerate([("64", 100.0), ("512", 40.0)])
+    ]
+    summarize_runs(slow, tmp_path / "b" / "out")
+    assert [ax.get_title() for ax in saved_figures[1].axes if ax.axison] == ["train_seconds"]
