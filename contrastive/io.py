@@ -260,7 +260,12 @@ class LastCheckpoint(Checkpoint):
 
 
 class EpochCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that does not save an epoch cut short under that epoch's name."""
+    """``ModelCheckpoint`` that does not save an epoch cut short under that epoch's name, nor warns that
+    its folder holds checkpoints: in a run of the CLI it does so only when the run resumes (starting
+    over or rolling back sets later checkpoints aside first), where the warning told of nothing wrong."""
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath: Any) -> None:  # Lightning's private check
+        pass
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _steps_of_cut_epoch(trainer) is None:

@@ -66,7 +66,7 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.max_time={max_time!r} is invalid: it must be DD:HH:MM:SS, e.g. "
             "trainer.max_time=00:04:00:00 for four hours"
         )
-    _check(cfg, "data.num_classes", *_POSITIVE_INT)
+    _check_optional(cfg, "data.num_classes", *_POSITIVE_INT)  # null: counted from the data
     _check_optional(cfg, "optimizer.lr", (int, float), lambda v: v > 0, "a positive number")
     _check_optional(cfg, "optimizer.weight_decay", *_NON_NEGATIVE)
     _check_optional(cfg, "optimizer.momentum", (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -111,6 +111,24 @@ def knn_k_warning(key: str, k: int, num_train: int) -> str | None:
     )
 
 
+def unseen_test_classes_warning(splits: Splits) -> str | None:
+    """A line to log when the test split holds classes without training images (an image folder's class
+    folders found only in ``test/``), with the overrides of class-disjoint retrieval; else None."""
+    trained = sorted(set(splits.train.labels.unique().tolist()))
+    tested = sorted(set(splits.test.labels.unique().tolist()))
+    extra = [c for c in tested if c not in trained]
+    if not extra:
+        return None
+    names = splits.test.class_names or [str(c) for c in range(splits.num_classes)]
+    shown = ", ".join(names[c] for c in extra[:5]) + (", ..." if len(extra) > 5 else "")
+    return (
+        f"the test split holds {len(extra)} class(es) without training images ({shown}), labelled after the "
+        f"training classes, so the data set has {splits.num_classes} classes and kNN and the linear probe cannot "
+        f"predict those. For class-disjoint retrieval pass data.train_classes=[{','.join(map(str, trained))}] "
+        f"data.test_classes=[{','.join(map(str, tested))}] data.num_classes={len(trained)} eval.knn_k=0"
+    )
+
+
 def check_eval_config(cfg: DictConfig) -> None:
     """``contrastive-eval``'s values, checked before the checkpoint is read."""
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -141,9 +159,16 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int, pipeline: Pi
             f"({len(splits.train)} images): lower data.batch_size{' or raise data.subset' if capped else ''}"
         )
     if cfg.data.num_classes != splits.num_classes:
+        trained = len(set(splits.train.labels.unique().tolist()))
+        has = (
+            f"the training split has {splits.num_classes} classes"
+            if trained == splits.num_classes
+            else f"the data set has {splits.num_classes} classes ({trained} in the training split, "
+            f"{splits.num_classes - trained} only in the test split)"
+        )
         raise ConfigError(
-            f"data.num_classes={cfg.data.num_classes} but the training split has {splits.num_classes} classes: "
-            f"pass data.num_classes={splits.num_classes}"
+            f"data.num_classes={cfg.data.num_classes} but {has}: pass data.num_classes={splits.num_classes}, or "
+            "leave data.num_classes out (null): it is then counted"
         )
     height, width = splits.train.images.shape[-2:]
     if cfg.data.image_size != height or height != width:  # the views would be one size, kNN and probe another's

@@ -15,8 +15,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive.cli.checks import check_eval_config, check_eval_data, knn_k_warning
+from contrastive.cli.console import results_table
 from contrastive.cli.run import build_pipeline, build_splits, final_metrics
 from contrastive.cli.shell import (
+    RUN_LOGS,
     ConfigError,
     exit_with,
     is_multirun,
@@ -27,6 +29,8 @@ from contrastive.cli.shell import (
     run_dir_of,
     run_guarded,
     run_hydra,
+    say,
+    warn_once,
 )
 from contrastive.data import DOWNLOAD_HINT, DataError, Splits
 from contrastive.evaluation.linear import exportable_classifier
@@ -39,6 +43,7 @@ log = logging.getLogger("contrastive")
 
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    RUN_LOGS[:] = [out_dir / "cli.log", Path(run_dir_of(cfg.checkpoint)) / "cli.log"]  # the training run's too
     check_eval_config(cfg)
     ckpt = load_checkpoint(cfg.checkpoint)
     run_cfg = OmegaConf.create(ckpt["contrastive_config"])
@@ -75,7 +80,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         raise DataError(message) from None
     check_eval_data(run_cfg, splits, cfg.data_root)
     if warning := knn_k_warning("knn_k", cfg.knn_k, len(splits.train)):
-        log.warning("%s", warning)
+        warn_once(warning)
 
     features = {}
     for split, data in (("train", splits.train), ("test", splits.test)):
@@ -112,7 +117,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         log.info("backbone state dict written to %s", written[-1])
     for name in set(EVAL_OUTPUTS) - {p.name for p in written}:  # an earlier eval's, e.g. before linear_probe=false
         (out_dir / name).unlink(missing_ok=True)
-    log.info("metrics: %s", {k: round(v, 2) for k, v in metrics.items()})
+    say(results_table(metrics))
     log.info("written to %s", out_dir / "metrics.json")
     return metrics
 

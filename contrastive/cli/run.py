@@ -12,18 +12,17 @@ from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
-from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from contrastive.cli.checks import check_feature_dim
-from contrastive.cli.shell import ConfigError
+from contrastive.cli.checks import check_feature_dim, unseen_test_classes_warning
+from contrastive.cli.console import EpochLines
+from contrastive.cli.shell import ConfigError, warn_once
 from contrastive.data import Splits
 from contrastive.evaluation import check_finite, feature_metrics
-from contrastive.evaluation.report import JOB_ERROR_FILE
 from contrastive.io import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -43,6 +42,9 @@ def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
     """The data set of ``data_cfg``, capped by ``subset`` / ``test_subset``."""
     splits: Splits = instantiate(data_cfg.source)
     train, test = splits.train, splits.test
+    chosen = data_cfg.train_classes is not None or data_cfg.test_classes is not None  # the warning's advice
+    if not chosen and (warning := unseen_test_classes_warning(splits)):
+        warn_once(warning)
     if data_cfg.train_classes is not None:
         train = train.select_classes(list(data_cfg.train_classes))
     if data_cfg.test_classes is not None:
@@ -95,7 +97,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
     """The run's Lightning Trainer: last/periodic checkpoints, CSV and TensorBoard logs, atomic writes.
 
     ``resume_step``: the step of the checkpoint the run resumes from; ``metrics.csv`` keeps the rows
-    logged before it.
+    logged before it. The progress bar is shown only where the output is a terminal (in a file it is
+    ``\\r``-joined frames); without it each epoch is one plain line (:class:`EpochLines`).
     """
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks: list[Callback] = [
@@ -117,6 +120,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
     trainer_args = cast(dict[str, Any], trainer_args)  # a config group's keys are strings
     trainer_args["accelerator"] = resolve_accelerator(trainer_args["accelerator"])
     trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
+    trainer_args["enable_progress_bar"] = bool(trainer_args.get("enable_progress_bar", True)) and sys.stdout.isatty()
+    if not trainer_args["enable_progress_bar"]:
+        callbacks.append(EpochLines())
     try:
         return pl.Trainer(
             **trainer_args,
@@ -220,40 +226,3 @@ def final_metrics(
                 "(a diverged run). Evaluate an earlier checkpoint (checkpoints/epoch=NNNN.ckpt)."
             ) from None
     return feature_metrics(features, *args, **kwargs)
-
-
-class SweepSummary(HydraCallback):
-    """At the end of a multirun: ``summary.{csv,md,png}`` of this sweep's jobs in the sweep folder.
-
-    The sweep folder (``multirun/<name>``) also keeps the jobs of earlier sweeps; the summary
-    holds the jobs launched by this one (their ``.hydra/`` is written at launch). If a job
-    failed with a user error, the summary still gets its row, the errors are listed, and
-    the command exits with status 2.
-    """
-
-    def __init__(self) -> None:
-        self.started = time.time()
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = time.time()
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from contrastive.evaluation import summarize_runs
-
-        sweep = Path(config.hydra.sweep.dir)
-        runs = sorted(
-            p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml") if p.stat().st_mtime >= self.started - 1
-        )  # 1 s: file systems with coarse timestamps
-        if not runs:
-            return
-        log.info("sweep summary: %s", summarize_runs(runs, sweep))
-        failed = [(run, (run / JOB_ERROR_FILE).read_text().strip()) for run in runs if (run / JOB_ERROR_FILE).is_file()]
-        for run, message in failed:
-            log.error("job %s failed: %s", " ".join(OmegaConf.load(run / ".hydra" / "overrides.yaml")), message)
-        if failed:
-            print(
-                f"error: {len(failed)} of {len(runs)} jobs failed (listed above, and in each job's "
-                f"{JOB_ERROR_FILE}); the summary has their rows without metrics",
-                file=sys.stderr,
-            )
-            sys.exit(2)

@@ -33,12 +33,19 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from contrastive.cli.callbacks import remove_refused_run_folder
 from contrastive.data import DataError, DataWarning
 from contrastive.evaluation.report import JOB_ERROR_FILE
 from contrastive.io import CheckpointError, write_bytes_atomic
 from contrastive.pipelines import NonFiniteLossError
 
 log = logging.getLogger("contrastive")
+
+
+#: The exit status of a run that ``trainer.max_time`` stopped before its last epoch: sysexits.h's
+#: EX_TEMPFAIL ("try again later"), so that a job script can tell an unfinished run (continue it) from
+#: a finished one (0), a user error (2) and a stop by signal N (128 + N).
+EXIT_UNFINISHED = 75
 
 
 class ConfigError(ValueError):
@@ -70,20 +77,66 @@ def one_line(error: Exception) -> str:
     return " ".join(m.strip() for m in _user_message(error).strip().splitlines())
 
 
+def to_log_file(text: str, level: int = logging.INFO) -> None:
+    """``text`` into the run's log file (Hydra's ``cli.log``) alone: for what the console shows in its
+    own form (a table, an error line on stderr). Nothing where no log file is set up yet."""
+    record = log.makeRecord(log.name, level, __file__, 0, text, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def say(text: str) -> None:
+    """``text`` on stdout as it is (no log prefix: a table stays aligned) and in the run's ``cli.log``."""
+    print(text, flush=True)
+    to_log_file("\n" + text if "\n" in text else text)  # a table starts on its own line, aligned
+
+
 def exit_with(error: Exception) -> NoReturn:
-    """Print ``error`` as one line on stderr and exit with status 2."""
-    print(f"error: {one_line(error)}", file=sys.stderr)
+    """Print ``error`` as one line on stderr (and into the run's ``cli.log``) and exit with status 2.
+
+    A run refused before any work takes back the folder Hydra made for it
+    (:func:`~contrastive.cli.callbacks.remove_refused_run_folder`): it leaves nothing behind.
+    """
+    line = f"error: {one_line(error)}"
+    to_log_file(line, logging.ERROR)
+    remove_refused_run_folder()
+    print(line, file=sys.stderr)
     sys.exit(2)
 
 
+#: The log files of the run this call belongs to (``cli.log`` of its folder; for ``contrastive-eval``
+#: also the training run's): what :func:`warn_once` looks for a warning in. Set by each flow.
+RUN_LOGS: list[Path] = []
+
+
+def warn_once(text: str) -> None:
+    """A warning on the console and in ``cli.log``, once per run.
+
+    A resumed run or an evaluation of its checkpoint would repeat every warning of the data and the
+    settings (the CIFAR copy's checksums, a test-only class, a long warm-up): one already in the
+    run's logs (:data:`RUN_LOGS`) goes to this call's ``cli.log`` alone. Only the identical text is
+    held back, so no other warning can be hidden by it.
+    """
+    for path in RUN_LOGS:
+        try:
+            said = text in path.read_text(errors="replace")
+        except OSError:
+            said = False
+        if said:
+            to_log_file(f"(said before in this run, not repeated on the console) {text}", logging.WARNING)
+            return
+    log.warning("%s", text)
+
+
 def log_data_warnings() -> None:
-    """Show :class:`DataWarning` as a log line (on the console and in the run's ``cli.log``), not as
-    Python's ``<file>:<line>: UserWarning`` pointing into Hydra's instantiate."""
+    """Show :class:`DataWarning` as a log line, once per run (:func:`warn_once`), not as Python's
+    ``<file>:<line>: UserWarning`` pointing into Hydra's instantiate."""
     show = warnings.showwarning
 
     def showwarning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
         if issubclass(category, DataWarning):
-            log.warning("%s", message)
+            warn_once(str(message))
         else:
             show(message, category, *args, **kwargs)
 
@@ -158,10 +211,11 @@ def run_hydra(main: Callable[[], Any], config_name: str) -> None:
 def _stopped_by(signum: signal.Signals) -> NoReturn:
     """What to do after a stop by a signal; exit status 128 + its number, as a shell reports it."""
     name = "Ctrl-C" if signum == signal.SIGINT else signum.name
-    print(
-        f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole epoch: run the same command to continue",
-        file=sys.stderr,
+    line = (
+        f"error: stopped by {name}; checkpoints/last.ckpt keeps the last whole epoch: run the same command to continue"
     )
+    to_log_file(line, logging.ERROR)
+    print(line, file=sys.stderr)
     sys.exit(128 + signum)
 
 
@@ -202,6 +256,7 @@ def run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
                 exit_with(e)
             line = one_line(e)
             print(f"error: {line}", file=sys.stderr)
+            to_log_file(f"error: {line}", logging.ERROR)
             write_bytes_atomic(error_file, (line + "\n").encode())
             return None
         except Exception as e:  # a bug or an unforeseen failure: the traceback (a sweep's other jobs still run)
