@@ -11,8 +11,9 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import NoReturn, cast
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # torchvision.io.decode_image reads these; the other IMAGE_SUFFIXES are decoded with Pillow.
 _TORCHVISION_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+UNREADABLE_LIST = ".contrastive_unreadable.txt"  # in an image folder's root: every file that could not be read
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -44,29 +46,68 @@ def _image_files(class_dir: Path) -> list[Path]:
 
 
 def _read_rgb(file: Path) -> Tensor:
-    """One image file as RGB ``uint8`` (3, H, W), or a :class:`DataError` naming the file.
+    """One image file as RGB ``uint8`` (3, H, W), or a :class:`DataError` naming the file and, in words,
+    what is wrong with it (:func:`_unreadable_reason`).
 
     16-bit images are scaled to 8 bits (v -> v >> 8, as torchvision's ``to_dtype``), not clipped; an
-    animated GIF or WebP gives its first frame, as Pillow and torchvision's ``ImageFolder`` do.
+    animated GIF or WebP gives its first frame, as Pillow and torchvision's ``ImageFolder`` do. A file
+    torchvision cannot decode is given to Pillow (e.g. a BMP saved under ``.jpg``).
     """
     from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
+    from torchvision.transforms.v2.functional import to_dtype
 
-    try:
-        if file.suffix.lower() in _TORCHVISION_SUFFIXES:
+    img = None
+    if file.suffix.lower() in _TORCHVISION_SUFFIXES:
+        try:
             img = decode_image(str(file), mode=ImageReadMode.RGB)  # uint16 for a 16-bit PNG
-        else:
-            from PIL import Image
+        except Exception:  # another format under this suffix, or damaged: Pillow reads more, and says why
+            pass
+    if img is None:
+        try:
+            img = _read_with_pillow(file)
+        except Exception as e:
+            raise DataError(f"cannot read image {file}: {_unreadable_reason(file, e)}") from None
+    if img.ndim == 4:  # (frames, 3, H, W)
+        img = img[0]
+    return to_dtype(img, torch.uint8, scale=True)
 
-            with Image.open(file) as im:
-                if im.mode.startswith("I;16"):  # 16-bit grey (TIFF): convert("RGB") would clip to 255
-                    im = Image.fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8))
-                img = pil_to_tensor(im.convert("RGB"))
-        if img.ndim == 4:  # (frames, 3, H, W)
-            img = img[0]
-        return to_dtype(img, torch.uint8, scale=True)
-    except Exception as e:
-        raise DataError(f"cannot read image {file}: {e}. Remove or replace the file.") from None
+
+def _read_with_pillow(file: Path) -> Tensor:
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    with Image.open(file) as im:
+        if im.mode.startswith("I;16"):  # 16-bit grey (TIFF): convert("RGB") would clip to 255
+            im = Image.fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8))
+        return pil_to_tensor(im.convert("RGB"))
+
+
+_SIGNATURES = (
+    (b"\x89PNG", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _unreadable_reason(file: Path, error: Exception) -> str:
+    """Why Pillow could not read ``file``, in this project's words (torchvision's messages carry its C++
+    source path and name only the formats it decodes itself)."""
+    with open(file, "rb") as f:
+        head = f.read(12)
+    if not head:
+        return "an empty file (0 bytes)"
+    kind = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind is None:
+        return "not an image in a format read here (JPEG, PNG, WebP, GIF, BMP, TIFF)"
+    from PIL import UnidentifiedImageError
+
+    detail = "" if isinstance(error, UnidentifiedImageError) else f" ({error})"  # that one repeats the path
+    return f"a damaged or truncated {kind} image{detail}"
 
 
 def _folder_classes(folder: Path) -> list[str]:
@@ -84,13 +125,16 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _decode_folder(folder: Path, size: int, names: list[str], workers: int | None = None) -> ImageTensors:
+def _decode_folder(
+    folder: Path, size: int, names: list[str], workers: int | None = None, unreadable: list[str] | None = None
+) -> ImageTensors | None:
     """Every image of ``folder/<name>/`` decoded, resized to ``size x size`` (RGB, uint8), labelled by
     the name's index in ``names`` (class folders of ``folder`` not in ``names`` are not read).
 
     ``workers`` threads decode at once (None: every usable core; decoding and resizing release the
-    GIL); the result does not depend on it. An unreadable file raises the first one's
-    :class:`DataError`, in file order.
+    GIL); the result does not depend on it. Every file that cannot be read is listed, in file order, as
+    ``<path>: <why>`` in ``unreadable`` (None: the first one raises its :class:`DataError`); the
+    result is then None, so that one pass over the data set names all of them.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -100,8 +144,13 @@ def _decode_folder(folder: Path, size: int, names: list[str], workers: int | Non
     if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
 
-    def load(file: Path) -> Tensor:
-        return resize(_read_rgb(file), [size, size], antialias=True)
+    def load(file: Path) -> Tensor | str:
+        try:
+            return resize(_read_rgb(file), [size, size], antialias=True)
+        except DataError as e:
+            if unreadable is None:
+                raise
+            return str(e).removeprefix("cannot read image ")
 
     workers = _usable_cpus() if workers is None else workers
     if workers < 1:
@@ -110,8 +159,33 @@ def _decode_folder(folder: Path, size: int, names: list[str], workers: int | Non
         )
     with ThreadPoolExecutor(max_workers=min(workers, len(files))) as pool:
         images = list(pool.map(load, (file for file, _ in files)))  # in file order
+    failed = [image for image in images if isinstance(image, str)]
+    if unreadable is not None and failed:
+        unreadable += failed
+        return None
     labels = torch.tensor([label for _, label in files])
-    return ImageTensors(torch.stack(images), labels, len(names), names)
+    return ImageTensors(torch.stack(cast(list[Tensor], images)), labels, len(names), names)
+
+
+def _refuse_unreadable(base: Path, unreadable: list[str], total: int) -> NoReturn:
+    """One :class:`DataError` for every unreadable file of both splits: the first few in the message, all
+    of them in ``base/.contrastive_unreadable.txt`` (a temporary file where ``base`` is read-only)."""
+    from contrastive.io import write_bytes_atomic
+
+    text = "".join(f"{line}\n" for line in unreadable).encode()
+    try:
+        listing = write_bytes_atomic(base / UNREADABLE_LIST, text)
+    except OSError:
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:10]
+        listing = write_bytes_atomic(Path(tempfile.gettempdir()) / f"contrastive_unreadable_{digest}.txt", text)
+    shown = "; ".join(unreadable[:3]) + (f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+    raise DataError(
+        f"cannot read image files: {len(unreadable)} of the {total} under {base}: {shown}. The full list is in "
+        f"{listing}: remove or replace those files, then run again"
+    )
 
 
 def _folder_fingerprint(base: Path, classes: dict[str, list[str]]) -> str:
@@ -147,39 +221,35 @@ def image_folder(
     warning, where ``root`` cannot be written). Processes building it at once (the ranks
     under torchrun) take turns through ``<cache>.lock``: one decodes, the others load its cache.
 
-    Labels index the sorted train class folders, then (with a warning that says how to
-    set up class-disjoint retrieval) the test class folders that train lacks. ``workers``
-    threads decode at once (None: every core this process may use).
+    Labels index the sorted train class folders, then the test class folders that train lacks
+    (``contrastive-train`` says how to set up class-disjoint retrieval for them). ``workers``
+    threads decode at once (None: every core this process may use). Files that cannot be read are
+    all named in one :class:`DataError` and listed in ``root/.contrastive_unreadable.txt``.
     """
     base = Path(root).expanduser()
     if not base.is_dir():
         raise DataError(f"image folder not found: {base}. Point data.root at a folder holding {train}/ and {test}/.")
     train_names = _folder_classes(base / train)
     test_names = _folder_classes(base / test)
-    extra = [n for n in test_names if n not in train_names]
-    names = train_names + extra
-    if extra:
-        test_labels = sorted(names.index(n) for n in test_names)
-        warnings.warn(
-            f"{base / test} holds {len(extra)} class folder(s) that {base / train} lacks ({', '.join(extra[:5])}"
-            f"{', ...' if len(extra) > 5 else ''}): they are labelled {len(train_names)}..{len(names) - 1}, after the "
-            f"training classes, so the data set has {len(names)} classes. For class-disjoint retrieval pass "
-            f"data.train_classes=[{','.join(map(str, range(len(train_names))))}] "
-            f"data.test_classes=[{','.join(map(str, test_labels))}] data.num_classes={len(train_names)} eval.knn_k=0",
-            DataWarning,
-            stacklevel=2,
-        )
+    names = train_names + [n for n in test_names if n not in train_names]
     cache_file = base / f".contrastive_cache_{size}.pt"
 
     def decode() -> tuple[ImageTensors, ImageTensors]:
-        train_set = _decode_folder(base / train, size, names, workers)
+        unreadable: list[str] = []
+        splits = [_decode_folder(base / split, size, names, workers, unreadable) for split in (train, test)]
+        train_set, test_set = splits
+        if train_set is None or test_set is None:
+            total = sum(len(_image_files(base / split / name)) for split in (train, test) for name in names)
+            _refuse_unreadable(base, unreadable, total)
+        with suppress(OSError):  # an earlier run's list, now stale (kept where root is read-only)
+            (base / UNREADABLE_LIST).unlink(missing_ok=True)
         counts = torch.bincount(train_set.labels, minlength=len(names))
         if empty := [n for i, n in enumerate(train_names) if counts[i] == 0]:  # a class that no image can teach
             raise DataError(
                 f"{len(empty)} class folder(s) of {base / train} hold no images ({', '.join(empty[:5])}"
                 f"{', ...' if len(empty) > 5 else ''}): remove them or add images"
             )
-        return train_set, _decode_folder(base / test, size, names, workers)
+        return train_set, test_set
 
     if not cache:
         return Splits(*decode())
@@ -222,25 +292,56 @@ def image_folder(
 
 @contextmanager
 def _cache_lock(cache_file: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<cache_file>.lock`` (none where the folder cannot be written).
+    """Hold an exclusive lock on ``<cache_file>.lock`` (none where the folder cannot be written), and
+    remove that file after use: it is not left in the user's data folder.
 
     Several processes that build the same cache at once (every rank under torchrun) would each
     decode the whole folder on every core; with the lock the first decodes and writes the cache,
-    the others wait and then load it. The OS releases the lock of a process that dies.
+    the others wait and then load it. The OS releases the lock of a process that dies (its file then
+    stays, and is reused). The holder removes the file before it unlocks, so a process that waited on
+    the removed file finds it gone and locks the path anew (else two processes could hold "the" lock).
     """
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(f"{cache_file}.lock")
-    held = True
     try:
-        lock.acquire(timeout=0)
-    except Timeout:  # an OSError too, so caught first: another process holds the lock
-        log.info("another process is decoding into %s: waiting for it", cache_file)
-        lock.acquire()
-    except OSError:  # a read-only folder: no lock (image_folder warns when it cannot write the cache)
-        held = False
+        import fcntl
+    except ImportError:  # no flock (Windows): filelock, whose Windows lock removes its file itself
+        from filelock import FileLock
+
+        with FileLock(f"{cache_file}.lock"):
+            yield
+        return
+    path = Path(f"{cache_file}.lock")
+    waited = False
+    while True:
+        fd = _open_lock(path)
+        if fd is None:  # a read-only folder: no lock (image_folder warns when it cannot write the cache)
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                log.info("another process is decoding into %s: waiting for it", cache_file)
+            waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)  # the file this process locked was removed by its last holder: lock the path anew
     try:
         yield
     finally:
-        if held:
-            lock.release()
+        with suppress(OSError):
+            path.unlink()  # while still holding the lock (see above)
+        os.close(fd)
+
+
+def _open_lock(path: Path) -> int | None:
+    """A descriptor of the lock file ``path`` (created if needed), or None where it cannot be made."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return None

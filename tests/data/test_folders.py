@@ -30,6 +30,7 @@ def test_image_folder_decodes_resizes_and_caches(tmp_path: Path) -> None:
     assert splits.train.labels.tolist() == [0, 0, 0, 1, 1]
     assert int(splits.train.images[3, 0, 5, 5]) == 40  # first dog image, constant value kept by resize
     assert (tmp_path / ".contrastive_cache_16.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".contrastive_cache_16.pt", "test", "train"]  # no .lock
     again = image_folder(str(tmp_path), size=16)
     assert torch.equal(again.train.images, splits.train.images)
 
@@ -120,7 +121,7 @@ def test_image_folder_threaded_decode_names_the_first_unreadable_file(tmp_path: 
     _write_noise_folder(tmp_path, per_class=6)
     for name in ("a/03.png", "b/01.png"):
         (tmp_path / "train" / name).write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"cannot read image .*train/a/03\.png"):
+    with pytest.raises(DataError, match=r"cannot read image .*train/a/03\.png.*train/b/01\.png"):
         image_folder(str(tmp_path), size=4, cache=False, workers=4)
 
 
@@ -234,14 +235,12 @@ def test_image_folder_labels_test_only_classes_after_the_training_classes(tmp_pa
     for name in ("ant", "bee"):  # class-disjoint layout: ant, bee only in test/, cat only in train/
         shutil.rmtree(tmp_path / "train" / name)
     shutil.rmtree(tmp_path / "test" / "cat")
-    hint = r"data.train_classes=\[0,1\] data.test_classes=\[1,2,3\] data.num_classes=2 eval.knn_k=0"
-    with pytest.warns(UserWarning, match=r"2 class folder\(s\) .*\(ant, bee\): they are labelled 2..3.*" + hint):
-        splits = image_folder(str(tmp_path), size=4)
+    # contrastive-train says how to set up class-disjoint retrieval for them (tests/test_cli_output.py)
+    splits = image_folder(str(tmp_path), size=4)
     assert splits.train.class_names == splits.test.class_names == ["cat", "dog", "ant", "bee"]
     assert splits.train.labels.tolist() == [0, 1, 1]
     assert splits.test.labels.tolist() == [1, 1, 2, 3, 3, 3]
-    with pytest.warns(UserWarning, match=hint):  # said again when the cache is used
-        assert image_folder(str(tmp_path), size=4).test.labels.tolist() == [1, 1, 2, 3, 3, 3]
+    assert image_folder(str(tmp_path), size=4).test.labels.tolist() == [1, 1, 2, 3, 3, 3]  # from the cache
     test = splits.test.select_classes([1, 2, 3])
     assert test.class_names == ["dog", "ant", "bee"] and test.labels.tolist() == [0, 0, 1, 2, 2, 2]
 
@@ -300,14 +299,72 @@ def test_processes_started_together_decode_the_folder_once(tmp_path: Path) -> No
 
 
 def test_image_folder_works_where_the_lock_cannot_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import filelock
+    import contrastive.data.folders as folders
+    from contrastive.data import image_folder
+
+    _write_folder(tmp_path, {"cat": 2})
+    monkeypatch.setattr(folders, "_open_lock", lambda path: None)  # as where the folder is read-only
+    assert len(image_folder(str(tmp_path), size=4).train) == 2
+    assert (tmp_path / ".contrastive_cache_4.pt").is_file()
+
+
+def test_one_pass_names_every_unreadable_file_in_the_projects_words(tmp_path: Path) -> None:
+    """Bad files were reported one per run (fix, rerun, meet the next), in torchvision's words: its C++
+    source path and "only jpeg, png, webp and gif", though BMP and TIFF are read."""
+    import numpy as np
+    from PIL import Image
 
     from contrastive.data import image_folder
 
-    def refuse(self, *args: object, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
-        raise PermissionError(13, "Permission denied", self.lock_file)
+    _write_folder(tmp_path, {"cat": 2, "dog": 2})
+    png = (tmp_path / "train" / "cat" / "0.png").read_bytes()
+    (tmp_path / "train" / "cat" / "cut.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "train" / "dog" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "test" / "dog" / "notes.tif").write_bytes(b"not an image")
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "test" / "cat" / "bmp.jpg", format="BMP")
+    with pytest.raises(DataError) as error:
+        image_folder(str(tmp_path), size=4)
+    listing = tmp_path / ".contrastive_unreadable.txt"
+    assert listing.read_text().splitlines() == [
+        f"{tmp_path}/train/cat/cut.png: a damaged or truncated PNG image",
+        f"{tmp_path}/train/dog/empty.jpg: an empty file (0 bytes)",
+        f"{tmp_path}/test/dog/notes.tif: not an image in a format read here (JPEG, PNG, WebP, GIF, BMP, TIFF)",
+    ]  # the BMP saved as .jpg is read (Pillow, after torchvision)
+    assert str(error.value) == (
+        f"cannot read image files: 3 of the 12 under {tmp_path}: "
+        + "; ".join(listing.read_text().splitlines())
+        + f". The full list is in {listing}: remove or replace those files, then run again"
+    )
+    assert "csrc" not in str(error.value) and "only jpeg" not in str(error.value).lower()
+    for name in ("train/cat/cut.png", "train/dog/empty.jpg", "test/dog/notes.tif"):
+        (tmp_path / name).unlink()
+    assert len(image_folder(str(tmp_path), size=4).test) == 5 and not listing.exists()  # the stale list goes
 
-    _write_folder(tmp_path, {"cat": 2})
-    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
-    assert len(image_folder(str(tmp_path), size=4).train) == 2
-    assert (tmp_path / ".contrastive_cache_4.pt").is_file()
+
+def test_the_cache_lock_excludes_and_leaves_no_file(tmp_path: Path) -> None:
+    """The lock file is removed after use; a process that waited on the removed file locks the path anew,
+    so two never hold it at once (threads here: flock locks are per open file, as between processes)."""
+    import threading
+    import time
+
+    from contrastive.data.folders import _cache_lock
+
+    cache = tmp_path / ".contrastive_cache_8.pt"
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def take() -> None:
+        for _ in range(20):
+            with _cache_lock(cache):
+                with lock:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.001)
+                with lock:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and list(tmp_path.iterdir()) == []
