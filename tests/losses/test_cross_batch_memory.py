@@ -187,7 +187,9 @@ def test_modules_pass_the_memory_and_refuse_half_of_it() -> None:
         assert torch.equal(module(x, y, mem, mem_y), fn(memory=mem, memory_labels=mem_y))
     with pytest.raises(ValueError, match="give memory and memory_labels together"):
         triplet_margin(x, y, memory=mem)
-    with pytest.raises(ValueError, match=r"memory must be \(M, 5\) with memory_labels \(M,\), got \(11, 5\) and \(10,\)"):
+    with pytest.raises(
+        ValueError, match=r"memory must be \(M, 5\) with memory_labels \(M,\), got \(11, 5\) and \(10,\)"
+    ):
         sup_con(x, y, memory=mem, memory_labels=mem_y[:10])
 
 
