@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from test_siamese import RETRIEVAL, SHRINK, train
 
 from contrastive.cli.run import build_pipeline
 from contrastive.data import TensorDataModule, shapes
@@ -190,6 +191,20 @@ def test_the_step_scores_against_the_memory_then_writes_the_batch(config) -> Non
         assert loss.requires_grad and int(pipeline.memory.filled) == 12 and int(pipeline.memory.ptr) == 4
 
 
+def test_a_skipped_step_writes_nothing_to_the_memory(config) -> None:
+    cfg = config("train", ["experiment=siamese_shapes", "pipeline.memory_size=12", "pipeline.on_nonfinite=skip"])
+    pipeline = build_pipeline(cfg)
+    pipeline.log = lambda *a, **k: None  # outside a Trainer
+    pipeline.print = lambda *a, **k: None
+    _step(pipeline, 0)
+    before = {k: v.clone() for k, v in pipeline.memory.state_dict().items()}
+    pipeline.loss.metric_loss = _Spy(lambda e, y, *m: e.sum() * float("nan"))  # type: ignore[arg-type]
+    loss = _step(pipeline, 1)
+    assert pipeline.skipped_steps == 1 and loss.requires_grad  # the zero loss every process backpropagates
+    for name, value in pipeline.memory.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_the_regulariser_learns_from_the_batch_only(config) -> None:
     cfg = config("train", ["experiment=siamese_shapes", "regularizer=softmax_ce", "pipeline.memory_size=8"])
     loss = build_pipeline(cfg).loss.double()
@@ -249,3 +264,26 @@ def test_resume_restores_the_memory_exactly(tmp_path: Path) -> None:
     assert not torch.equal(first.memory.embeddings, resumed.memory.embeddings)  # the second epoch did change it
     loss_a, loss_b = t_straight.callback_metrics["train/loss_step"], t_resumed.callback_metrics["train/loss_step"]
     assert torch.equal(loss_a, loss_b)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arm",
+    [
+        ["pipeline.memory_size=200", "pipeline.memory_start=10"],  # XBM from step 10 of 20
+        ["loss=proxy_anchor"],
+        ["loss=arcface"],
+        ["regularizer=cosface"],
+    ],
+    ids=["xbm", "proxy_anchor", "arcface", "triplet_cosface"],
+)
+def test_class_disjoint_retrieval_beats_the_untrained_network(cli, tmp_path: Path, arm: list[str]) -> None:
+    """siamese_cifar10_disjoint's protocol on the shapes data, shrunk as tests/test_siamese.py's runs (4 epochs
+    of 500 images): each arm's retrieval of the unseen classes beats the untrained network's."""
+    metrics, columns = train(cli, tmp_path, "experiment=siamese_cifar10_disjoint", *SHRINK, *arm)
+    assert "val/map_at_r" in columns and set(RETRIEVAL) <= set(metrics)
+    assert metrics["map_at_r"] > metrics["map_at_r_untrained"] + 1.0
+    assert metrics["precision_at_1"] > metrics["precision_at_1_untrained"] + 5.0

@@ -30,8 +30,9 @@ class Siamese(Pipeline):
     Cross-batch memory (XBM, Wang et al. 2020), ``memory_size=M``: the embeddings and labels of
     the last M images trained on (all processes', so the same on every rank) are kept, detached,
     in buffers (:class:`~contrastive.memory.CrossBatchMemory`, checkpointed), written after each
-    step's loss. From optimiser step ``memory_start`` on, the metric loss takes the batch as
-    anchors against batch + memory as candidates (``loss(e, y, memory, memory_labels)``).
+    step's loss (not by a step that ``on_nonfinite="skip"`` skips). From optimiser step
+    ``memory_start`` on, the metric loss takes the batch as anchors against batch + memory as
+    candidates (``loss(e, y, memory, memory_labels)``).
 
     Retrieval, kNN and the linear probe use the embedding ``e`` (:meth:`features`) by default,
     the space the metric loss shapes (Musgrave et al. 2020 evaluate it too). Retrieval ranks
@@ -135,9 +136,12 @@ class Siamese(Pipeline):
         joined = self.memory is not None and self.global_step >= self.memory_start
         memory = self.memory() if self.memory is not None and joined else ()  # ((M', D), (M',)) copies, M' <= M
         terms = self.loss(e, labels, *memory)  # loss, metric [, ce, ce_acc]
-        if self.memory is not None:  # after the loss; the global batch, so every rank holds the same memory
+        skipped = self.skipped_steps
+        out = self.finish_step(terms, self.online_probe_loss(h, labels))
+        if self.memory is not None and self.skipped_steps == skipped:  # a skipped (non-finite) step writes nothing
+            # after the loss; the global batch, so every rank holds the same memory
             self.memory.enqueue(all_gather(e.detach()), all_gather(labels))
-        return self.finish_step(terms, self.online_probe_loss(h, labels))
+        return out
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
