@@ -243,7 +243,87 @@ def test_a_max_time_stop_says_unfinished_with_exit_75_and_a_rerun_of_a_finished_
     (line,) = [m for m in _logged(stopped.stdout) if m.startswith("unfinished: ")]
     assert line == (
         f"unfinished: trainer.max_time=00:00:00:01 stopped the run after {epochs:g} of 100 epochs (the figures "
-        "above are of the unfinished network); checkpoints/last.ckpt keeps the last whole epoch: run the same "
-        "command to continue. Exit status 75 says so to a job script."
+        "above are of the unfinished network); checkpoints/last.ckpt keeps the last whole epoch. To continue, run "
+        "the command again with a larger trainer.max_time, or without it (the limit counts over all the calls of a "
+        "run). Exit status 75 says so to a job script."
     )
     assert f"[WARNING] - {line}" in (tmp_path / "run" / "cli.log").read_text()
+
+
+def test_help_describes_the_tool_its_experiments_and_exit_statuses(cli, tmp_path: Path) -> None:
+    """--help was Hydra's generic text ("cli is powered by Hydra"), listed the internal _common entries and no
+    experiment's purpose; contrastive-eval --help listed the training groups."""
+    import contrastive
+
+    out = cli("contrastive-train", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == ""
+    text = out.stdout
+    assert text.startswith("contrastive-train: trains an image representation by contrastive or self-supervised")
+    assert "powered by Hydra" not in text and "_common" not in text
+    listed = dict(
+        line.split(maxsplit=1)
+        for line in text.split("experiments (experiment=NAME")[1].split("\n\n")[0].splitlines()[1:]
+    )
+    shipped = sorted(p.stem for p in (Path(contrastive.__file__).parent / "configs" / "experiment").glob("*.yaml"))
+    assert sorted(listed) == shipped and all(len(d) > 15 for d in listed.values()), listed
+    assert listed["simclr_shapes"].startswith("The built-in default: SimCLR on the generated shapes")
+    examples = text.split("examples:\n")[1].split("\n\n")[0]
+    assert [line.split()[0] for line in examples.splitlines() if not line.startswith("      ")] == [
+        "contrastive-train"
+    ] * 3
+    assert "  data: cifar10, cifar100, image_folder, shapes\n" in text
+    assert "  75   stopped by trainer.max_time before the last epoch: continue with a larger limit or none\n" in text
+    assert list(tmp_path.iterdir()) == []
+    ev = cli("contrastive-eval", "--help", cwd=tmp_path)
+    assert ev.returncode == 0 and ev.stdout.startswith("contrastive-eval: evaluates a checkpoint of contrastive-train")
+    assert "  checkpoint=???" in ev.stdout and "  probe.epochs=100" in ev.stdout
+    assert "experiment" not in ev.stdout and "trainer" not in ev.stdout and "75" not in ev.stdout
+
+
+def test_help_and_config_errors_import_neither_torch_nor_lightning(tmp_path: Path) -> None:
+    """Every command took about 8 s before it did anything, --help and config errors included: 7.4 s of
+    it importing Lightning (docs/benchmarks.md has the times before and after)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, atexit\n"
+        "atexit.register(lambda: print(sorted(m for m in ('torch', 'pytorch_lightning', 'lightning_fabric') "
+        "if m in sys.modules), file=sys.stderr))\n"
+        "from contrastive.cli import {entry}\n"
+        "sys.argv = ['contrastive-x', *{argv!r}]\n"
+        "{entry}()\n"
+    )
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"never read")
+    cases = [
+        ("train", ["--help"], 0, "contrastive-train: trains"),
+        ("train", ["trainer.max_epoch=1"], 2, "error: unknown config key trainer.max_epoch (did you mean"),
+        ("train", ["data.batch_size=abc"], 2, "error: data.batch_size='abc' is invalid"),
+        ("train", ["probe.optimizer=adam"], 2, "error: probe.optimizer='adam' is invalid: it must be sgd or adamw"),
+        ("evaluate", ["--help"], 0, "contrastive-eval: evaluates"),
+        ("evaluate", [f"checkpoint={ckpt}", "probe.epoch=5"], 2, "error: unknown config key probe.epoch (did you"),
+        ("evaluate", [f"checkpoint={ckpt}", "batch_size=0"], 2, "error: batch_size=0 is invalid"),
+    ]
+    for entry, argv, status, said in cases:
+        out = subprocess.run(
+            [sys.executable, "-c", probe.format(entry=entry, argv=argv)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == status and said in out.stdout + out.stderr, (argv, out.stderr[-2000:])
+        assert out.stderr.splitlines()[-1] == "[]", (argv, out.stderr[-2000:])  # none of the three imported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and not (tmp_path / "run" / "eval_last").exists()
+
+
+def test_the_probe_choices_checked_up_front_are_the_probes() -> None:
+    """The CLI refuses a probe typo before importing torch, from its own copy of the choices."""
+    from typing import get_args
+
+    from contrastive.cli.checks import PROBE_CHOICES
+    from contrastive.evaluation.linear import Normalize, ProbeOptimizer
+
+    assert PROBE_CHOICES == {"probe.optimizer": get_args(ProbeOptimizer), "probe.normalize": get_args(Normalize)}

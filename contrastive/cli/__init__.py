@@ -7,8 +7,14 @@ its own rules (:meth:`contrastive.pipelines.Pipeline.check_run`), a loss its inp
 
 - :mod:`~contrastive.cli.shell`: one-line errors and exit statuses, signals, argv rewriting, resolvers;
 - :mod:`~contrastive.cli.checks`: configuration checks, before any work;
-- :mod:`~contrastive.cli.run`: building the run's objects, the Trainer, resume, the sweep summary;
+- :mod:`~contrastive.cli.callbacks`: Hydra's callbacks (the folder of a refused run, the sweep summary);
+- :mod:`~contrastive.cli.help`: the entry points' ``--help``;
+- :mod:`~contrastive.cli.run`: building the run's objects, the Trainer, resume;
+- :mod:`~contrastive.cli.console`: the per-epoch lines and the results table;
 - :mod:`~contrastive.cli.train` and :mod:`~contrastive.cli.evaluate`: the two flows.
+
+Importing the package, ``--help`` and the checks of the settings load neither torch nor Lightning
+(seconds): the flows import them once the settings passed, so that a typo is answered at once.
 """
 
 from contrastive.cli.evaluate import evaluate

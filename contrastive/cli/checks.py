@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive.cli.shell import ConfigError
-from contrastive.data import Splits
-from contrastive.evaluation.linear import Normalize, ProbeOptimizer
-from contrastive.pipelines import Pipeline, RunFacts
+
+if TYPE_CHECKING:  # the checks of the settings alone run before torch is imported (a second of start-up)
+    import torch
+
+    from contrastive.data import Splits
+    from contrastive.pipelines import Pipeline
+
+#: The choices of ``contrastive.evaluation.linear``'s ``ProbeOptimizer`` and ``Normalize``, here so that a
+#: typo is refused without importing torch (tests/test_cli_output.py checks that they are the same).
+PROBE_CHOICES = {"probe.optimizer": ("sgd", "adamw"), "probe.normalize": ("standardize", "l2", "none")}
 
 
 def _check(cfg: DictConfig, key: str, kinds: tuple[type, ...], ok: Callable[[Any], bool], what: str) -> None:
@@ -42,7 +48,7 @@ def check_probe_config(cfg: DictConfig) -> None:
     _check(cfg, "probe.batch_size", *_POSITIVE_INT)
     _check_optional(cfg, "probe.lr", (int, float), lambda v: v > 0, "a positive number (or null for the default)")
     _check(cfg, "probe.weight_decay", *_NON_NEGATIVE)
-    for key, choices in (("probe.optimizer", get_args(ProbeOptimizer)), ("probe.normalize", get_args(Normalize))):
+    for key, choices in PROBE_CHOICES.items():
         _check(cfg, key, (str,), choices.__contains__, ", ".join(choices[:-1]) + " or " + choices[-1])
 
 
@@ -133,8 +139,11 @@ def check_eval_config(cfg: DictConfig) -> None:
     """``contrastive-eval``'s values, checked before the checkpoint is read."""
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} is invalid: it must be auto, cpu or cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda, but no CUDA GPU is visible here: use device=auto or device=cpu")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda, but no CUDA GPU is visible here: use device=auto or device=cpu")
     for key in ("batch_size", "knn_k"):
         _check(cfg, key, *_POSITIVE_INT)
     if cfg.linear_probe:
@@ -182,6 +191,8 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int, pipeline: Pi
             f"sampler.drop_last=false under {world} processes would give the processes last batches of different "
             "sizes, which the gathered losses cannot pair up: use sampler.drop_last=true (the default)"
         )
+    from contrastive.pipelines import RunFacts
+
     facts = RunFacts(
         batch_size=batch_size,
         world_size=world,
@@ -215,6 +226,8 @@ def check_feature_dim(backbone: torch.nn.Module, feature_dim: int, image_size: i
     A wrong value (e.g. after ``model.backbone.width=64`` or ``name=resnet50``) otherwise failed
     with a shape error at the first step, after the untrained measurement.
     """
+    import torch
+
     was_training = backbone.training
     with torch.no_grad():
         width = backbone.eval()(torch.zeros(1, in_channels, image_size, image_size)).shape[1:]

@@ -5,18 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive.cli.checks import check_eval_config, check_eval_data, knn_k_warning
-from contrastive.cli.console import results_table
-from contrastive.cli.run import build_pipeline, build_splits, final_metrics
 from contrastive.cli.shell import (
     RUN_LOGS,
     ConfigError,
@@ -30,13 +27,14 @@ from contrastive.cli.shell import (
     run_guarded,
     run_hydra,
     say,
+    wants_help,
     warn_once,
 )
-from contrastive.data import DOWNLOAD_HINT, DataError, Splits
-from contrastive.evaluation.linear import exportable_classifier
-from contrastive.io import CheckpointError, load_checkpoint, save_torch_atomic, write_json_atomic
-from contrastive.models import export_backbone
-from contrastive.pipelines.base import channels_last
+
+if TYPE_CHECKING:
+    import torch
+
+    from contrastive.data import Splits
 
 log = logging.getLogger("contrastive")
 
@@ -45,6 +43,19 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     RUN_LOGS[:] = [out_dir / "cli.log", Path(run_dir_of(cfg.checkpoint)) / "cli.log"]  # the training run's too
     check_eval_config(cfg)
+    # The settings passed: now torch and Lightning (seconds to import; --help and config errors go without)
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from contrastive.cli.console import results_table
+    from contrastive.cli.run import build_pipeline, build_splits, final_metrics
+    from contrastive.data import DOWNLOAD_HINT, DataError
+    from contrastive.evaluation.linear import exportable_classifier
+    from contrastive.io import CheckpointError, load_checkpoint, save_torch_atomic, write_json_atomic
+    from contrastive.models import export_backbone
+    from contrastive.pipelines.base import channels_last
+
     ckpt = load_checkpoint(cfg.checkpoint)
     run_cfg = OmegaConf.create(ckpt["contrastive_config"])
     run_cfg.compile = False  # a one-off compile would cost more than the few forward passes it speeds up
@@ -139,7 +150,7 @@ def write_plots(
     run_dir: Path,
 ) -> list[Path]:
     """Training curves, 2-D embedding, similarity histograms and the probe's confusion matrix as PNGs; their paths."""
-    from contrastive.evaluation import (
+    from contrastive.evaluation import (  # here: matplotlib
         plot_confusion_matrix,
         plot_embedding_2d,
         plot_similarity_histograms,
@@ -176,8 +187,26 @@ def _eval_main(cfg: DictConfig) -> None:
     run_evaluation(cfg)
 
 
+def _check_settings(overrides: list[str]) -> None:
+    """The overrides composed and their values checked as the job will, before the checkpoint is read
+    (which imports torch and Lightning: seconds): a misspelt key or a bad value is answered at once."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module("contrastive.configs", version_base="1.3"):
+        cfg = compose("eval", overrides=overrides)
+    GlobalHydra.instance().clear()
+    try:
+        check_eval_config(cfg)
+    except ConfigError as e:
+        exit_with(e)
+
+
 def evaluate() -> None:
     """``contrastive-eval checkpoint=PATH [overrides]``."""
+    if wants_help(sys.argv[1:]):
+        from contrastive.cli.help import help_text
+
+        print(help_text("eval", sys.argv[1:]))
+        return
     register_resolvers()
     log_data_warnings()
     sys.argv[1:] = quote_paths(sys.argv[1:], ("checkpoint", "data_root"))
@@ -185,13 +214,18 @@ def evaluate() -> None:
     # checkpoint first (memory-mapped, so cheap), so that a typo or a foreign or truncated file
     # leaves no eval_* folder (or parent folders) behind.
     paths = [p for arg in sys.argv[1:] if arg.startswith("checkpoint=") for p in override_paths(arg)]
-    if not paths and not any(arg.startswith("-") for arg in sys.argv[1:]):  # --help, --cfg job: no checkpoint needed
+    flags = any(arg.startswith("-") for arg in sys.argv[1:])  # -m, --cfg job, --info: Hydra's own
+    if not paths and not flags:
         exit_with(
             ConfigError(
                 "contrastive-eval needs the checkpoint to evaluate: pass "
                 "checkpoint=RUN_DIR/checkpoints/last.ckpt (printed at the end of contrastive-train)"
             )
         )
+    if not flags:
+        run_hydra(lambda: _check_settings(sys.argv[1:]), "eval")
+    from contrastive.io import CheckpointError, load_checkpoint
+
     for path in paths:
         try:
             load_checkpoint(path, mmap=True)

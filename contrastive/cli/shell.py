@@ -1,5 +1,10 @@
 """The shell around the Hydra entry points: one-line errors and exit statuses, signals, argv rewriting,
-resolvers. Nothing here knows a pipeline, a loss or a data set."""
+resolvers. Nothing here knows a pipeline, a loss or a data set.
+
+This module imports neither torch nor Lightning (seconds): ``--help`` and configuration errors are
+answered without them. The errors of the heavy modules are recognised by name once those are loaded
+(:func:`user_errors`).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,8 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import pytorch_lightning as pl
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -31,13 +35,11 @@ from hydra.errors import (
 )
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from contrastive.cli.callbacks import remove_refused_run_folder
-from contrastive.data import DataError, DataWarning
-from contrastive.evaluation.report import JOB_ERROR_FILE
-from contrastive.io import CheckpointError, write_bytes_atomic
-from contrastive.pipelines import NonFiniteLossError
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 log = logging.getLogger("contrastive")
 
@@ -52,14 +54,34 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
 
 
+#: The user errors of the modules that raise them, as (module, class): one clear line and exit status 2,
+#: no traceback. By name, so that this module need not import them (torch, Lightning).
 USER_ERRORS = (
-    ConfigError,
-    DataError,
-    CheckpointError,
-    NonFiniteLossError,
-    InstantiationException,
-    MisconfigurationException,
-)  # the last: Lightning's, e.g. trainer.accelerator=gpu without a GPU
+    ("contrastive.data.tensors", "DataError"),
+    ("contrastive.io", "CheckpointError"),
+    ("contrastive.pipelines.base", "NonFiniteLossError"),
+    ("pytorch_lightning.utilities.exceptions", "MisconfigurationException"),  # e.g. accelerator=gpu, no GPU
+)
+
+
+def _loaded(module: str, name: str) -> type[BaseException] | None:
+    """``module.name`` if ``module`` is imported, else None: an error of a module not yet imported cannot have
+    been raised (and importing Lightning to find that out would cost seconds)."""
+    found = sys.modules.get(module)
+    return getattr(found, name) if found is not None else None
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The user-error classes: :class:`ConfigError`, Hydra's failed instantiation, and those of
+    :data:`USER_ERRORS` whose modules are loaded."""
+    loaded = (_loaded(module, name) for module, name in USER_ERRORS)
+    return (ConfigError, InstantiationException, *(e for e in loaded if e is not None))
+
+
+def _is_sigterm(error: BaseException) -> bool:
+    """Lightning's SIGTERMException (a SystemExit without a code: a scheduler would read success)."""
+    sigterm = _loaded("pytorch_lightning.utilities.exceptions", "SIGTERMException")
+    return sigterm is not None and isinstance(error, sigterm)
 
 
 def _user_message(error: Exception) -> str:
@@ -135,7 +157,8 @@ def log_data_warnings() -> None:
     show = warnings.showwarning
 
     def showwarning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, DataWarning):
+        data_warning = _loaded("contrastive.data.tensors", "DataWarning")
+        if data_warning is not None and issubclass(category, data_warning):
             warn_once(str(message))
         else:
             show(message, category, *args, **kwargs)
@@ -224,10 +247,8 @@ def fit_interruptible(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     with ``sys.exit(1)``, which says neither that the run was stopped nor how to continue it."""
     try:
         trainer.fit(*args, **kwargs)
-    except SIGTERMException:  # a SystemExit too, after which the trainer is 'interrupted' as well
-        raise
-    except SystemExit:
-        if trainer.interrupted:
+    except SystemExit as e:
+        if trainer.interrupted and not _is_sigterm(e):  # SIGTERM leaves the trainer 'interrupted' as well
             raise KeyboardInterrupt from None
         raise
 
@@ -242,27 +263,34 @@ def run_guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     def wrapper(cfg: DictConfig) -> Any:
         sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-        error_file = Path(HydraConfig.get().runtime.output_dir) / JOB_ERROR_FILE if sweep_job else None
-        if error_file is not None:
+        error_file = None
+        if sweep_job:
+            from contrastive.evaluation.report import JOB_ERROR_FILE  # what the sweep's report reads
+
+            error_file = Path(HydraConfig.get().runtime.output_dir) / JOB_ERROR_FILE
             error_file.unlink(missing_ok=True)  # from an earlier failed attempt of this job
         try:
             return fn(cfg)
-        except SIGTERMException:  # Lightning's is a SystemExit without a code: a scheduler would read success
-            _stopped_by(signal.SIGTERM)
         except KeyboardInterrupt:  # Ctrl-C (see fit_interruptible)
             _stopped_by(signal.SIGINT)
-        except USER_ERRORS as e:
+        except SystemExit as e:
+            if _is_sigterm(e):  # Lightning's is a SystemExit without a code: a scheduler would read success
+                _stopped_by(signal.SIGTERM)
+            raise
+        except Exception as e:
             if error_file is None:
-                exit_with(e)
-            line = one_line(e)
-            print(f"error: {line}", file=sys.stderr)
-            to_log_file(f"error: {line}", logging.ERROR)
-            write_bytes_atomic(error_file, (line + "\n").encode())
-            return None
-        except Exception as e:  # a bug or an unforeseen failure: the traceback (a sweep's other jobs still run)
-            if error_file is None:
-                raise
-            log.exception("job failed")  # the traceback, into the job's cli.log too
+                if isinstance(e, user_errors()):
+                    exit_with(e)
+                raise  # a bug or an unforeseen failure: the traceback
+            from contrastive.io import write_bytes_atomic
+
+            if isinstance(e, user_errors()):
+                line = one_line(e)
+                print(f"error: {line}", file=sys.stderr)
+                to_log_file(f"error: {line}", logging.ERROR)
+                write_bytes_atomic(error_file, (line + "\n").encode())
+                return None
+            log.exception("job failed")  # the traceback, into the job's cli.log too (a sweep's other jobs still run)
             write_bytes_atomic(
                 error_file, f"{type(e).__name__}: {one_line(e)} (traceback in the job's cli.log)\n".encode()
             )
@@ -314,6 +342,11 @@ def _existing_paths(value: str) -> list[str] | None:
         paths.append(",".join(pieces[i:j]))
         i = j
     return paths
+
+
+def wants_help(argv: list[str]) -> bool:
+    """``--help`` / ``-h``: the entry point's own text (:mod:`contrastive.cli.help`), not Hydra's."""
+    return any(arg in ("--help", "-h") for arg in argv)
 
 
 def is_multirun(argv: list[str]) -> bool:

@@ -9,22 +9,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive.cli.checks import check_against_data, check_config, knn_k_warning, warmup_warning
-from contrastive.cli.console import results_table
-from contrastive.cli.run import (
-    build_pipeline,
-    build_splits,
-    check_resumable,
-    final_metrics,
-    make_trainer,
-    resume_checkpoint,
-    set_aside_later_checkpoints,
-)
 from contrastive.cli.shell import (
     EXIT_UNFINISHED,
     RUN_LOGS,
@@ -36,11 +24,9 @@ from contrastive.cli.shell import (
     run_guarded,
     run_hydra,
     say,
+    wants_help,
     warn_once,
 )
-from contrastive.data import TensorDataModule
-from contrastive.io import SaveRunConfig, write_json_atomic
-from contrastive.pipelines.base import steps_per_epoch
 
 log = logging.getLogger("contrastive")
 
@@ -51,6 +37,24 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     if warning := warmup_warning(cfg):
         warn_once(warning)
+    # The settings passed: now torch and Lightning (seconds to import; --help and config errors go without)
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from contrastive.cli.console import results_table
+    from contrastive.cli.run import (
+        build_pipeline,
+        build_splits,
+        check_resumable,
+        final_metrics,
+        make_trainer,
+        resume_checkpoint,
+        set_aside_later_checkpoints,
+    )
+    from contrastive.data import TensorDataModule
+    from contrastive.io import SaveRunConfig, write_json_atomic
+    from contrastive.pipelines.base import steps_per_epoch
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path, ckpt = resume_checkpoint(cfg.resume, run_dir) or (None, None)
     # before the data: the Trainer knows the number of processes (SLURM)
@@ -144,8 +148,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             log.warning(
                 "unfinished: trainer.max_time=%s stopped the run after %s of %s epochs (the figures above are of "
-                "the unfinished network); checkpoints/last.ckpt keeps the last whole epoch: run the same command "
-                "to continue. Exit status %d says so to a job script.",
+                "the unfinished network); checkpoints/last.ckpt keeps the last whole epoch. To continue, run the "
+                "command again with a larger trainer.max_time, or without it (the limit counts over all the calls "
+                "of a run). Exit status %d says so to a job script.",
                 cfg.trainer.max_time,
                 f"{metrics['epochs']:g}",
                 f"{length / steps:g}",
@@ -174,6 +179,11 @@ def _train_main(cfg: DictConfig) -> float | None:
 
 def train() -> None:
     """``contrastive-train [overrides]``."""
+    if wants_help(sys.argv[1:]):
+        from contrastive.cli.help import help_text
+
+        print(help_text("train", sys.argv[1:]))
+        return
     register_resolvers()
     log_data_warnings()
     quiet_library_notices()
