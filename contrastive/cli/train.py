@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive.cli.checks import check_against_data, check_config, knn_k_warning, warmup_warning
@@ -145,18 +146,20 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         if (last := run_dir / "checkpoints" / "last.ckpt").is_file():
             log.info("checkpoint: %s (for contrastive-eval checkpoint=...)", last)
     if cfg.trainer.max_time is not None and length is not None and trainer.global_step < length:
+        sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN  # its status is the sweep's: the others still run
         if trainer.is_global_zero:
             log.warning(
                 "unfinished: trainer.max_time=%s stopped the run after %s of %s epochs (the figures above are of "
                 "the unfinished network); checkpoints/last.ckpt keeps the last whole epoch. To continue, run the "
                 "command again with a larger trainer.max_time, or without it (the limit counts over all the calls "
-                "of a run). Exit status %d says so to a job script.",
+                "of a run).%s",
                 cfg.trainer.max_time,
                 f"{metrics['epochs']:g}",
                 f"{length / steps:g}",
-                EXIT_UNFINISHED,
+                "" if sweep_job else f" Exit status {EXIT_UNFINISHED} says so to a job script.",
             )
-        sys.exit(EXIT_UNFINISHED)
+        if not sweep_job:
+            sys.exit(EXIT_UNFINISHED)
     return metrics
 
 
