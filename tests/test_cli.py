@@ -763,6 +763,12 @@ DELIBERATE = {
     "optimizer/lars.yaml:lr": "SimCLR's 0.3 x batch / 256 at the configs' batch of 512",
     "scheduler/constant.yaml:warmup_epochs": "the constant schedule is warmup_cosine with no warm-up ...",
     "scheduler/constant.yaml:final_lr_fraction": "... and no decay",
+    "loss/cosface.yaml:margin": "the configs use the Reality Check's tuned range (0.34-0.62)",
+    "loss/cosface.yaml:scale": "the Reality Check's tuned range (88-161)",
+    "loss/arcface.yaml:margin": "the configs use the Reality Check's tuned range (18.6-23.2 degrees)",
+    "loss/arcface.yaml:scale": "the Reality Check's tuned range (50-220)",
+    "regularizer/softmax_ce.yaml:temperature": "the Reality Check's tuned normalised-softmax T (0.06-0.11)",
+    "pipeline/siamese.yaml:memory_start": "XBM's 1k warm-up steps in the configs; 0 (memory from the start) in Python",
 }
 
 
