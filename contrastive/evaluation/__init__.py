@@ -1,4 +1,5 @@
-"""Evaluation on feature tensors: kNN, linear probe, retrieval metrics, plots and sweep reports.
+"""Evaluation on feature tensors: kNN, linear probe, retrieval metrics, label-free monitors, plots and
+sweep reports.
 
 Everything here takes tensors (features, labels) or paths, never a config or a model.
 matplotlib, scikit-learn and numpy are imported inside the functions that need them.
@@ -8,6 +9,7 @@ from contrastive.evaluation._common import check_finite
 from contrastive.evaluation.knn import knn_predict, knn_top1
 from contrastive.evaluation.linear import linear_probe, predict_linear
 from contrastive.evaluation.metrics import feature_metrics
+from contrastive.evaluation.monitors import alignment, embedding_std, label_free_monitors, rank_me, uniformity
 from contrastive.evaluation.neighbors import topk_neighbors
 from contrastive.evaluation.plots import (
     confusion_matrix,
@@ -20,6 +22,11 @@ from contrastive.evaluation.report import read_run, summarize_runs
 from contrastive.evaluation.retrieval import retrieval_metrics
 
 __all__ = [
+    "alignment",
+    "embedding_std",
+    "label_free_monitors",
+    "rank_me",
+    "uniformity",
     "check_finite",
     "confusion_matrix",
     "feature_metrics",
