@@ -72,6 +72,7 @@ def data_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]
         "cifar10": [f"data.root={root / 'c10'}"],
         "cifar100": [f"data.root={root / 'c100'}"],
         "image_folder": [f"data.root={root / 'folder'}", "data.num_classes=2", "data.source.cache=false"],
+        "image_folder_unlabelled": [f"data.root={root / 'folder'}", "data.source.images.cache=false"],
         "shapes": ["data.source.num_train=40", "data.source.num_test=20"],
     }
 
@@ -90,7 +91,7 @@ def _params() -> list[torch.nn.Parameter]:
 def _build_data(config: Callable[..., DictConfig], option: str, roots: dict[str, list[str]]) -> None:
     cfg = config("train", [*BARE, f"data={option}", *roots[option]])
     splits = build_splits(cfg.data, cfg.seed)
-    assert splits.num_classes == cfg.data.num_classes or option == "image_folder"
+    assert splits.num_classes == cfg.data.num_classes or option.startswith("image_folder")
     assert splits.train.images.dtype == torch.uint8 and len(splits.train) > 0 and len(splits.test) > 0
 
 

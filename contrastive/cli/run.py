@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,13 +44,19 @@ def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
     splits: Splits = instantiate(data_cfg.source)
     train, test = splits.train, splits.test
     chosen = data_cfg.train_classes is not None or data_cfg.test_classes is not None  # the warning's advice
-    if not chosen and (warning := unseen_test_classes_warning(splits)):
+    if chosen and not splits.labelled:
+        raise ConfigError(
+            "data.train_classes / data.test_classes pick classes of labelled training data, but these training "
+            "images are unlabelled: leave them out"
+        )
+    if splits.labelled and not chosen and (warning := unseen_test_classes_warning(splits)):
         warn_once(warning)
     if data_cfg.train_classes is not None:
         train = train.select_classes(list(data_cfg.train_classes))
     if data_cfg.test_classes is not None:
         test = test.select_classes(list(data_cfg.test_classes))
-    return Splits(train.subset(data_cfg.subset, seed), test.subset(data_cfg.test_subset, seed))
+    test_subset = data_cfg.test_subset if splits.evaluated else None  # else test is the monitors' fixed sample
+    return replace(splits, train=train.subset(data_cfg.subset, seed), test=test.subset(test_subset, seed))
 
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:

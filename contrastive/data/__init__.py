@@ -8,6 +8,7 @@ needed and augmentation runs batched on that device (``contrastive.augment``).
 - ``tensors``: :class:`ImageTensors`, :class:`Splits`, the errors and warnings.
 - ``cifar``: CIFAR-10 / CIFAR-100 from torchvision's on-disk layout.
 - ``folders``: any ``root/{train,test}/<class>/<image>`` set, decoded once and cached.
+- ``unlabelled``: every image under a folder, unlabelled, in a memory-mapped cache with a file index.
 - ``synthetic``: *shapes*, the built-in generated set.
 - ``batching``: the batch iterables (shuffled, P x K) and :class:`TensorDataModule`.
 
@@ -30,12 +31,14 @@ from contrastive.data.cifar import cifar10, cifar100
 from contrastive.data.folders import IMAGE_SUFFIXES, image_folder
 from contrastive.data.synthetic import SHAPE_NAMES, shapes
 from contrastive.data.tensors import DOWNLOAD_HINT, DataError, DataWarning, ImageTensors, Splits, seeded_indices
+from contrastive.data.unlabelled import FolderImages, stored_image, unlabelled_folder, unlabelled_splits
 
 __all__ = [
     "DOWNLOAD_HINT",
     "DataError",
     "DataWarning",
     "EpochBatches",
+    "FolderImages",
     "IMAGE_SUFFIXES",
     "ImageTensors",
     "IndexBatches",
@@ -53,4 +56,7 @@ __all__ = [
     "schedule_classes",
     "seeded_indices",
     "shapes",
+    "stored_image",
+    "unlabelled_folder",
+    "unlabelled_splits",
 ]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import NoReturn, cast
 
@@ -35,12 +36,18 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(class_dir: Path) -> list[Path]:
+def _image_files(class_dir: Path, folders: list[Path] | None = None) -> list[Path]:
     """Image files anywhere under one class folder, sorted (subfolders included, as torchvision's
-    ``ImageFolder``); hidden files and folders (macOS ``._name``, ``.thumbnails/``) skipped."""
+    ``ImageFolder``); hidden files and folders (macOS ``._name``, ``.thumbnails/``) skipped.
+
+    ``folders``, if given, receives every folder walked (``class_dir`` included): a file added to or
+    removed from one of them changes that folder's mtime, which is how a cache notices it unlisted.
+    """
     files = []
     for parent, subdirs, names in os.walk(class_dir, followlinks=True):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]  # hidden folders are not walked
+        if folders is not None:
+            folders.append(Path(parent))
         files += [Path(parent, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(f for f in files if f.is_file())
 
@@ -136,35 +143,51 @@ def _decode_folder(
     ``<path>: <why>`` in ``unreadable`` (None: the first one raises its :class:`DataError`); the
     result is then None, so that one pass over the data set names all of them.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from torchvision.transforms.v2.functional import resize
 
     files = [(file, label) for label, name in enumerate(names) for file in _image_files(folder / name)]
     if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-
-    def load(file: Path) -> Tensor | str:
-        try:
-            return resize(_read_rgb(file), [size, size], antialias=True)
-        except DataError as e:
-            if unreadable is None:
-                raise
-            return str(e).removeprefix("cannot read image ")
-
-    workers = _usable_cpus() if workers is None else workers
-    if workers < 1:
-        raise ValueError(
-            f"image_folder: workers must be >= 1, or None (null in a config) for every core, got {workers}"
-        )
-    with ThreadPoolExecutor(max_workers=min(workers, len(files))) as pool:
-        images = list(pool.map(load, (file for file, _ in files)))  # in file order
+    squash = partial(resize, size=[size, size], antialias=True)
+    images = list(decode_files([file for file, _ in files], squash, workers, unreadable is not None))
     failed = [image for image in images if isinstance(image, str)]
     if unreadable is not None and failed:
         unreadable += failed
         return None
     labels = torch.tensor([label for _, label in files])
     return ImageTensors(torch.stack(cast(list[Tensor], images)), labels, len(names), names)
+
+
+def decode_files(
+    files: list[Path],
+    transform: Callable[[Tensor], Tensor],
+    workers: int | None = None,
+    keep_going: bool = True,
+    progress: str | None = None,
+) -> Iterator[Tensor | str]:
+    """Each file read as RGB uint8 (:func:`_read_rgb`) and passed through ``transform``, in file order.
+
+    ``workers`` threads decode at once (None: every usable core; decoding and resizing release the
+    GIL); the result does not depend on it. A file that cannot be read gives ``"<path>: <why>"`` in its
+    place (``keep_going=False``: its :class:`DataError`). ``progress``: the label of a progress bar.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    def load(file: Path) -> Tensor | str:
+        try:
+            return transform(_read_rgb(file))
+        except DataError as e:
+            if not keep_going:
+                raise
+            return str(e).removeprefix("cannot read image ")
+
+    workers = _usable_cpus() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, or None (null in a config) for every core, got {workers}")
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
+        yield from tqdm(pool.map(load, files), total=len(files), desc=progress, disable=progress is None, unit="img")
 
 
 def _refuse_unreadable(base: Path, unreadable: list[str], total: int) -> NoReturn:

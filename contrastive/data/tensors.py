@@ -6,7 +6,7 @@ Every data set is an :class:`ImageTensors`: all images as one ``uint8`` tensor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 from torch import Tensor
@@ -95,11 +95,26 @@ class ImageTensors:
 
 @dataclass
 class Splits:
-    """Train and held-out (test) splits of one data set."""
+    """Train and held-out (test) splits of one data set.
+
+    Training on unlabelled images (``labelled=False``), ``train``'s labels are placeholders (all 0, one
+    class) and the labelled evaluation set, if any, is ``bank`` (what kNN and the probe learn from)
+    and ``test``; without one, ``test`` is a fixed sample of the training images, for the label-free
+    monitors only. ``skipped``: the files that could not be read (``"<path>: <why>"``).
+    """
 
     train: ImageTensors
     test: ImageTensors
+    _: KW_ONLY
+    bank: ImageTensors | None = None
+    labelled: bool = True
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
-        return self.train.num_classes
+        return (self.bank or self.train).num_classes
+
+    @property
+    def evaluated(self) -> bool:
+        """Whether there are labels to evaluate on (kNN, probe): labelled training data or an evaluation set."""
+        return self.labelled or self.bank is not None
