@@ -324,7 +324,10 @@ def test_experiment_nnclr_cifar10_holds_the_recipe(config) -> None:  # type: ign
 
 @pytest.mark.slow
 def test_nnclr_shapes_demo_learns(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The CPU demo as shipped beats the untrained network's kNN by 15 points; its checkpoint holds the support set."""
+    """The CPU demo as shipped beats the untrained network's kNN by 30 points; its checkpoint holds the support set.
+
+    (85.7 vs 24.7 at seed 0; with colour views, not grey, it ended 8-10 points below: see the config.)
+    """
     out = cli(
         "contrastive-train",
         "experiment=nnclr_shapes",
@@ -334,7 +337,7 @@ def test_nnclr_shapes_demo_learns(cli, tmp_path: Path) -> None:  # type: ignore[
     )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["epochs"] == 25
-    assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 15, metrics
+    assert metrics["epochs"] == 15
+    assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 30, metrics
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert int(ckpt["state_dict"]["support.ptr"]) == 25 * (2000 // 64) * 64 % 512
+    assert int(ckpt["state_dict"]["support.ptr"]) == 15 * (2000 // 64) * 64 % 512
