@@ -175,19 +175,37 @@ def _build_probe(config: Callable[..., DictConfig], option: str) -> None:
         assert callable(probe)
 
 
+def _build_eval_data(config: Callable[..., DictConfig], option: str, roots: dict[str, list[str]]) -> None:
+    """An evaluation set of a run on unlabelled images: labelled splits at the training size, or none."""
+    where = {"cifar10": [f"eval_data.root={roots['cifar10'][0].split('=', 1)[1]}"], "none": []}.get(
+        option, [f"eval_data.root={roots['image_folder'][0].split('=', 1)[1]}", "eval_data.cache=false"]
+    )
+    unlabelled = ["data=image_folder_unlabelled", *roots["image_folder_unlabelled"]]
+    cfg = config("train", [*BARE, *unlabelled, f"eval_data={option}", *where])
+    check_config(cfg)
+    splits = build_splits(cfg.data, cfg.seed)
+    assert not splits.labelled and splits.evaluated == (option != "none")
+    assert splits.test.images.shape[-1] == cfg.data.image_size and (splits.bank is None) == (option == "none")
+
+
 def _build_experiment(config: Callable[..., DictConfig], option: str, roots: dict[str, list[str]]) -> None:
     cfg = config("train", [f"experiment={option}"])
-    data = next(k for k in roots if cfg.data.source._target_.endswith(f".{k}"))
-    cfg = config("train", [f"experiment={option}", *roots[data]])
+    target = cfg.data.source._target_.replace("unlabelled_splits", "image_folder_unlabelled")
+    data = next(k for k in roots if target.endswith(f".{k}"))
+    extra = [f"eval_data.root={roots['image_folder'][0].split('=', 1)[1]}"] if cfg.eval_data else []
+    cfg = config("train", [f"experiment={option}", *roots[data], *extra])
     check_config(cfg)
     assert cfg.name == option
+    splits = build_splits(cfg.data, cfg.seed)
+    if cfg.data.num_classes is None:  # counted, as contrastive-train does
+        cfg.data.num_classes = splits.num_classes
     assert isinstance(build_pipeline(cfg), Pipeline)
-    build_splits(cfg.data, cfg.seed)
 
 
 BUILDERS: dict[str, Callable[..., None]] = {
     "aug": _build_aug,
     "data": _build_data,
+    "eval_data": _build_eval_data,
     "experiment": _build_experiment,
     "loss": _build_loss,
     "model": _build_model,
@@ -211,7 +229,7 @@ def test_every_option_composes_and_instantiates(
     group: str, option: str, config: Any, data_roots: Any, tmp_path: Path
 ) -> None:
     build = BUILDERS[group]
-    if group in ("data", "experiment"):
+    if group in ("data", "eval_data", "experiment"):
         build(config, option, data_roots)
     elif group == "trainer":
         build(config, option, tmp_path)

@@ -73,6 +73,13 @@ def check_config(cfg: DictConfig) -> None:
             "trainer.max_time=00:04:00:00 for four hours"
         )
     _check_optional(cfg, "data.num_classes", *_POSITIVE_INT)  # null: counted from the data
+    _check_optional(cfg, "eval.monitor_samples", (int,), lambda v: v >= 0, "a non-negative integer (0: off)")
+    unlabelled = str(OmegaConf.select(cfg, "data.source._target_")).endswith("unlabelled_splits")
+    if OmegaConf.select(cfg, "eval_data") and not unlabelled:
+        raise ConfigError(
+            "eval_data is the labelled evaluation set of a run on unlabelled images (data=image_folder_unlabelled); "
+            "this data set is evaluated on its own test split: leave eval_data out"
+        )
     _check_optional(cfg, "optimizer.lr", (int, float), lambda v: v > 0, "a positive number")
     _check_optional(cfg, "optimizer.weight_decay", *_NON_NEGATIVE)
     _check_optional(cfg, "optimizer.momentum", (int, float), lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -179,7 +186,7 @@ def check_against_data(cfg: DictConfig, splits: Splits, world: int, pipeline: Pi
             f"data.num_classes={cfg.data.num_classes} but {has}: pass data.num_classes={splits.num_classes}, or "
             "leave data.num_classes out (null): it is then counted"
         )
-    height, width = splits.train.images.shape[-2:]
+    height, width = (splits.train if splits.labelled else splits.test).images.shape[-2:]  # unlabelled: stored larger
     if cfg.data.image_size != height or height != width:  # the views would be one size, kNN and probe another's
         raise ConfigError(
             f"data.image_size={cfg.data.image_size} but the images are {height}x{width} (CIFAR's are 32x32; image "

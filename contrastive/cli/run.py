@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from contrastive.cli.checks import check_feature_dim, unseen_test_classes_warning
 from contrastive.cli.console import EpochLines
 from contrastive.cli.shell import ConfigError, warn_once
-from contrastive.data import Splits
+from contrastive.data import ImageTensors, Splits
 from contrastive.evaluation import check_finite, feature_metrics
 from contrastive.io import (
     AtomicCheckpointIO,
@@ -57,6 +57,30 @@ def build_splits(data_cfg: DictConfig, seed: int) -> Splits:
         test = test.select_classes(list(data_cfg.test_classes))
     test_subset = data_cfg.test_subset if splits.evaluated else None  # else test is the monitors' fixed sample
     return replace(splits, train=train.subset(data_cfg.subset, seed), test=test.subset(test_subset, seed))
+
+
+def report_skipped(run_dir: Path, skipped: list[str]) -> None:
+    """List the image files that could not be read (``"<path>: <why>"``) in ``run_dir/unreadable_files.txt``,
+    and say so in one warning line."""
+    from contrastive.io import write_bytes_atomic
+
+    if skipped:
+        listing = write_bytes_atomic(run_dir / "unreadable_files.txt", "".join(f"{s}\n" for s in skipped).encode())
+        warn_once(f"{len(skipped)} image file(s) could not be read and were skipped; the list: {listing}")
+
+
+def monitor_sample(splits: Splits, n: int, image_size: int, seed: int) -> ImageTensors | None:
+    """The fixed sample of training images the label-free monitors read (``n`` of them, seeded), at the
+    training size; None for ``n=0``, or where the test split already is that sample (no evaluation set)."""
+    if n <= 0 or not splits.evaluated:
+        return None
+    sample = splits.train.subset(n, seed)
+    if sample.images.shape[-1] != image_size:  # unlabelled images stored larger than the training size
+        from torchvision.transforms.v2.functional import resize
+
+        images = resize(sample.images, [image_size, image_size], antialias=True)
+        sample = ImageTensors(images, sample.labels, sample.num_classes, sample.class_names)
+    return sample
 
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:

@@ -49,6 +49,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         check_resumable,
         final_metrics,
         make_trainer,
+        monitor_sample,
+        report_skipped,
         resume_checkpoint,
         set_aside_later_checkpoints,
     )
@@ -62,15 +64,25 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     trainer = make_trainer(cfg, run_dir, None if ckpt is None else int(ckpt["global_step"]))
     lightning = cast(Any, trainer)  # attributes Lightning sets but does not declare: callbacks, log_every_n_steps
     splits = build_splits(cfg.data, cfg.seed)
-    if cfg.data.num_classes is None:  # left out (data=image_folder): counted, before anything reads it
+    if trainer.is_global_zero:
+        report_skipped(run_dir, splits.skipped)
+    counted = cfg.data.num_classes is None  # left out (data=image_folder): counted, before anything reads it
+    if counted:
         cfg.data.num_classes = splits.num_classes
         log.info("data.num_classes=%d: counted from the data set", splits.num_classes)
+    unlabelled = not splits.labelled and cfg.pipeline.get("online_probe", False)
+    if unlabelled:  # it learns from the training batches' labels, which these images lack
+        cfg.pipeline.online_probe = False
+        log.info("pipeline.online_probe=false: the training images are unlabelled")
+    if counted or unlabelled:
         for callback in lightning.callbacks:
-            if isinstance(callback, SaveRunConfig):  # the checkpoints' copy, resolved before the count
+            if isinstance(callback, SaveRunConfig):  # the checkpoints' copy, resolved before the changes
                 callback.config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    if not splits.evaluated:
+        log.info("no evaluation set (eval_data): the run logs the label-free monitors only")
     pipeline = build_pipeline(cfg)
     check_against_data(cfg, splits, trainer.world_size, pipeline)
-    if warning := knn_k_warning("eval.knn_k", cfg.eval.knn_k, len(splits.train)):
+    if splits.evaluated and (warning := knn_k_warning("eval.knn_k", cfg.eval.knn_k, len(splits.bank or splits.train))):
         warn_once(warning)
     train_batches = instantiate(cfg.sampler)
     # bad settings fail before any work, for the processes the Trainer will start
@@ -86,6 +98,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         cfg.data.on_device,
         cfg.seed,
         train_batches=train_batches,
+        monitor=monitor_sample(splits, cfg.eval.monitor_samples, cfg.data.image_size, cfg.seed),
     )
     start_epoch, length = -1, run_length(cfg, steps)
     if ckpt is not None:
@@ -113,7 +126,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     # The same seed gives the same initial weights, so this is the untrained figure also on resume.
     def measure(which: str) -> dict[str, float]:
         if trainer.is_global_zero:
-            log.info("measuring the %s on the test split: kNN, linear probe, retrieval", which)
+            measured = "kNN, linear probe, retrieval" if splits.evaluated else "the label-free monitors"
+            log.info("measuring the %s on the test split: %s", which, measured)
         bar = trainer.progress_bar_callback
         if bar is not None:  # its "Validation DataLoader 0/1" bars would not say what is measured
             bar.disable()
@@ -122,7 +136,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         finally:
             if bar is not None:
                 bar.enable()
-        return final_metrics(
+        if not splits.evaluated:
+            return pipeline.last_monitors
+        return pipeline.last_monitors | final_metrics(
             pipeline.last_features,
             cfg.data.num_classes,
             closed_set,

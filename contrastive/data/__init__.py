@@ -19,6 +19,7 @@ Configs name the sources and samplers by their names here (``contrastive.data.ci
 from contrastive.data.batching import (
     EpochBatches,
     IndexBatches,
+    MonitorBatches,
     PKBatches,
     SamplerError,
     TensorDataModule,
@@ -42,6 +43,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageTensors",
     "IndexBatches",
+    "MonitorBatches",
     "PKBatches",
     "SHAPE_NAMES",
     "SamplerError",

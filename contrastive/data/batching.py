@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from functools import partial
 
 import pytorch_lightning as pl
@@ -147,6 +148,14 @@ class IndexBatches(EpochBatches):
             per = math.ceil(len(chunk) / self.world)
             mine.append(chunk[self.rank * per : (self.rank + 1) * per])
         return mine
+
+
+class MonitorBatches(IndexBatches):
+    """The fixed sample of training images the label-free monitors read, in order, as a validation loader
+    (:class:`IndexBatches` without shuffling); its type tells the pipeline which loader it is."""
+
+    def __init__(self, data: ImageTensors, batch_size: int) -> None:
+        super().__init__(data, batch_size, shuffle=False, drop_last=False)
 
 
 # --------------------------------------------------------------------------- P x K
@@ -322,8 +331,10 @@ class TensorDataModule(pl.LightningDataModule):
     """Serves :class:`Splits` from tensors on the training device.
 
     ``train_dataloader`` yields shuffled uint8 batches for the pipeline's
-    augmentation; ``val_dataloader`` yields the train split (the kNN memory bank)
-    and the test split in order, unaugmented.
+    augmentation; ``val_dataloader`` yields the kNN memory bank (the train split, or the evaluation
+    set's ``bank`` when training on unlabelled images) and the test split in order, unaugmented, then
+    ``monitor`` (a fixed sample of training images for the label-free monitors) if given. Without
+    labels to evaluate on (:attr:`Splits.evaluated`) it yields the test split alone: that sample.
     """
 
     def __init__(
@@ -334,9 +345,11 @@ class TensorDataModule(pl.LightningDataModule):
         on_device: bool = True,
         seed: int = 0,
         train_batches: Callable[..., Iterable[tuple[Tensor, Tensor]]] | None = None,
+        monitor: ImageTensors | None = None,
     ) -> None:
         super().__init__()
         self.splits = splits
+        self.monitor = monitor
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.on_device = on_device
@@ -347,7 +360,10 @@ class TensorDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.on_device and self.trainer is not None:
             device = self.trainer.strategy.root_device
-            self.splits = Splits(self.splits.train.to(device), self.splits.test.to(device))
+            splits = self.splits
+            bank = None if splits.bank is None else splits.bank.to(device)
+            self.splits = replace(splits, train=splits.train.to(device), test=splits.test.to(device), bank=bank)
+            self.monitor = None if self.monitor is None else self.monitor.to(device)
 
     def train_dataloader(self) -> Iterable[tuple[Tensor, Tensor]]:
         trainer = self.trainer
@@ -357,7 +373,9 @@ class TensorDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[IndexBatches]:
-        return [
-            IndexBatches(self.splits.train, self.eval_batch_size, False, False),
-            IndexBatches(self.splits.test, self.eval_batch_size, False, False),
-        ]
+        splits, size = self.splits, self.eval_batch_size
+        if not splits.evaluated:
+            return [MonitorBatches(splits.test, size)]
+        monitor = [MonitorBatches(self.monitor, size)] if self.monitor is not None else []
+        bank = IndexBatches(splits.bank or splits.train, size, False, False)
+        return [bank, IndexBatches(splits.test, size, False, False), *monitor]

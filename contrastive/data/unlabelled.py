@@ -20,6 +20,7 @@ import json
 import logging
 import secrets
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -221,7 +222,7 @@ def _write_index(cache_dir: Path, index: dict[str, Any]) -> None:
 
 
 def unlabelled_splits(
-    images: FolderImages, eval_set: Splits | None = None, image_size: int | None = None, seed: int = 0
+    images: FolderImages, eval_set: Splits | Mapping | None = None, image_size: int | None = None, seed: int = 0
 ) -> Splits:
     """Training on unlabelled ``images``, evaluated on the labelled ``eval_set`` (or on nothing).
 
@@ -232,6 +233,10 @@ def unlabelled_splits(
     """
     from torchvision.transforms.v2.functional import resize
 
+    if eval_set is not None and not isinstance(eval_set, Splits):
+        if len(eval_set):  # eval_data=none composes to an empty mapping
+            raise DataError(f"eval_set must be a labelled data set (Splits) or None, got {type(eval_set).__name__}")
+        eval_set = None
     if image_size is not None and images.images.shape[-1] < image_size:
         raise DataError(
             f"the stored size {images.images.shape[-1]} is smaller than the training size {image_size}: "

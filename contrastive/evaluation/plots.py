@@ -107,7 +107,15 @@ def _curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
     acc = [c for c in columns if any(t in c for t in ("knn", "top1", "acc", "map_at_r")) and c not in loss + lr]
     has_map = any("map_at_r" in c for c in acc)
     accuracy = "top-1 / MAP@R (%)" if has_map and len(acc) > 1 else ("MAP@R (%)" if has_map else "top-1 (%)")
-    panels = (("loss", loss), ("learning rate", lr), (accuracy, acc))
+    rank = [c for c in columns if c.startswith("val/rank_me")]
+    spread = [c for c in columns if any(c.startswith(f"val/{m}") for m in ("embedding_std", "alignment", "uniformity"))]
+    panels = (
+        ("loss", loss),
+        ("learning rate", lr),
+        (accuracy, acc),
+        ("effective rank (RankMe)", rank),
+        ("label-free monitors", spread),
+    )
     return [(title, cols) for title, cols in panels if cols]
 
 
@@ -120,6 +128,10 @@ CURVE_NAMES = {
     "online_probe_top1": "online linear probe top-1 (training batches)",
     "knn_top1": "kNN top-1 (test split)",
     "map_at_r": "MAP@R (test split)",
+} | {
+    f"{monitor}_{part}": f"{monitor} ({part})"
+    for monitor in ("embedding_std", "rank_me", "alignment", "uniformity")
+    for part in ("backbone", "projector")
 }
 
 
@@ -158,7 +170,9 @@ def plot_training_curves(metrics_csv_path: str | Path, out_path: str | Path, dpi
     Columns whose name contains ``loss`` (and the Siamese terms ``train/metric``,
     ``train/ce``) go to the first panel; ``lr``, ``*/lr`` and ``lr-*`` (Lightning's
     ``LearningRateMonitor``) to the second; names containing ``knn``, ``top1``,
-    ``acc`` or ``map_at_r`` to the third. Panels without columns are left out;
+    ``acc`` or ``map_at_r`` to the third; the label-free monitors (``val/rank_me_*``, then
+    ``val/embedding_std_*``, ``val/alignment_*``, ``val/uniformity_*``) to two more. Panels
+    without columns are left out;
     the image is ``4.5 * panels x 3.6`` inches at ``dpi``. The x axis is ``step``.
 
     Args:

@@ -21,8 +21,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from contrastive.augment import Augment, normalize_uint8
+from contrastive.data import MonitorBatches
 from contrastive.distributed import all_gather, all_true, rank, world_size
-from contrastive.evaluation import check_finite, feature_metrics
+from contrastive.evaluation import alignment, check_finite, feature_metrics, label_free_monitors
 from contrastive.evaluation.neighbors import Metric
 from contrastive.losses import LossForm, input_forms
 from contrastive.views import MultiCrop, draw_views
@@ -158,6 +159,8 @@ class Pipeline(pl.LightningModule):
         self._epoch_validation = 0.0  # seconds of validation inside the current training epoch
         self.train_seconds = 0.0  # wall-clock of the finished epochs (validation included), across resumes
         self.last_features: dict[str, tuple[Tensor, Tensor]] = {}
+        self.last_monitors: dict[str, float] = {}  # the label-free monitors of the last validation
+        self._monitor_width = 0  # F: where the backbone's part of monitor_outputs ends
         self.skipped_steps = 0
         self._step_has_loss = False  # a batch since the last optimiser step returned a real loss
         self._pending_check: tuple[Tensor, Any, dict[str, Tensor], int] | None = None  # see finish_step
@@ -335,10 +338,58 @@ class Pipeline(pl.LightningModule):
             "(use trainer.precision=bf16-mixed or 32). The last good checkpoint is untouched."
         )
 
-    # ------------------------------------------------------------------ kNN monitor
+    # ------------------------------------------------------------------ kNN and label-free monitors
+    def _monitor_loader(self) -> int | None:
+        """Which validation loader holds the label-free monitors' sample (a ``MonitorBatches``, always the
+        last: after the memory bank and the test split, or alone without labels); None without one."""
+        if self._trainer is None:
+            return None
+        loaders = self.trainer.val_dataloaders
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        return len(loaders) - 1 if loaders and isinstance(loaders[-1], MonitorBatches) else None
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
+        if dataloader_idx == self._monitor_loader():
+            self._val_outputs.setdefault(dataloader_idx, []).append((self.monitor_outputs(images, batch_idx), labels))
+            return
         self._val_outputs.setdefault(dataloader_idx, []).append((self.features(images), labels))
+
+    @torch.no_grad()
+    def monitor_outputs(self, images: Tensor, batch_idx: int) -> Tensor:
+        """What the label-free monitors read of a uint8 batch, side by side: (B, 3 * (F + D)).
+
+        Backbone features of the images, then of two augmented views drawn from a generator seeded by
+        ``batch_idx`` (so every measurement sees the same views, and training's generator is untouched);
+        then the projector's outputs (width D) of the three, where the pipeline has a ``projector``.
+        A ``MultiCrop`` gives no views: the image itself stands in for both (alignment 0).
+        """
+        if isinstance(self.augment, MultiCrop):
+            views = [images, images]
+            inputs = [self.features(x) for x in views]
+        else:
+            drawn = self._layout(draw_views(self.augment, images, 2, torch.Generator().manual_seed(batch_idx)))
+            inputs = [self.backbone(x).float() for x in drawn]
+        h = [self.features(images), *inputs]  # 3 x (B, F)
+        projector = getattr(self, "projector", None)
+        z = [projector(x.to(self.dtype)).float() for x in h] if isinstance(projector, nn.Module) else []
+        self._monitor_width = h[0].shape[1]
+        return torch.cat(h + z, dim=1)
+
+    def _monitors(self, idx: int) -> dict[str, float]:
+        """The label-free monitors of the gathered sample of loader ``idx``: ``<monitor>_backbone`` and
+        ``<monitor>_projector`` (:func:`contrastive.evaluation.label_free_monitors`; alignment of the two views)."""
+        packed, _ = self._gathered(idx)  # (N, 3 * (F + D))
+        f = self._monitor_width
+        parts = {"backbone": packed[:, : 3 * f]}
+        if packed.shape[1] > 3 * f:
+            parts["projector"] = packed[:, 3 * f :]
+        out: dict[str, float] = {}
+        for part, x in parts.items():
+            plain, view1, view2 = x.double().chunk(3, dim=1)
+            out |= {f"{k}_{part}": v for k, v in label_free_monitors(plain).items()}
+            out[f"alignment_{part}"] = float(alignment(view1, view2))
+        return out
 
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = {}
@@ -373,13 +424,20 @@ class Pipeline(pl.LightningModule):
         return all_feats[order], all_labels[order]
 
     def on_validation_epoch_end(self) -> None:
-        if self._trainer is not None and len(self.trainer.num_val_batches) != 2:  # silently nothing before
+        monitor = self._monitor_loader()
+        plain = None if self._trainer is None else len(self.trainer.num_val_batches) - (monitor is not None)
+        if plain is not None and plain != 2 and not (plain == 0 and monitor is not None):  # silently nothing before
             raise ValueError(
                 f"the kNN monitor needs two validation loaders, [memory bank, test] (unaugmented training images, "
-                f"then the test images), got {len(self.trainer.num_val_batches)}: pass "
-                "val_dataloaders=[bank_loader, test_loader], or a contrastive.data.TensorDataModule"
+                f"then the test images), got {plain}: pass val_dataloaders=[bank_loader, test_loader], or a "
+                "contrastive.data.TensorDataModule"
             )
-        if set(self._val_outputs) != {0, 1}:
+        if monitor is not None and monitor in self._val_outputs:
+            self.last_monitors = self._monitors(monitor)
+            for name, value in self.last_monitors.items():
+                self.log(f"val/{name}", value, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
+        if not {0, 1} <= set(self._val_outputs) or monitor == 0:
+            self._val_outputs = {}
             return
         bank, bank_labels = self._gathered(0)
         test, test_labels = self._gathered(1)
