@@ -481,10 +481,9 @@ def test_mocov3_cifar10_few_steps(cli, cifar10_root: Path, tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_mocov3_shapes_demo_learns(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The CPU demo as shipped beats the untrained network by 5 points of kNN and of the linear probe.
+    """The CPU demo as shipped beats the untrained network by 30 points of kNN and 10 of the linear probe.
 
-    A modest margin: MoCo v3's in-batch keys from a momentum encoder learn slowly in 15 epochs of
-    2,000 images (kNN 32.2 vs 24.7, probe 89.5 vs 79.9 at seed 0); lr 0.3 ends below the untrained network.
+    (kNN 88.2 vs 24.7, probe 99.8 vs 79.9 at seed 0; with colour views it ended below: see the config.)
     """
     out = cli(
         "contrastive-train",
@@ -496,5 +495,5 @@ def test_mocov3_shapes_demo_learns(cli, tmp_path: Path) -> None:  # type: ignore
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs"] == 15
-    assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 5, metrics
-    assert metrics["linear_top1"] >= metrics["linear_top1_untrained"] + 5, metrics
+    assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 30, metrics
+    assert metrics["linear_top1"] >= metrics["linear_top1_untrained"] + 10, metrics
