@@ -27,6 +27,22 @@ def _demo_folders(out: Path, unlabelled: int, train: int, test: int) -> None:
     module.write_demo_folders(out, unlabelled, train, test)
 
 
+def train_without_eval_set(cli, tmp_path: Path, root: Path, epochs: int):  # type: ignore[no-untyped-def]
+    """``contrastive-train`` of the demo experiment on the unlabelled folder ``root``, into ``tmp_path/run``."""
+    return cli(
+        "contrastive-train",
+        "experiment=simclr_unlabelled_demo",
+        f"data.root={root}",
+        "eval_data=none",
+        "data.batch_size=32",
+        f"trainer.max_epochs={epochs}",
+        "eval.every_n_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+
+
 def test_curves_plot_has_the_monitor_panels() -> None:
     columns = ["train/loss_step", "val/knn_top1", "val/rank_me_backbone", "val/embedding_std_projector"]
     panels = dict(_curve_panels(columns))
@@ -74,18 +90,7 @@ def test_no_evaluation_set_logs_the_monitors_and_builds_no_classifier(cli, tmp_p
     root = tmp_path / "demo" / "unlabelled"
     _demo_folders(tmp_path / "demo", unlabelled=96, train=0, test=0)
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    out = cli(
-        "contrastive-train",
-        "experiment=simclr_unlabelled_demo",
-        f"data.root={root}",
-        "eval_data=none",
-        "data.batch_size=32",
-        "trainer.max_epochs=2",
-        "eval.every_n_epochs=1",
-        "trainer.enable_progress_bar=false",
-        "hydra.run.dir=run",
-        cwd=tmp_path,
-    )
+    out = train_without_eval_set(cli, tmp_path, root, epochs=2)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())

@@ -1,4 +1,4 @@
-"""The Hydra entry points ``contrastive-train`` and ``contrastive-eval``.
+"""The Hydra entry points ``contrastive-train``, ``contrastive-eval`` and ``contrastive-embed``.
 
 This package is the only one that touches Hydra / OmegaConf: it turns a config into finished
 objects (data, networks, loss, augmentation, optimiser factory) and hands them to a pipeline
@@ -11,14 +11,15 @@ its own rules (:meth:`contrastive.pipelines.Pipeline.check_run`), a loss its inp
 - :mod:`~contrastive.cli.help`: the entry points' ``--help``;
 - :mod:`~contrastive.cli.run`: building the run's objects, the Trainer, resume;
 - :mod:`~contrastive.cli.console`: the per-epoch lines and the results table;
-- :mod:`~contrastive.cli.train` and :mod:`~contrastive.cli.evaluate`: the two flows.
+- :mod:`~contrastive.cli.train`, :mod:`~contrastive.cli.evaluate` and :mod:`~contrastive.cli.embed`: the flows.
 
 Importing the package, ``--help`` and the checks of the settings load neither torch nor Lightning
 (seconds): the flows import them once the settings passed, so that a typo is answered at once.
 """
 
+from contrastive.cli.embed import embed
 from contrastive.cli.evaluate import evaluate
 from contrastive.cli.shell import ConfigError
 from contrastive.cli.train import train
 
-__all__ = ["ConfigError", "evaluate", "train"]
+__all__ = ["ConfigError", "embed", "evaluate", "train"]
