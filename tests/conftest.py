@@ -55,6 +55,26 @@ def write_fake_cifar10(root: Path, n_train: int = 60, n_test: int = 20, seed: in
     return root
 
 
+STL10_NAMES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+def write_fake_stl10(root: Path, n_train: int = 6, n_test: int = 4, n_unlabelled: int = 5) -> dict[str, np.ndarray]:
+    """Random images (N, 3, 96, 96) in STL-10's files: each channel column-major, labels 1..10 as bytes."""
+    rng = np.random.default_rng(0)
+    base = root / "stl10_binary"
+    base.mkdir(parents=True)
+    images = {}
+    for split, n in (("train", n_train), ("test", n_test), ("unlabeled", n_unlabelled)):
+        images[split] = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+        (base / f"{split}_X.bin").write_bytes(images[split].transpose(0, 1, 3, 2).tobytes())  # column-major
+        if split != "unlabeled":
+            labels = rng.integers(1, 11, n, dtype=np.uint8)
+            (base / f"{split}_y.bin").write_bytes(labels.tobytes())
+            images[f"{split}_y"] = labels.astype(np.int64) - 1
+    (base / "class_names.txt").write_text("\n".join(STL10_NAMES) + "\n")
+    return images
+
+
 @pytest.fixture
 def fake_cifar10() -> object:
     """``fake_cifar10(root, n_train, n_test)`` writes a tiny random CIFAR-10 under ``root``."""

@@ -62,18 +62,20 @@ def _write_image_folder(root: Path) -> None:
 @pytest.fixture(scope="module")
 def data_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     """Overrides that point each data option at a tiny copy (nothing is downloaded)."""
-    from conftest import write_fake_cifar10
+    from conftest import write_fake_cifar10, write_fake_stl10
 
     root = tmp_path_factory.mktemp("data")
     write_fake_cifar10(root / "c10")
     _write_cifar100(root / "c100")
     _write_image_folder(root / "folder")
+    write_fake_stl10(root / "stl10")
     return {
         "cifar10": [f"data.root={root / 'c10'}"],
         "cifar100": [f"data.root={root / 'c100'}"],
         "image_folder": [f"data.root={root / 'folder'}", "data.num_classes=2", "data.source.cache=false"],
         "image_folder_unlabelled": [f"data.root={root / 'folder'}", "data.source.images.cache=false"],
         "shapes": ["data.source.num_train=40", "data.source.num_test=20"],
+        "stl10": [f"data.root={root / 'stl10'}"],
     }
 
 

@@ -7,6 +7,7 @@ needed and augmentation runs batched on that device (``contrastive.augment``).
 
 - ``tensors``: :class:`ImageTensors`, :class:`Splits`, the errors and warnings.
 - ``cifar``: CIFAR-10 / CIFAR-100 from torchvision's on-disk layout.
+- ``stl10``: STL-10 from torchvision's binary layout (train + unlabeled for training).
 - ``folders``: any ``root/{train,test}/<class>/<image>`` set, decoded once and cached.
 - ``unlabelled``: every image under a folder, unlabelled, in a memory-mapped cache with a file index.
 - ``synthetic``: *shapes*, the built-in generated set.
@@ -30,6 +31,7 @@ from contrastive.data.batching import (
 )
 from contrastive.data.cifar import cifar10, cifar100
 from contrastive.data.folders import IMAGE_SUFFIXES, image_folder
+from contrastive.data.stl10 import stl10
 from contrastive.data.synthetic import SHAPE_NAMES, shapes
 from contrastive.data.tensors import DOWNLOAD_HINT, DataError, DataWarning, ImageTensors, Splits, seeded_indices
 from contrastive.data.unlabelled import FolderImages, stored_image, unlabelled_folder, unlabelled_splits
@@ -58,6 +60,7 @@ __all__ = [
     "schedule_classes",
     "seeded_indices",
     "shapes",
+    "stl10",
     "stored_image",
     "unlabelled_folder",
     "unlabelled_splits",
