@@ -2,6 +2,7 @@
 
 from contrastive.losses._common import Temperature, l2_normalize
 from contrastive.losses.dcl import DCL, dcl
+from contrastive.losses.dino import DINOLoss, dino_center_update, dino_loss
 from contrastive.losses.forms import LOSS_FORMS, LossForm, input_forms
 from contrastive.losses.logsumexp import row_logsumexp
 from contrastive.losses.margin_softmax import ArcFace, CosFace, arcface_logits, cosface_logits
@@ -17,6 +18,7 @@ __all__ = [
     "ContrastiveMargin",
     "CosFace",
     "DCL",
+    "DINOLoss",
     "InfoNCE",
     "LOSS_FORMS",
     "LossForm",
@@ -32,6 +34,8 @@ __all__ = [
     "contrastive_margin",
     "cosface_logits",
     "dcl",
+    "dino_center_update",
+    "dino_loss",
     "info_nce",
     "input_forms",
     "l2_normalize",

@@ -15,6 +15,8 @@ The forms (N rows, D dimensions):
 - ``"embeddings_labels_memory"``: ``loss(embeddings, labels, memory, memory_labels)``, the batch (N, D) and
   (N,) as anchors against the batch and a memory of earlier embeddings (M, D) and labels (M,) as candidates
   (the cross-batch memory, XBM).
+- ``"student_teacher_center"``: ``loss(student_out, teacher_out, center, teacher_temperature=None)``, (V, N, K),
+  (G, N, K) and (K,): a student's outputs of V views against a teacher's of the first G, centred (DINO).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from typing import Literal, get_args
 
 from torch import nn
 
-LossForm = Literal["two_views", "multi_view", "query_key_negatives", "embeddings_labels", "embeddings_labels_memory"]
+LossForm = Literal[
+    "two_views",
+    "multi_view",
+    "query_key_negatives",
+    "embeddings_labels",
+    "embeddings_labels_memory",
+    "student_teacher_center",
+]
 LOSS_FORMS: tuple[LossForm, ...] = get_args(LossForm)
 
 
