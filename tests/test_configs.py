@@ -190,6 +190,23 @@ def _build_eval_data(config: Callable[..., DictConfig], option: str, roots: dict
     assert splits.test.images.shape[-1] == cfg.data.image_size and (splits.bank is None) == (option == "none")
 
 
+def _build_logger(config: Callable[..., DictConfig], option: str, tmp_path: Path) -> None:
+    """Lightning's loggers, built (nothing started: W&B and MLflow begin a run only when first used)."""
+    from pytorch_lightning.loggers import Logger
+
+    from contrastive.cli.run import make_loggers
+    from contrastive.io import ResumableCSVLogger
+
+    cfg = config("train", [*BARE, f"logger={option}"])
+    with pytest.MonkeyPatch.context() as env:  # MLflow's client opens its store (./mlflow.db) when built
+        env.chdir(tmp_path)
+        env.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        loggers = make_loggers(cfg, tmp_path, resume_step=3)
+    assert len(loggers) == len(cfg.logger) and all(isinstance(lg, Logger) for lg in loggers)
+    assert isinstance(loggers[0], ResumableCSVLogger) and loggers[0].resume_step == 3  # the run's own record
+
+
 def _build_experiment(config: Callable[..., DictConfig], option: str, roots: dict[str, list[str]]) -> None:
     cfg = config("train", [f"experiment={option}"])
     target = cfg.data.source._target_.replace("unlabelled_splits", "image_folder_unlabelled")
@@ -209,6 +226,7 @@ BUILDERS: dict[str, Callable[..., None]] = {
     "data": _build_data,
     "eval_data": _build_eval_data,
     "experiment": _build_experiment,
+    "logger": _build_logger,
     "loss": _build_loss,
     "model": _build_model,
     "optimizer": _build_optimizer,
@@ -233,7 +251,7 @@ def test_every_option_composes_and_instantiates(
     build = BUILDERS[group]
     if group in ("data", "eval_data", "experiment"):
         build(config, option, data_roots)
-    elif group == "trainer":
+    elif group in ("trainer", "logger"):
         build(config, option, tmp_path)
     else:
         build(config, option)

@@ -6,6 +6,7 @@ The rules of a pipeline (its queue, its BatchNorm groups, ...) are the pipeline'
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,7 @@ def check_config(cfg: DictConfig) -> None:
     )
     if cfg.eval.final_probe:
         check_probe_config(cfg)
+    check_extras(cfg)
     for key in ("data.subset", "data.test_subset"):
         _check_optional(cfg, key, *_POSITIVE_INT)
     if cfg.data.train_classes != cfg.data.test_classes and cfg.eval.knn_k != 0:
@@ -100,6 +102,25 @@ def check_config(cfg: DictConfig) -> None:
             "of the test images by the training classes means nothing: pass eval.knn_k=0 to monitor MAP@R "
             "among the test images instead"
         )
+
+
+#: The classes of the optional integrations, by ``_target_``: the package each needs and the extra that installs it.
+EXTRAS = {
+    "pytorch_lightning.loggers.WandbLogger": ("wandb", "wandb"),
+    "pytorch_lightning.loggers.MLFlowLogger": ("mlflow", "mlflow"),
+}
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """Each logger of ``logger=`` whose package is missing is refused, with the pip command that installs it
+    (looked up without importing it: a second of start-up for W&B)."""
+    for key, spec in (OmegaConf.select(cfg, "logger") or {}).items():
+        package, extra = EXTRAS.get(str(spec.get("_target_")), (None, None))
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"logger.{key} needs the package {package}, which is not installed: "
+                f'pip install "contrastive[{extra}]" (or pick another logger=, e.g. the default csv_tensorboard)'
+            )
 
 
 def warmup_warning(cfg: DictConfig) -> str | None:

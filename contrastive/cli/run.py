@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from contrastive.cli.checks import check_feature_dim, unseen_test_classes_warning
@@ -124,16 +124,83 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> pl.Trainer:
-    """The run's Lightning Trainer: last/periodic checkpoints, CSV and TensorBoard logs, atomic writes.
+#: Per logger class (``logger.<key>._target_``): its constructor's arguments for the run's name and for the
+#: id of an existing run to continue (its Lightning ``version``), for the services that keep runs.
+LOGGER_RUN_ARGUMENTS = {"WandbLogger": ("name", "version"), "MLFlowLogger": ("run_name", "run_id")}
+
+#: The checkpoint's entry that holds, per ``logger.<key>``, the id of that logger's run (see :class:`LoggerRuns`).
+LOGGER_RUNS_KEY = "logger_runs"
+
+
+def make_loggers(
+    cfg: DictConfig, run_dir: Path, resume_step: int | None = None, runs: dict[str, str] | None = None
+) -> list[Logger]:
+    """The loggers of ``cfg.logger`` (``logger=csv_tensorboard|wandb|mlflow``), in the run folder unless their
+    config sets a ``save_dir``. W&B and MLflow runs are named after the run folder and, given their ids from
+    the checkpoint the run resumes from (``runs``), continue those runs; the CSV log keeps its rows before
+    ``resume_step``."""
+    name = run_dir.name if run_dir.name == cfg.name else f"{cfg.name}/{run_dir.name}"
+    loggers = []
+    for key, spec in cfg.logger.items():
+        given: dict[str, Any] = {} if "save_dir" in spec else {"save_dir": str(run_dir)}
+        name_arg, id_arg = LOGGER_RUN_ARGUMENTS.get(str(spec._target_).rpartition(".")[2], (None, None))
+        if name_arg and name_arg not in spec:
+            given[name_arg] = name
+        if id_arg and runs and str(key) in runs:
+            given[id_arg] = runs[str(key)]
+        logger = instantiate(spec, **given)
+        if isinstance(logger, ResumableCSVLogger):
+            logger.resume_step = resume_step
+        loggers.append(logger)
+    return loggers
+
+
+class LoggerRuns(Callback):
+    """Logs the composed config as hyper-parameters once the run passed its checks (a refused run leaves no
+    logger files), except to the W&B / MLflow runs it continues (MLflow refuses a changed value, e.g. a larger
+    ``trainer.max_time``); keeps the ids of those runs in every checkpoint, so that the run that resumes from
+    it continues them (:func:`make_loggers`)."""
+
+    def __init__(self, keys: list[str], config: dict[str, Any], continued: set[str]) -> None:
+        self.keys = keys  # logger.<key> of each of trainer.loggers, in order
+        self.config, self.continued = config, continued
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for key, logger in zip(self.keys, trainer.loggers):
+            if key not in self.continued:
+                logger.log_hyperparams(self.config)
+        self.continued = set(self.keys)  # once per call (validate, fit, validate)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[LOGGER_RUNS_KEY] = {
+            key: str(logger.version)
+            for key, logger in zip(self.keys, trainer.loggers)
+            if type(logger).__name__ in LOGGER_RUN_ARGUMENTS
+        }
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """End the logger runs in the process that started them, once the run's last figures are logged: W&B's
+    own exit hook, under Hydra, left its run unfinished (no summary, no config in the files)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:  # not started on the other ranks
+            logger.experiment.finish()
+
+
+def make_trainer(
+    cfg: DictConfig, run_dir: Path, resume_step: int | None = None, logger_runs: dict[str, str] | None = None
+) -> pl.Trainer:
+    """The run's Lightning Trainer: last/periodic checkpoints, the loggers of ``cfg.logger``, atomic writes.
 
     ``resume_step``: the step of the checkpoint the run resumes from; ``metrics.csv`` keeps the rows
-    logged before it. The progress bar is shown only where the output is a terminal (in a file it is
+    logged before it; ``logger_runs``: that checkpoint's W&B / MLflow run ids (:func:`make_loggers`).
+    The progress bar is shown only where the output is a terminal (in a file it is
     ``\\r``-joined frames); without it each epoch is one plain line (:class:`EpochLines`).
     """
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks: list[Callback] = [
         SaveRunConfig(config),  # type: ignore[arg-type]
+        LoggerRuns([str(key) for key in cfg.logger], config, set(logger_runs or ())),  # type: ignore[arg-type]
         LastCheckpoint(run_dir / "checkpoints" / "last.ckpt"),
         EpochCheckpoint(
             dirpath=run_dir / "checkpoints",
@@ -159,10 +226,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None)
             **trainer_args,
             default_root_dir=run_dir,
             callbacks=callbacks,
-            logger=[
-                ResumableCSVLogger(run_dir, name="logs", version="", resume_step=resume_step),
-                TensorBoardLogger(run_dir, name="tb", version=""),  # a new event file per call; TensorBoard joins them
-            ],
+            logger=make_loggers(cfg, run_dir, resume_step, logger_runs),
             plugins=[AtomicCheckpointIO()],
             check_val_every_n_epoch=cfg.eval.every_n_epochs,
             num_sanity_val_steps=0,

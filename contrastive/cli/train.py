@@ -44,10 +44,12 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
     from contrastive.cli.console import results_table
     from contrastive.cli.run import (
+        LOGGER_RUNS_KEY,
         build_pipeline,
         build_splits,
         check_resumable,
         final_metrics,
+        finish_loggers,
         make_trainer,
         monitor_sample,
         report_skipped,
@@ -61,7 +63,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path, ckpt = resume_checkpoint(cfg.resume, run_dir) or (None, None)
     # before the data: the Trainer knows the number of processes (SLURM)
-    trainer = make_trainer(cfg, run_dir, None if ckpt is None else int(ckpt["global_step"]))
+    trainer = make_trainer(
+        cfg, run_dir, *((None, None) if ckpt is None else (int(ckpt["global_step"]), ckpt.get(LOGGER_RUNS_KEY)))
+    )
     lightning = cast(Any, trainer)  # attributes Lightning sets but does not declare: callbacks, log_every_n_steps
     splits = build_splits(cfg.data, cfg.seed)
     if trainer.is_global_zero:
@@ -161,6 +165,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         log.info("run directory: %s", run_dir)
         if (last := run_dir / "checkpoints" / "last.ckpt").is_file():
             log.info("checkpoint: %s (for contrastive-eval checkpoint=...)", last)
+    finish_loggers(trainer)
     if cfg.trainer.max_time is not None and length is not None and trainer.global_step < length:
         sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN  # its status is the sweep's: the others still run
         if trainer.is_global_zero:
