@@ -52,7 +52,7 @@ def test_curves_plot_has_the_monitor_panels() -> None:
 
 @pytest.mark.slow
 def test_unlabelled_folder_demo_is_evaluated_on_the_labelled_folder(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """experiment=simclr_unlabelled_demo, shortened to fit a minute on 2 CPU cores: SimCLR on 384 unlabelled
+    """experiment=simclr_unlabelled_demo, shortened to fit a minute on 2 CPU cores: SimCLR on 256 unlabelled
     shape images of varying sizes, kNN against a labelled folder (bank 300, queries 200) before and after.
 
     The label-free monitors rise from the start (measured: embedding_std 0.02 -> 0.06 backbone, 0.01 -> 0.12
@@ -60,7 +60,7 @@ def test_unlabelled_folder_demo_is_evaluated_on_the_labelled_folder(cli, tmp_pat
     network on these shapes (6 epochs: 13.5 -> 14.0; the same shortened recipe on the built-in shapes, labels
     unused, loses 8 points): it is checked to be measured on the evaluation folder, not to rise.
     """
-    _demo_folders(tmp_path / "demo", unlabelled=384, train=300, test=200)
+    _demo_folders(tmp_path / "demo", unlabelled=256, train=300, test=200)
     out = cli(
         "contrastive-train",
         "experiment=simclr_unlabelled_demo",
@@ -81,6 +81,12 @@ def test_unlabelled_folder_demo_is_evaluated_on_the_labelled_folder(cli, tmp_pat
     # kNN over the labelled folder's 10 classes (200 queries: multiples of 0.5)
     assert all(metrics[k] * 2 == int(metrics[k] * 2) for k in ("knn_top1", "knn_top1_untrained"))
     assert "online_probe_top1" not in (tmp_path / "run" / "logs" / "metrics.csv").read_text()
+    # contrastive-eval of the checkpoint measures the same kNN: the evaluation folder's train split is the bank
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = cli("contrastive-eval", f"checkpoint={checkpoint}", "knn_k=20", "linear_probe=false", "plots=false",
+              "export=false", "hydra.run.dir=eval", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["knn_top1"] == metrics["knn_top1"]
 
 
 @pytest.mark.slow
@@ -103,3 +109,5 @@ def test_no_evaluation_set_logs_the_monitors_and_builds_no_classifier(cli, tmp_p
     assert {f"val/{m}" for m in MONITORS} <= set(columns) and "val/knn_top1" not in columns
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert not any(k.startswith("online_head") for k in state)  # no classifier, least of all one per image
+    out = cli("contrastive-eval", f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+    assert out.returncode == 2 and "without an evaluation set (eval_data=none): there are no labels" in out.stderr

@@ -89,12 +89,18 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         # the message names contrastive-train's keys; contrastive-eval's is data_root, and it does not download
         message = str(e.__cause__).replace(DOWNLOAD_HINT, "").replace("data.root", "data_root")
         raise DataError(message) from None
+    if not splits.evaluated:
+        raise ConfigError(
+            "this run trained on unlabelled images without an evaluation set (eval_data=none): there are no labels "
+            "to evaluate on. Its label-free monitors are in its metrics.json; contrastive-embed exports embeddings"
+        )
     check_eval_data(run_cfg, splits, cfg.data_root)
-    if warning := knn_k_warning("knn_k", cfg.knn_k, len(splits.train)):
+    bank = splits.bank or splits.train  # training on unlabelled images: the evaluation set's labelled train split
+    if warning := knn_k_warning("knn_k", cfg.knn_k, len(bank)):
         warn_once(warning)
 
     features = {}
-    for split, data in (("train", splits.train), ("test", splits.test)):
+    for split, data in (("train", bank), ("test", splits.test)):
         data = data.to(device)
         feats = [pipeline.features(data.images[i : i + cfg.batch_size]) for i in range(0, len(data), cfg.batch_size)]
         features[split] = (torch.cat(feats), data.labels)

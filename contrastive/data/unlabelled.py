@@ -156,7 +156,8 @@ def _build(
         reuse = {p: i for i, p in enumerate(index["paths"]) if index["files"].get(p) == stats.get(p)}
         bad = (line.split(": ", 1) for line in index["skipped"])
         known_bad = {p: why for p, why in bad if index["files"].get(p) == stats.get(p)}
-    fresh = [f for f in files if f.relative_to(base).as_posix() not in reuse | known_bad]
+    known = reuse.keys() | known_bad.keys()
+    fresh = [f for f in files if f.relative_to(base).as_posix() not in known]
     if not files:
         raise DataError(
             f"{base} holds no image files ({', '.join(IMAGE_SUFFIXES)}), in it or its subfolders: "
