@@ -26,7 +26,8 @@ from contrastive.pipelines import Pipeline
 from contrastive.views import MultiCrop
 
 CONFIGS = Path(str(files("contrastive.configs")))
-GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))
+# hydra/: presets of Hydra's own groups (hydra/launcher=slurm_gpu|slurm_ddp), built in tests/test_cluster.py
+GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name != "hydra")
 
 
 # Without the default experiment, whose values belong to its own options (e.g. loss.temperature, aug.scale:

@@ -11,7 +11,8 @@ its own rules (:meth:`contrastive.pipelines.Pipeline.check_run`), a loss its inp
 - :mod:`~contrastive.cli.help`: the entry points' ``--help``;
 - :mod:`~contrastive.cli.run`: building the run's objects, the Trainer, resume;
 - :mod:`~contrastive.cli.console`: the per-epoch lines and the results table;
-- :mod:`~contrastive.cli.train`, :mod:`~contrastive.cli.evaluate` and :mod:`~contrastive.cli.embed`: the flows.
+- :mod:`~contrastive.cli.train`, :mod:`~contrastive.cli.evaluate` and :mod:`~contrastive.cli.embed`: the flows;
+- :mod:`~contrastive.cli.summary`: a sweep's summary on demand.
 
 Importing the package, ``--help`` and the checks of the settings load neither torch nor Lightning
 (seconds): the flows import them once the settings passed, so that a typo is answered at once.
@@ -20,6 +21,7 @@ Importing the package, ``--help`` and the checks of the settings load neither to
 from contrastive.cli.embed import embed
 from contrastive.cli.evaluate import evaluate
 from contrastive.cli.shell import ConfigError
+from contrastive.cli.summary import summary
 from contrastive.cli.train import train
 
-__all__ = ["ConfigError", "embed", "evaluate", "train"]
+__all__ = ["ConfigError", "embed", "evaluate", "summary", "train"]

@@ -70,7 +70,6 @@ class SweepSummary(HydraCallback):
         self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from contrastive.evaluation import summarize_runs
         from contrastive.evaluation.report import JOB_ERROR_FILE
 
         sweep = Path(config.hydra.sweep.dir)
@@ -79,14 +78,24 @@ class SweepSummary(HydraCallback):
         )  # 1 s: file systems with coarse timestamps
         if not runs:
             return
-        log.info("sweep summary: %s", summarize_runs(runs, sweep))
-        failed = [(run, (run / JOB_ERROR_FILE).read_text().strip()) for run in runs if (run / JOB_ERROR_FILE).is_file()]
-        for run, message in failed:
-            log.error("job %s failed: %s", " ".join(OmegaConf.load(run / ".hydra" / "overrides.yaml")), message)
+        failed = write_sweep_summary(sweep, runs)
         if failed:
             print(
-                f"error: {len(failed)} of {len(runs)} jobs failed (listed above, and in each job's "
+                f"error: {failed} of {len(runs)} jobs failed (listed above, and in each job's "
                 f"{JOB_ERROR_FILE}); the summary has their rows without metrics",
                 file=sys.stderr,
             )
             sys.exit(2)
+
+
+def write_sweep_summary(sweep: Path, runs: list[Path]) -> int:
+    """``summary.{csv,md,png}`` of the job folders ``runs`` in ``sweep``; the failed jobs' errors logged.
+    Returns how many failed."""
+    from contrastive.evaluation import summarize_runs
+    from contrastive.evaluation.report import JOB_ERROR_FILE
+
+    log.info("sweep summary: %s", summarize_runs(runs, sweep))
+    failed = [(run, (run / JOB_ERROR_FILE).read_text().strip()) for run in runs if (run / JOB_ERROR_FILE).is_file()]
+    for run, message in failed:
+        log.error("job %s failed: %s", " ".join(OmegaConf.load(run / ".hydra" / "overrides.yaml")), message)
+    return len(failed)

@@ -50,6 +50,15 @@ log = logging.getLogger("contrastive")
 EXIT_UNFINISHED = 75
 
 
+#: Hydra plugins of the optional extras, by the config they register: what they are and the extra that installs them.
+PLUGINS = {
+    "hydra/launcher/submitit": (
+        "Hydra's submitit launcher (hydra/launcher=submitit_slurm|submitit_local|slurm_gpu|slurm_ddp)",
+        "slurm",
+    ),
+}
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
 
@@ -203,22 +212,15 @@ def run_hydra(main: Callable[[], Any], config_name: str) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us instead of Hydra's printout
     try:
         main()
-    except (MissingConfigException, OverrideParseException) as e:  # before its base class below
-        exit_with(ConfigError(str(e).split("Config search path")[0]))  # the options, not Hydra's search path
-    except ConfigCompositionException as e:
-        found = re.search(r"Could not override '([^']+)'", str(e))
-        if found is None:
-            exit_with(ConfigError(str(e).split("Config search path")[0]))
-        key = found.group(1)
-        others = [a for a in sys.argv[1:] if not a.startswith("-") and a.partition("=")[0].lstrip("+~") != key]
-        keys = [k for k in _config_keys(config_name, others) if not k.rpartition(".")[2].startswith("_")]  # no _target_
-        close = [k for k in difflib.get_close_matches(key, keys, n=2) if k != key][:1]
-        exit_with(
-            ConfigError(
-                f"unknown config key {key}{f' (did you mean {close[0]}?)' if close else ''}: "
-                f"`--cfg job` lists the keys with their values"
-            )
-        )
+    except (MissingConfigException, ConfigCompositionException) as e:
+        for option, (what, extra) in PLUGINS.items():  # a config of a plugin (or of our presets) not installed
+            if f"Could not load '{option}" in str(e) or f"Could not find '{option}" in str(e):
+                exit_with(ConfigError(f'{what} is not installed: pip install "contrastive[{extra}]"'))
+        if isinstance(e, MissingConfigException):
+            exit_with(ConfigError(str(e).split("Config search path")[0]))  # the options, not Hydra's search path
+        _unknown_key(e, config_name)
+    except OverrideParseException as e:
+        exit_with(ConfigError(str(e).split("Config search path")[0]))
     except OSError as e:  # e.g. Hydra creating the run folder in a read-only place: one line, not three tracebacks
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or e.filename is None:
             raise
@@ -229,6 +231,23 @@ def run_hydra(main: Callable[[], Any], config_name: str) -> None:
                 "hydra.run.dir=/a/writable/folder"
             )
         )
+
+
+def _unknown_key(e: ConfigCompositionException, config_name: str) -> NoReturn:
+    """One line for a failed composition: the misspelt key with the closest real one, or Hydra's reason."""
+    found = re.search(r"Could not override '([^']+)'", str(e))
+    if found is None:
+        exit_with(ConfigError(str(e).split("Config search path")[0]))
+    key = found.group(1)
+    others = [a for a in sys.argv[1:] if not a.startswith("-") and a.partition("=")[0].lstrip("+~") != key]
+    keys = [k for k in _config_keys(config_name, others) if not k.rpartition(".")[2].startswith("_")]  # no _target_
+    close = [k for k in difflib.get_close_matches(key, keys, n=2) if k != key][:1]
+    exit_with(
+        ConfigError(
+            f"unknown config key {key}{f' (did you mean {close[0]}?)' if close else ''}: "
+            f"`--cfg job` lists the keys with their values"
+        )
+    )
 
 
 def _stopped_by(signum: signal.Signals) -> NoReturn:
@@ -244,11 +263,13 @@ def _stopped_by(signum: signal.Signals) -> NoReturn:
 
 def fit_interruptible(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit``, with Ctrl-C raised as KeyboardInterrupt: Lightning ends its graceful shutdown
-    with ``sys.exit(1)``, which says neither that the run was stopped nor how to continue it."""
+    with ``sys.exit(1)``, which says neither that the run was stopped nor how to continue it. Any other exit
+    passes as it is: submitit's, from its signal handler, once it requeued a sweep job at its time limit
+    (its status tells submitit's local runner to start the job again)."""
     try:
         trainer.fit(*args, **kwargs)
     except SystemExit as e:
-        if trainer.interrupted and not _is_sigterm(e):  # SIGTERM leaves the trainer 'interrupted' as well
+        if trainer.interrupted and not _is_sigterm(e) and e.code == 1:  # SIGTERM leaves it 'interrupted' as well
             raise KeyboardInterrupt from None
         raise
 
@@ -382,3 +403,8 @@ def register_resolvers() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+# Also on import: a sweep job that submitit runs in a process of its own unpickles the task (importing this module)
+# and resolves ${short_name:...} of hydra.sweep.subdir before any entry point of ours runs.
+register_resolvers()
