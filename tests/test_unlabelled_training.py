@@ -43,6 +43,21 @@ def train_without_eval_set(cli, tmp_path: Path, root: Path, epochs: int):  # typ
     )
 
 
+def test_results_table_keeps_the_monitors_apart_from_the_percentages() -> None:
+    from contrastive.cli.console import results_table
+
+    monitors = {"rank_me_backbone": 25.0512, "rank_me_backbone_untrained": 19.6809}
+    both = results_table({"knn_top1": 14.5, "knn_top1_untrained": 11.0, "epochs": 2.0, **monitors}, 2)
+    assert both.splitlines() == [
+        "test split, percent  untrained  trained    gain",
+        "kNN top-1                11.00    14.50   +3.50",
+        "trained 2 of 2 epochs",
+        "label-free monitors, training sample  untrained   trained",
+        "rank_me_backbone                        19.6809   25.0512",
+    ]
+    assert results_table({"epochs": 2.0, **monitors}, 2).splitlines()[0] == "trained 2 of 2 epochs"
+
+
 def test_curves_plot_has_the_monitor_panels() -> None:
     columns = ["train/loss_step", "val/knn_top1", "val/rank_me_backbone", "val/embedding_std_projector"]
     panels = dict(_curve_panels(columns))

@@ -63,10 +63,15 @@ def results_table(metrics: dict[str, float], max_epochs: int | None = None) -> s
 
     One row per figure that has an ``_untrained`` twin, in the order of :data:`RESULT_NAMES` then
     Recall@K by K; below it the epochs trained (of ``max_epochs``) and the training time. Figures
-    without an untrained twin (``contrastive-eval``'s) get one column, ``value``.
+    without an untrained twin (``contrastive-eval``'s) get one column, ``value``. The label-free
+    monitors (:func:`is_monitor`), not percentages, follow in a table of their own.
     """
+    monitors = {k: v for k, v in metrics.items() if is_monitor(k.removesuffix("_untrained"))}
+    metrics = {k: v for k, v in metrics.items() if k not in monitors}
     title = "test split, percent"
-    if paired := sorted((k for k in metrics if f"{k}_untrained" in metrics), key=_order):
+    if monitors and not any(k not in ("epochs", "train_seconds") for k in metrics):  # no evaluation set
+        lines = []
+    elif paired := sorted((k for k in metrics if f"{k}_untrained" in metrics), key=_order):
         width = max(len(title), *(len(result_name(k)) for k in paired))
         lines = [f"{title:<{width}}  untrained  trained    gain"]
         for key in paired:
@@ -81,7 +86,17 @@ def results_table(metrics: dict[str, float], max_epochs: int | None = None) -> s
         of = f" of {max_epochs}" if max_epochs is not None and max_epochs >= 0 else ""
         took = f" in {format_seconds(metrics['train_seconds'])}" if "train_seconds" in metrics else ""
         lines.append(f"trained {metrics['epochs']:g}{of} epochs{took}")
+    if paired_monitors := sorted(k for k in monitors if f"{k}_untrained" in monitors):
+        heading = "label-free monitors, training sample"
+        width = max(len(heading), *(len(k) for k in paired_monitors))
+        lines.append(f"{heading:<{width}}  untrained   trained")
+        lines += [f"{k:<{width}}  {monitors[f'{k}_untrained']:9.4f}  {monitors[k]:8.4f}" for k in paired_monitors]
     return "\n".join(lines)
+
+
+def is_monitor(key: str) -> bool:
+    """Whether a ``metrics.json`` key is a label-free monitor (``rank_me_backbone``): not a percentage."""
+    return bool(re.fullmatch(r"(embedding_std|rank_me|alignment|uniformity)_(backbone|projector)", key))
 
 
 class EpochLines(Checkpoint):
