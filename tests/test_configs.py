@@ -26,7 +26,8 @@ from contrastive.pipelines import Pipeline
 from contrastive.views import MultiCrop
 
 CONFIGS = Path(str(files("contrastive.configs")))
-# hydra/: presets of Hydra's own groups (hydra/launcher=slurm_gpu|slurm_ddp), built in tests/test_cluster.py
+# hydra/: presets of Hydra's own groups (hydra/launcher=slurm_gpu|slurm_ddp, hydra/sweeper=search|temperature_lr),
+# built in tests/test_cluster.py and tests/test_search.py
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name != "hydra")
 
 

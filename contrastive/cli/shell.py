@@ -221,6 +221,8 @@ def run_hydra(main: Callable[[], Any], config_name: str) -> None:
         _unknown_key(e, config_name)
     except OverrideParseException as e:
         exit_with(ConfigError(str(e).split("Config search path")[0]))
+    except (ConfigError, InstantiationException) as e:  # a plugin's settings (e.g. the search sweeper's)
+        exit_with(e)
     except OSError as e:  # e.g. Hydra creating the run folder in a read-only place: one line, not three tracebacks
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or e.filename is None:
             raise
