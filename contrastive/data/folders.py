@@ -169,7 +169,8 @@ def decode_files(
 
     ``workers`` threads decode at once (None: every usable core; decoding and resizing release the
     GIL); the result does not depend on it. A file that cannot be read gives ``"<path>: <why>"`` in its
-    place (``keep_going=False``: its :class:`DataError`). ``progress``: the label of a progress bar.
+    place (``keep_going=False``: its :class:`DataError`). ``progress``: the label of a progress bar
+    (shown where stderr is a terminal).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -187,7 +188,9 @@ def decode_files(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, or None (null in a config) for every core, got {workers}")
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
-        yield from tqdm(pool.map(load, files), total=len(files), desc=progress, disable=progress is None, unit="img")
+        # disable=None: no bar where stderr is not a terminal (a batch job's log would get its frames)
+        shown = None if progress else True
+        yield from tqdm(pool.map(load, files), total=len(files), desc=progress, disable=shown, unit="img")
 
 
 def _refuse_unreadable(base: Path, unreadable: list[str], total: int) -> NoReturn:

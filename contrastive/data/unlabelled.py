@@ -105,7 +105,8 @@ def unlabelled_folder(
     core this process may use) into the stored size (module docstring) and cached in
     ``root/.contrastive_unlabelled_<size>/`` (``cache=False``: decoded every time, held in memory).
     Files that cannot be read (truncated, not an image) are left out and listed in ``skipped``; a
-    folder where no image can be read is a :class:`DataError`. ``progress``: bars for listing and decoding.
+    folder where no image can be read is a :class:`DataError`. ``progress``: bars for indexing and decoding
+    (where stderr is a terminal) and a log line for the listing.
     """
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -146,9 +147,10 @@ def _build(
 
     folders: list[Path] = []
     files = _image_files(base, folders)
-    if progress:  # the walk itself cannot count ahead; one line says how far it got
-        tqdm.write(f"listed {len(files)} image files in {len(folders)} folders under {base}")
-    stats = {f.relative_to(base).as_posix(): _stat(f) for f in tqdm(files, desc="stat", disable=not progress)}
+    if progress:  # the walk cannot count ahead of itself: one line when it is done
+        log.info("listed %d image files in %d folders under %s", len(files), len(folders), base)
+    listed = tqdm(files, desc="index", disable=None if progress else True, unit="file")  # None: on a terminal only
+    stats = {f.relative_to(base).as_posix(): _stat(f) for f in listed}
     reuse: dict[str, int] = {}  # relative path -> row of the old cache holding it
     known_bad: dict[str, str] = {}  # relative path -> why it could not be read, for files unchanged since
     if old is not None:
