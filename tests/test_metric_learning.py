@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pipeline_helpers import StopAfterEpoch
 from test_siamese import RETRIEVAL, SHRINK, train
 
 from contrastive.cli.run import build_pipeline
@@ -220,15 +221,6 @@ def test_the_regulariser_learns_from_the_batch_only(config) -> None:
     assert terms["ce"].item() == loss.regularizer(e, y)[0].item()
 
 
-class _StopAfterEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
 def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> tuple[Siamese, pl.Trainer]:
     """Two epochs of 4 steps (16 images each) into a memory of 40 that joins at step 2 and wraps in epoch 2."""
     pl.seed_everything(0, verbose=False)
@@ -244,7 +236,7 @@ def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> t
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=tmp,
-        callbacks=[_StopAfterEpoch(stop_after)] if stop_after is not None else [],
+        callbacks=[StopAfterEpoch(stop_after)] if stop_after is not None else [],
     )
     trainer.fit(pipeline, datamodule=data, ckpt_path=ckpt)
     return pipeline, trainer

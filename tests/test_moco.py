@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pipeline_helpers import StopAfterEpoch
 from torch import Tensor, nn
 
 from contrastive.augment import Augment
@@ -375,15 +376,6 @@ def test_features_are_the_query_backbone() -> None:
 # --------------------------------------------------------------------------- exact resume
 
 
-class _StopAfterEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
 def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> tuple[MoCo, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     splits = shapes(num_train=64, num_test=16, size=16, seed=0)
@@ -399,7 +391,7 @@ def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> t
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=tmp,
-        callbacks=[_StopAfterEpoch(stop_after)] if stop_after is not None else [],
+        callbacks=[StopAfterEpoch(stop_after)] if stop_after is not None else [],
     )
     trainer.fit(moco, datamodule=data, ckpt_path=ckpt)
     return moco, trainer

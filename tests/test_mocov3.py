@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,8 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from pipeline_helpers import Inputs, StopAfterEpoch, float64_steps, quiet_trainer, run_as_rank, shrunk_run
 from torch import Tensor, nn
 
 from contrastive.augment import Augment, normalize_uint8
@@ -63,25 +62,13 @@ class _Recorder(nn.Module):
         return self.inner(q, k)
 
 
-class _Inputs(nn.Module):
-    """Wraps a network and records what it is given."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net, self.seen = net, []  # type: ignore[var-annotated]
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.seen.append(x.detach().clone())
-        return self.net(x)
-
-
 # --------------------------------------------------------------------------- the step
 
 
 def test_the_step_sums_both_directions_of_queries_against_the_other_views_keys() -> None:
     """loss = ctr(q1, k2) + ctr(q2, k1), q = predictor(projector(backbone(v))), k = the key encoder's, no gradient."""
     moco = _mocov3(online_probe=False)
-    moco.backbone = _Inputs(moco.backbone)
+    moco.backbone = Inputs(moco.backbone)
     moco.loss = _Recorder(moco.loss)
     loss = moco.training_step(_images(), 0)
     v1, v2 = moco.backbone.seen[:2]  # the query passes: view 1, then view 2
@@ -106,7 +93,7 @@ def test_the_step_sums_both_directions_of_queries_against_the_other_views_keys()
 def test_each_view_is_normalised_with_its_own_batch_statistics() -> None:
     """As the authors, one pass per view: BN statistics of view 1 never mix with view 2's."""
     moco = _mocov3(online_probe=False)
-    moco.backbone = _Inputs(moco.backbone)
+    moco.backbone = Inputs(moco.backbone)
     moco.training_step(_images(), 0)
     assert [len(x) for x in moco.backbone.seen] == [16, 16]
 
@@ -141,7 +128,7 @@ def test_the_key_encoder_is_the_ema_of_backbone_and_projector_once_per_optimiser
 def test_an_asymmetric_pair_draws_view_1_from_the_first_group_and_view_2_from_the_second() -> None:
     pair = MultiCrop({"first": ViewGroup(_augment(), 1), "second": ViewGroup(_augment(solarize_p=1.0), 1)})
     moco = _mocov3(augment=pair, online_probe=False, seed=3)
-    moco.backbone = _Inputs(moco.backbone)
+    moco.backbone = Inputs(moco.backbone)
     images, labels = _images()
     moco.training_step((images, labels), 0)
     expected = pair(images, torch.Generator().manual_seed(0))  # the pipeline's generator: seed 0
@@ -195,15 +182,6 @@ def test_mlp_last_bn_standardises_each_output_without_affine_parameters() -> Non
 # --------------------------------------------------------------------------- the momentum and exact resume
 
 
-class _StopAfterEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
 class _Momenta(pl.Callback):
     """The momentum of every step, and the loss."""
 
@@ -224,19 +202,8 @@ def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> t
     data = TensorDataModule(splits, batch_size=16, eval_batch_size=64, seed=0)
     moco = _mocov3(momentum=0.9)
     momenta = _Momenta()
-    callbacks: list[pl.Callback] = [momenta] + ([_StopAfterEpoch(stop_after)] if stop_after is not None else [])
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp,
-        callbacks=callbacks,
-    )
+    callbacks: list[pl.Callback] = [momenta] + ([StopAfterEpoch(stop_after)] if stop_after is not None else [])
+    trainer = quiet_trainer(max_epochs=2, default_root_dir=tmp, callbacks=callbacks)
     trainer.fit(moco, datamodule=data, ckpt_path=ckpt)
     return moco, trainer, momenta
 
@@ -304,64 +271,17 @@ def _bn_free_mocov3() -> MoCoV3:
     ).double()
 
 
-class _Steps(pl.Callback):
-    """The loss of every step and the (DDP-averaged) gradients of the first."""
-
-    def __init__(self) -> None:
-        self.losses: list[Tensor] = []
-        self.grads: dict[str, Tensor] = {}
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
-        if not self.grads:
-            self.grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, *args: Any) -> None:
-        self.losses.append(outputs["loss"].detach().clone())
-
-
 def _three_steps(devices: int) -> dict[str, Any]:
     """Three float64 steps through the Trainer (DDP on ``devices`` gloo processes); the loss, gradients, weights."""
     splits = shapes(num_train=3 * PER_RANK * WORLD, num_test=4, size=16, seed=1)
-    datamodule = TensorDataModule(splits, batch_size=PER_RANK * WORLD // devices, eval_batch_size=8, seed=3)
-    steps = _Steps()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        max_steps=3,
-        limit_val_batches=0,
-        precision="64-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=[steps],
-    )
-    moco = _bn_free_mocov3()
-    trainer.fit(moco, datamodule=datamodule)
-    state = {k: v.clone() for k, v in moco.state_dict().items()}
-    return {"losses": steps.losses, "grads": steps.grads, "state": state}
-
-
-def _worker(r: int, port: int, out_dir: str) -> None:
-    # what torchrun sets; Lightning then joins instead of launching children
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(r), LOCAL_RANK=str(r)
-    )
-    os.environ["NODE_RANK"] = "0"
-    torch.set_num_threads(1)
-    torch.save(_three_steps(WORLD), os.path.join(out_dir, f"rank{r}.pt"))
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears gloo down while its peer still talks
-        dist.destroy_process_group()
+    return float64_steps(_bn_free_mocov3(), splits, PER_RANK * WORLD // devices, devices)
 
 
 def test_two_processes_equal_one_process_holding_the_global_batch(tmp_path: Path, free_port) -> None:  # type: ignore[no-untyped-def]
     """Keys gathered (without gradient) from both ranks, DDP's gradient averaging: three float64 steps on two
     gloo processes give the loss, gradients, weights and key encoder of one process on the global batch."""
-    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    args = (free_port(), str(tmp_path), WORLD, _three_steps)
+    mp.start_processes(run_as_rank, args=args, nprocs=WORLD, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     ref = _three_steps(1)
     assert len(ref["losses"]) == 3 and len(ref["grads"]) == 12  # backbone, projector, predictor: 2 layers each
@@ -422,27 +342,8 @@ def test_experiment_mocov3_cifar10_builds_the_authors_heads(config) -> None:  # 
     assert not hasattr(moco, "key_predictor") and not any("queue" in k for k in moco.state_dict())
 
 
-SHRINK = [
-    "data.source.num_train=200",
-    "data.source.num_test=100",
-    "data.batch_size=40",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "eval.every_n_epochs=1",
-    "probe.epochs=5",
-    "hydra.run.dir=run",
-]
-
-
 def test_mocov3_shapes_cli_run(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    out = cli("contrastive-train", "experiment=mocov3_shapes", *SHRINK, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("knn_top1", "knn_top1_untrained", "linear_top1", "map_at_r"):
-        assert 0.0 <= metrics[key] <= 100.0, key
-    assert metrics["epochs"] == 1
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 200 // 40
+    _, ckpt = shrunk_run(cli, "mocov3_shapes", tmp_path)
     assert {"key_backbone.0.weight", "key_projector.4.weight", "predictor.0.weight"} <= set(ckpt["state_dict"])
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from pipeline_helpers import StopAfterEpoch, join_as_torchrun
 from torch import Tensor, nn
 
 from contrastive.augment import Augment, normalize_uint8
@@ -177,15 +178,6 @@ def test_lightlys_nt_xent_form_is_accepted() -> None:
 # --------------------------------------------------------------------------- exact resume
 
 
-class _StopAfterEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
 def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> tuple[NNCLR, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     data = TensorDataModule(shapes(num_train=64, num_test=16, size=16, seed=0), batch_size=16, eval_batch_size=64)
@@ -200,7 +192,7 @@ def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> t
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=tmp,
-        callbacks=[_StopAfterEpoch(stop_after)] if stop_after is not None else [],
+        callbacks=[StopAfterEpoch(stop_after)] if stop_after is not None else [],
     )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
     return model, trainer
@@ -275,10 +267,7 @@ def _nnclr_steps(devices: int) -> dict[str, Tensor]:
 
 def _worker(r: int, port: int, out_dir: str) -> None:
     # what torchrun sets; Lightning then joins instead of launching children (as tests/test_ddp.py)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(r), LOCAL_RANK=str(r)
-    )
-    os.environ["NODE_RANK"] = "0"
+    join_as_torchrun(r, port, WORLD)
     torch.set_num_threads(1)
     torch.save(_nnclr_steps(WORLD), os.path.join(out_dir, f"rank{r}.pt"))
     if dist.is_initialized():

@@ -1,6 +1,7 @@
 """Training pipelines: thin LightningModules built from finished parts."""
 
 from contrastive.pipelines.base import NonFiniteLossError, Pipeline, RunFacts
+from contrastive.pipelines.dino import DINO, DINOHead
 from contrastive.pipelines.moco import MoCo
 from contrastive.pipelines.mocov3 import MoCoV3
 from contrastive.pipelines.nnclr import NNCLR
@@ -11,6 +12,8 @@ from contrastive.pipelines.simclr import SimCLR
 from contrastive.schedules import warmup_cosine
 
 __all__ = [
+    "DINO",
+    "DINOHead",
     "MoCo",
     "MoCoV3",
     "NNCLR",
