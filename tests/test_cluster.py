@@ -38,6 +38,31 @@ def _same_run(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k != "train_seconds"}  # wall-clock
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """metrics.json of RUN at seed 0, trained in one go by a plain contrastive-train."""
+    from conftest import run_cli
+
+    where = tmp_path_factory.mktemp("straight")
+    out = run_cli("contrastive-train", "seed=0", *RUN, "hydra.run.dir=straight", cwd=where)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads((where / "straight" / "metrics.json").read_text())
+
+
+def _interrupt(sweep: Path, proc: subprocess.Popen, signum: signal.Signals) -> Path:
+    """Send ``signum`` to the training process of the sweep's seed=0 job once its first epoch is on disk;
+    its job folder."""
+    deadline = time.time() + 300
+    while not (job := _job_folder(sweep, "seed=0")) or not (job / "checkpoints" / "epoch=0000.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    controllers = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+    task = _task_writing(job.resolve(), controllers)
+    assert task is not None and not (job / "metrics.json").exists(), "the job ended before it could be interrupted"
+    os.kill(task, signum)
+    return job
+
+
 def _job_folder(sweep: Path, override: str) -> Path | None:
     """The job folder of ``sweep`` whose overrides hold ``override`` (the folder names are cut and hashed)."""
     found = [p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml") if f"- {override}\n" in p.read_text()]
@@ -61,7 +86,7 @@ def _task_writing(folder: Path, controllers: list[int]) -> int | None:
 
 @pytest.mark.slow
 def test_a_submitit_local_sweep_requeues_a_job_at_its_time_limit_signal_and_it_ends_as_an_uninterrupted_run(
-    cli, tmp_path: Path
+    cli, tmp_path: Path, uninterrupted: dict[str, Any]
 ) -> None:
     """Two jobs of a sweep, each its own process under submitit's local runner. One gets SIGUSR2, the signal
     submitit has SLURM send ``signal_delay_s`` before the time limit (and on pre-emption): submitit requeues it,
@@ -70,14 +95,7 @@ def test_a_submitit_local_sweep_requeues_a_job_at_its_time_limit_signal_and_it_e
     sweep = tmp_path / "multirun" / "simclr_shapes"
     cmd = [str(BIN / "contrastive-train"), "-m", "hydra/launcher=submitit_local", "seed=0,1", *RUN]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (job := _job_folder(sweep, "seed=0")) or not (job / "checkpoints" / "epoch=0000.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.05)
-    controllers = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
-    task = _task_writing(job.resolve(), controllers)
-    assert task is not None and not (job / "metrics.json").exists(), "the job ended before it could be interrupted"
-    os.kill(task, signal.SIGUSR2)
+    job = _interrupt(sweep, proc, signal.SIGUSR2)
 
     on_demand = cli("contrastive-summary", str(sweep), cwd=tmp_path)
     assert on_demand.returncode == 0, on_demand.stderr[-2000:]
@@ -93,11 +111,42 @@ def test_a_submitit_local_sweep_requeues_a_job_at_its_time_limit_signal_and_it_e
     rows = {r["seed"]: r for r in _rows(sweep / "summary.csv")}
     assert sorted(rows) == ["0", "1"] and all(0 <= float(r["knn_top1"]) <= 100 for r in rows.values())
 
-    straight = cli("contrastive-train", "seed=0", *RUN, "hydra.run.dir=straight", cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr[-2000:]
     requeued: dict[str, Any] = json.loads((job / "metrics.json").read_text())
-    assert _same_run(requeued) == _same_run(json.loads((tmp_path / "straight" / "metrics.json").read_text()))
+    assert _same_run(requeued) == _same_run(uninterrupted)
     assert requeued["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_a_sweep_job_sent_sigterm_continues_when_the_sweep_runs_again_and_ends_as_an_uninterrupted_run(
+    cli, tmp_path: Path, uninterrupted: dict[str, Any]
+) -> None:
+    """SIGTERM, as SLURM sends at a time limit (no requeue without submitit's SIGUSR2): the job stops with
+    exit status 143 and its last.ckpt, the sweep command says so in one line (not submitit's traceback), and
+    the same command again continues the job to the uninterrupted run's metrics.json."""
+    sweep = tmp_path / "multirun" / "simclr_shapes"
+    cmd = [str(BIN / "contrastive-train"), "-m", "hydra/launcher=submitit_local", "seed=0", *RUN]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = _interrupt(sweep, proc, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    (line,) = [x for x in out.splitlines() if x.startswith("error: Job ")]
+    assert line.endswith(
+        "ended without a result; its log: "
+        f"{sweep / '.submitit'}/{line.split()[2]}/. Run the same command again: the jobs that have not finished "
+        "continue from their checkpoints/last.ckpt, the finished ones are evaluated again (contrastive-summary "
+        "MULTIRUN_DIR summarises the jobs so far)"
+    )
+    stopped = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.err"))
+    assert "error: stopped by SIGTERM; checkpoints/last.ckpt keeps the last whole epoch" in stopped
+    assert not (job / "metrics.json").exists()
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in (job / "cli.log").read_text() + "".join(
+        p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*")
+    )
+    assert _same_run(json.loads((job / "metrics.json").read_text())) == _same_run(uninterrupted)
+    assert [r["seed"] for r in _rows(sweep / "summary.csv")] == ["0"]
 
 
 def _launcher_parameters(overrides: list[str]) -> dict[str, Any]:

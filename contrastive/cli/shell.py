@@ -233,6 +233,23 @@ def run_hydra(main: Callable[[], Any], config_name: str) -> None:
                 "hydra.run.dir=/a/writable/folder"
             )
         )
+    except Exception as e:
+        uncompleted = _loaded("submitit.core.utils", "UncompletedJobError")  # a job of the submitit launcher
+        if uncompleted is None or not isinstance(e, uncompleted):
+            raise
+        exit_with(ConfigError(_uncompleted_job(str(e))))
+
+
+def _uncompleted_job(message: str) -> str:
+    """One line for a sweep job that submitit saw end without a result (stopped by a signal, killed, or failed
+    outside the task), in place of the launcher's traceback."""
+    found = re.search(r"with path (\S+)", message)
+    where = f"; its log: {Path(found.group(1)).parent}/" if found else ""
+    return (
+        f"{message.splitlines()[0].split(' with path')[0]} ended without a result{where}. Run the same command "
+        "again: the jobs that have not finished continue from their checkpoints/last.ckpt, the finished ones are "
+        "evaluated again (contrastive-summary MULTIRUN_DIR summarises the jobs so far)"
+    )
 
 
 def _unknown_key(e: ConfigCompositionException, config_name: str) -> NoReturn:
