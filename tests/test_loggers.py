@@ -138,3 +138,24 @@ def test_a_logger_without_its_package_says_which_pip_command_installs_it(
         "(or pick another logger=, e.g. the default csv_tensorboard)"
     )
     check_config(config("train", ["logger=csv_tensorboard"]))  # needs nothing beyond the core install
+
+
+def test_logger_wandb_without_wandb_is_refused_in_one_line_before_torch_leaving_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    hide = (
+        "import sys, atexit\n"
+        "sys.modules['wandb'] = None  # as if not installed\n"
+        "atexit.register(lambda: print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules)))\n"
+        "from contrastive.cli import train\n"
+        "sys.argv = ['contrastive-train', 'logger=wandb']\n"
+        "train()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", hide], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip() == (
+        'error: logger.wandb needs the package wandb, which is not installed: pip install "contrastive[wandb]" '
+        "(or pick another logger=, e.g. the default csv_tensorboard)"
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]" and list(tmp_path.iterdir()) == []
