@@ -1,6 +1,7 @@
 """Training pipelines: thin LightningModules built from finished parts."""
 
 from contrastive.pipelines.base import NonFiniteLossError, Pipeline, RunFacts
+from contrastive.pipelines.cpc import CPC, MaskedContext
 from contrastive.pipelines.dino import DINO, DINOHead
 from contrastive.pipelines.moco import MoCo
 from contrastive.pipelines.mocov3 import MoCoV3
@@ -12,8 +13,10 @@ from contrastive.pipelines.simclr import SimCLR
 from contrastive.schedules import warmup_cosine
 
 __all__ = [
+    "CPC",
     "DINO",
     "DINOHead",
+    "MaskedContext",
     "MoCo",
     "MoCoV3",
     "NNCLR",
