@@ -45,6 +45,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     from contrastive.cli.console import results_table
     from contrastive.cli.run import (
         LOGGER_RUNS_KEY,
+        LoggerRuns,
         build_pipeline,
         build_splits,
         check_resumable,
@@ -80,7 +81,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         log.info("pipeline.online_probe=false: the training images are unlabelled")
     if counted or unlabelled:
         for callback in lightning.callbacks:
-            if isinstance(callback, SaveRunConfig):  # the checkpoints' copy, resolved before the changes
+            if isinstance(callback, (SaveRunConfig, LoggerRuns)):  # the checkpoints', loggers' copies: resolved before
                 callback.config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     if not splits.evaluated:
         log.info("no evaluation set (eval_data): the run logs the label-free monitors only")
