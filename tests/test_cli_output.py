@@ -250,6 +250,12 @@ def test_a_max_time_stop_says_unfinished_with_exit_75_and_a_rerun_of_a_finished_
     assert f"[WARNING] - {line}" in (tmp_path / "run" / "cli.log").read_text()
 
 
+def options_of(help_text: str, group: str) -> list[str]:
+    """The options --help lists for a config group."""
+    line = next(line for line in help_text.splitlines() if line.startswith(f"  {group}: "))
+    return line.split(": ", 1)[1].split(", ")
+
+
 def test_help_describes_the_tool_its_experiments_and_exit_statuses(cli, tmp_path: Path) -> None:
     """--help was Hydra's generic text ("cli is powered by Hydra"), listed the internal _common entries and no
     experiment's purpose; contrastive-eval --help listed the training groups."""
@@ -271,7 +277,11 @@ def test_help_describes_the_tool_its_experiments_and_exit_statuses(cli, tmp_path
     assert [line.split()[0] for line in examples.splitlines() if not line.startswith("      ")] == [
         "contrastive-train"
     ] * 3
-    assert "  data: cifar10, cifar100, image_folder, shapes\n" in text
+    configs = Path(contrastive.__file__).parent / "configs"
+    for group in ("data", "loss", "pipeline"):  # every shipped option, the internal _common ones left out
+        options = sorted(p.stem for p in (configs / group).glob("*.yaml") if not p.stem.startswith("_"))
+        assert f"  {group}: {', '.join(options)}\n" in text
+    assert "shapes" in options_of(text, "data") and "_common" not in options_of(text, "data")
     assert "  75   stopped by trainer.max_time before the last epoch: continue with a larger limit or none\n" in text
     assert list(tmp_path.iterdir()) == []
     ev = cli("contrastive-eval", "--help", cwd=tmp_path)
