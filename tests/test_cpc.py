@@ -22,7 +22,7 @@ from contrastive.pipelines.cpc import patch_grid
 from contrastive.views import MultiCrop, ViewGroup
 
 
-def _augment(size: int = 16) -> Augment:
+def _augment(size: int = 8) -> Augment:
     return Augment(size=size, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
 
 
@@ -36,6 +36,7 @@ def _cpc(seed: int = 0, **kwargs: Any) -> CPC:
         patch_size=8,
         patch_stride=4,
         prediction_steps=2,
+        image_size=16,
         feature_dim=32,
         augment=_augment(),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
@@ -76,13 +77,15 @@ def test_the_context_of_row_i_sees_rows_up_to_i_and_never_below() -> None:
 
 
 def test_the_step_averages_infonce_of_each_offsets_predictions_against_the_latents_below() -> None:
+    """Each patch augmented on its own, encoded; InfoNCE of W_k c (rows i) against z (rows i + k), mean over k."""
     cpc = _cpc(online_probe=False)
     images, labels = _images()
     loss = cpc.training_step((images, labels), 0)
-    (view,) = _cpc().views(images, n=1)  # the same generator seed: the same view
+    patches = patch_grid(images, 8, 4).reshape(6 * 9, 3, 8, 8)
+    (view,) = _cpc().views(patches, n=1)  # the same generator seed: the same views
+    assert not torch.equal(view, normalize_uint8(patches, cpc.augment.mean, cpc.augment.std))
     with torch.no_grad():  # train-mode BN gives the same batch the same outputs again
-        h = cpc.backbone(patch_grid(view, 8, 4).reshape(6 * 9, 3, 8, 8))  # (B G G, F)
-        z = cpc.projector(h).view(6, 3, 3, 16).permute(0, 3, 1, 2)  # (B, D, G, G)
+        z = cpc.projector(cpc.backbone(view)).view(6, 3, 3, 16).permute(0, 3, 1, 2)  # (B, D, G, G)
         c = cpc.context(z)
         expected = []
         for k in (1, 2):
@@ -96,8 +99,8 @@ def test_the_step_averages_infonce_of_each_offsets_predictions_against_the_laten
 def test_the_evaluation_features_are_the_patch_features_averaged_over_the_grid() -> None:
     cpc = _cpc().eval()
     images, _ = _images(4)
-    x = normalize_uint8(images, cpc.augment.mean, cpc.augment.std)
-    expected = cpc.backbone(patch_grid(x, 8, 4).reshape(4 * 9, 3, 8, 8)).view(4, 9, 32).mean(1)
+    x = normalize_uint8(patch_grid(images, 8, 4).reshape(4 * 9, 3, 8, 8), cpc.augment.mean, cpc.augment.std)
+    expected = cpc.backbone(x).view(4, 9, 32).mean(1)
     torch.testing.assert_close(cpc.features(images), expected, rtol=0, atol=1e-6)
 
 
@@ -107,7 +110,8 @@ def test_the_evaluation_features_are_the_patch_features_averaged_over_the_grid()
         (dict(loss=SupCon()), "loss SupCon does not fit the CPC pipeline: .*use loss=info_nce"),
         (dict(loss=InfoNCE(symmetric=True)), "loss.symmetric=true also scores targets.*symmetric=false"),
         (dict(prediction_steps=3), r"prediction_steps=3: a 3-row grid .* 1 <= K <= 2"),
-        (dict(patch_size=32), "patch_size=32 and patch_stride=4 do not cut a 16x16 image"),
+        (dict(patch_size=32, augment=_augment(32)), "patch_size=32 and patch_stride=4 do not cut a 16x16 image"),
+        (dict(augment=_augment(16)), "aug.size=16 but pipeline.patch_size=8: .*set aug.size=8"),
         (dict(augment=MultiCrop([ViewGroup(_augment(), 2)])), "draws its views from one Augment, not a MultiCrop"),
     ],
 )
@@ -152,7 +156,7 @@ WORLD, PER_RANK = 2, 4
 
 
 class _PlainCPC(CPC):
-    """CPC on the unaugmented image: the comparison isolates what DDP changes from the augmentation RNG."""
+    """CPC on the unaugmented patches: the comparison isolates what DDP changes from the augmentation RNG."""
 
     def views(self, images: Tensor, n: int = 2) -> list[Tensor]:
         return [normalize_uint8(images, self.augment.mean, self.augment.std).to(self.dtype)]
@@ -169,7 +173,8 @@ def _bn_free_cpc() -> CPC:
         loss=InfoNCE(temperature=0.2, gather=True),
         latent_dim=6,
         prediction_steps=2,
-        augment=Augment(size=16),
+        image_size=16,
+        augment=Augment(size=8),
         optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9),
         feature_dim=8,
         online_probe=False,
@@ -211,7 +216,7 @@ def test_experiment_cpc_cifar10_holds_the_grid_and_the_heads(config) -> None:  #
     assert cfg.loss._target_ == "contrastive.losses.InfoNCE" and cfg.loss.gather and not cfg.loss.symmetric
     cpc = build_pipeline(cfg)
     assert isinstance(cpc, CPC) and len(cpc.predictors) == 3 and cpc.predictors[0].in_features == 128
-    assert cpc.features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 512)
+    assert cpc.augment.size == 8 and cpc.features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 512)
 
 
 def test_cpc_shapes_cli_run(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -1,17 +1,18 @@
 """CPC on images (CPC v2, Hénaff et al. 2020; CPC, Oord et al. 2018): predict the latents of the patches below.
 
-One step: each (augmented) image is cut into a G x G grid of overlapping patches (:func:`patch_grid`); every
-patch is encoded, ``z = projector(backbone(patch))`` (D); a masked context network over the grid gives
-``c_ij`` from the latents of rows ``u <= i`` only (:class:`MaskedContext`); a linear map ``W_k`` per offset
-predicts ``z_{i+k, j}`` from ``c_ij`` for k = 1..K; each prediction is scored against its target and the other
-targets of the batch at that offset, every image's and (under W processes) every process's, by InfoNCE
-(``loss=info_nce``, in-batch form), and the K terms are averaged.
+One step: each image is cut into a G x G grid of overlapping patches (:func:`patch_grid`); every patch is
+augmented on its own (CPC v2: so that the patches of an image share no low-level cue, such as its colour or
+brightness, that would predict the patches below without seeing shape) and encoded,
+``z = projector(backbone(patch))`` (D); a masked context network over the grid gives ``c_ij`` from the latents
+of rows ``u <= i`` only (:class:`MaskedContext`); a linear map ``W_k`` per offset predicts ``z_{i+k, j}`` from
+``c_ij`` for k = 1..K; each prediction is scored against its target and the other targets of the batch at that
+offset, every image's and (under W processes) every process's, by InfoNCE (``loss=info_nce``, in-batch form),
+and the K terms are averaged.
 
-The evaluation features (kNN, linear probe) are the backbone's features of the patches, averaged over the
-grid (:meth:`CPC.features`). Deviations from CPC v2: one augmentation per image rather than per patch; the
-InfoNCE scores are cosines over a temperature (the toolkit's ``info_nce``), not raw dot products; the
-backbone's BatchNorm is kept (CPC v2 replaced it by layer norm, whose absence of batch statistics keeps
-patches from sharing information through them).
+The evaluation features (kNN, linear probe) are the backbone's features of the unaugmented patches, averaged
+over the grid (:meth:`CPC.features`). Deviations from CPC v2: the InfoNCE scores are cosines over a temperature
+(the toolkit's ``info_nce``), not raw dot products; the backbone's BatchNorm is kept (CPC v2 replaced it by
+layer norm, whose absence of batch statistics keeps patches from sharing information through them).
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class CPC(Pipeline):
         latent_dim: D (the predictions' width).
         patch_size, patch_stride: the grid's patches (CIFAR's 32 px: 8 and 4, a 7 x 7 grid).
         prediction_steps: K, rows ahead to predict (1 .. G - 1).
-        **base: the :class:`Pipeline` arguments (``augment``: an Augment; one view per image).
+        image_size: the images' side (``data.image_size``), which sets the grid.
+        **base: the :class:`Pipeline` arguments (``augment``: an Augment of ``size`` = ``patch_size``, drawn on
+            every patch on its own).
     """
 
     loss_forms: ClassVar[tuple[LossForm, ...]] = ("two_views",)
@@ -103,6 +106,7 @@ class CPC(Pipeline):
         patch_size: int = 8,
         patch_stride: int = 4,
         prediction_steps: int = 3,
+        image_size: int = 32,
         **base: Any,
     ) -> None:
         self.loss_form(loss)
@@ -113,37 +117,42 @@ class CPC(Pipeline):
             )
         super().__init__(**base)
         assert isinstance(self.augment, Augment)  # the base class refuses a MultiCrop
-        size = self.augment.size
-        grid = (size - patch_size) // max(patch_stride, 1) + 1
-        patch_grid(torch.zeros(1, 1, size, size), patch_size, patch_stride)  # the grid's own error first
+        if self.augment.size != patch_size:
+            raise ValueError(
+                f"aug.size={self.augment.size} but pipeline.patch_size={patch_size}: CPC augments every patch on its "
+                f"own (CPC v2), so the views are patches; set aug.size={patch_size}"
+            )
+        grid = (image_size - patch_size) // max(patch_stride, 1) + 1
+        patch_grid(torch.zeros(1, 1, image_size, image_size), patch_size, patch_stride)  # the grid's own error first
         if not 1 <= prediction_steps < grid:
             raise ValueError(
-                f"pipeline.prediction_steps={prediction_steps}: a {grid}-row grid ({size} px views, patch "
+                f"pipeline.prediction_steps={prediction_steps}: a {grid}-row grid ({image_size} px images, patch "
                 f"{patch_size}, stride {patch_stride}) leaves rows to predict for 1 <= K <= {grid - 1}"
             )
         self.projector, self.context, self.loss = projector, context, loss
         self.predictors = nn.ModuleList(nn.Linear(latent_dim, latent_dim) for _ in range(prediction_steps))
         self.patch_size, self.patch_stride = patch_size, patch_stride
 
-    def encode_patches(self, x: Tensor) -> Tensor:
-        """Backbone features of every patch of a float batch: (B, C, H, W) -> (B, G, G', F)."""
-        patches = patch_grid(x, self.patch_size, self.patch_stride)  # (B, G, G', C, P, P)
-        b, g, g2 = patches.shape[:3]
-        flat = patches.reshape(b * g * g2, *patches.shape[3:])
-        if channels_last(flat.device):
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        return self.backbone(flat).view(b, g, g2, -1)
+    def patches(self, images: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        """The grid's patches of a batch, flat: (B, C, H, W) -> (B G G', C, P, P), and (B, G, G')."""
+        grid = patch_grid(images, self.patch_size, self.patch_stride)  # (B, G, G', C, P, P)
+        b, g, g2 = grid.shape[:3]
+        return grid.reshape(b * g * g2, *grid.shape[3:]), (b, g, g2)
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        """The backbone's patch features averaged over the grid, (B, F), of an unaugmented uint8 batch."""
-        x = normalize_uint8(images, self.augment.mean, self.augment.std).to(self.dtype)
-        return self.encode_patches(x).mean(dim=(1, 2)).float()
+        """The backbone's features of the unaugmented patches averaged over the grid, (B, F), of a uint8 batch."""
+        flat, shape = self.patches(images)
+        x = normalize_uint8(flat, self.augment.mean, self.augment.std).to(self.dtype)
+        if channels_last(x.device):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x).view(*shape, -1).mean(dim=(1, 2)).float()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        (view,) = self.views(images, n=1)
-        h = self.encode_patches(view)  # (B, G, G', F)
+        flat, shape = self.patches(images)  # (B G G', C, P, P) uint8
+        (view,) = self.views(flat, n=1)  # every patch augmented on its own (CPC v2): no shortcut shared by a grid
+        h = self.backbone(view).view(*shape, -1)  # (B, G, G', F)
         z = self.projector(h.flatten(0, 2)).view(*h.shape[:3], -1).permute(0, 3, 1, 2)  # (B, D, G, G')
         c = self.context(z)  # (B, D, G, G'): row i from rows <= i
         terms = []
