@@ -67,23 +67,19 @@ def test_curves_plot_has_the_monitor_panels() -> None:
 
 @pytest.mark.slow
 def test_unlabelled_folder_demo_is_evaluated_on_the_labelled_folder(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """experiment=simclr_unlabelled_demo, shortened to fit a minute on 2 CPU cores: SimCLR on 256 unlabelled
-    shape images of varying sizes, kNN against a labelled folder (bank 300, queries 200) before and after.
+    """experiment=simclr_unlabelled_demo as shipped (8 epochs, grey views, k = 20) on the folders
+    scripts/demo_folders.py writes by default: SimCLR on 1,000 unlabelled shape images of varying sizes and
+    formats, kNN against the labelled folder (bank 500, queries 300) before and after.
 
-    The label-free monitors rise from the start (measured: embedding_std 0.02 -> 0.06 backbone, 0.01 -> 0.12
-    projector; RankMe of the projector 3.3 -> 12). So few epochs are too few for kNN to beat the untrained
-    network on these shapes (6 epochs: 13.5 -> 14.0; the same shortened recipe on the built-in shapes, labels
-    unused, loses 8 points): it is checked to be measured on the evaluation folder, not to rise.
+    kNN beats the untrained network by 20 points (measured 26.3 -> 70.3) and the label-free monitors rise
+    from the start (embedding_std and RankMe by half at least).
     """
-    _demo_folders(tmp_path / "demo", unlabelled=256, train=300, test=200)
+    _demo_folders(tmp_path / "demo", unlabelled=1000, train=500, test=300)
     out = cli(
         "contrastive-train",
         "experiment=simclr_unlabelled_demo",
         f"data.root={tmp_path / 'demo' / 'unlabelled'}",
         f"eval_data.root={tmp_path / 'demo' / 'labelled'}",
-        "trainer.max_epochs=4",
-        "eval.every_n_epochs=4",
-        "eval.knn_k=20",
         "eval.final_probe=false",
         "trainer.enable_progress_bar=false",
         "hydra.run.dir=run",
@@ -93,8 +89,9 @@ def test_unlabelled_folder_demo_is_evaluated_on_the_labelled_folder(cli, tmp_pat
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for name in ("embedding_std_backbone", "embedding_std_projector", "rank_me_projector"):
         assert metrics[name] > 1.5 * metrics[f"{name}_untrained"], (name, metrics)
-    # kNN over the labelled folder's 10 classes (200 queries: multiples of 0.5)
-    assert all(metrics[k] * 2 == int(metrics[k] * 2) for k in ("knn_top1", "knn_top1_untrained"))
+    assert metrics["epochs"] == 8 and metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 20, metrics
+    # kNN over the labelled folder's 10 classes (300 queries: multiples of 1/3)
+    assert all(round(metrics[k] * 3, 6) == round(metrics[k] * 3) for k in ("knn_top1", "knn_top1_untrained"))
     assert "online_probe_top1" not in (tmp_path / "run" / "logs" / "metrics.csv").read_text()
     # contrastive-eval of the checkpoint measures the same kNN: the evaluation folder's train split is the bank
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -116,7 +113,10 @@ def test_no_evaluation_set_logs_the_monitors_and_builds_no_classifier(cli, tmp_p
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {*MONITORS, *(f"{m}_untrained" for m in MONITORS), "epochs", "train_seconds"}
-    assert metrics["embedding_std_projector"] > metrics["embedding_std_projector_untrained"]
+    # measured, and of the trained network: two epochs of 96 images need not raise them (the demo test checks that)
+    assert all(metrics[m] != metrics[f"{m}_untrained"] for m in MONITORS if not m.startswith("alignment")), metrics
+    assert all(0 < metrics[m] < 1 for m in MONITORS if m.startswith("embedding_std")), metrics
+    assert all(1 <= metrics[m] <= 128 for m in MONITORS if m.startswith("rank_me")), metrics  # <= min(n, d)
     assert (run / "unreadable_files.txt").read_text().startswith("broken.jpg: a damaged or truncated JPEG image")
     assert (out.stdout + out.stderr).count("could not be read and were skipped") == 1
     with (run / "logs" / "metrics.csv").open() as f:
