@@ -131,3 +131,16 @@ def shrunk_run(cli: Callable[..., Any], experiment: str, cwd: Path) -> tuple[dic
     ckpt = torch.load(cwd / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 200 // 40
     return metrics, ckpt
+
+
+def demo_run(cli: Callable[..., Any], experiment: str, cwd: Path) -> dict[str, Any]:
+    """``contrastive-train experiment=<experiment>`` as shipped (a CPU demo) in ``cwd``: its metrics.json."""
+    out = cli(
+        "contrastive-train",
+        f"experiment={experiment}",
+        "trainer.enable_progress_bar=false",
+        "hydra.run.dir=run",
+        cwd=cwd,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((cwd / "run" / "metrics.json").read_text())

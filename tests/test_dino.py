@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
-from pipeline_helpers import Inputs, StopAfterEpoch, float64_steps, quiet_trainer, run_as_rank, shrunk_run
+from pipeline_helpers import Inputs, StopAfterEpoch, demo_run, float64_steps, quiet_trainer, run_as_rank, shrunk_run
 from torch import Tensor, nn
 
 from contrastive.augment import Augment, normalize_uint8
@@ -377,3 +377,15 @@ def test_a_loss_of_another_form_is_refused_in_one_line(config) -> None:  # type:
 
     with pytest.raises(InstantiationException, match="loss SupCon does not fit the DINO pipeline.*loss=dino"):
         build_pipeline(config("train", ["experiment=dino_shapes", "loss=sup_con"]))
+
+
+@pytest.mark.slow
+def test_dino_shapes_demo_learns(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The CPU demo as shipped beats the untrained network by 30 points of kNN and 10 of the linear probe.
+
+    (kNN 73.1 vs 24.7, probe 97.0 vs 79.9 at seed 0: margins of 48.4 and 17.1; see the config.)
+    """
+    metrics = demo_run(cli, "dino_shapes", tmp_path)
+    assert metrics["epochs"] == 15
+    assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 30, metrics
+    assert metrics["linear_top1"] >= metrics["linear_top1_untrained"] + 10, metrics
