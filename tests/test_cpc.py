@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from pipeline_helpers import StopAfterEpoch, float64_steps, quiet_trainer, run_as_rank, shrunk_run
+from pipeline_helpers import StopAfterEpoch, demo_run, float64_steps, quiet_trainer, run_as_rank, shrunk_run
 from torch import Tensor, nn
 
 from contrastive.augment import Augment, normalize_uint8
@@ -104,14 +104,21 @@ def test_the_evaluation_features_are_the_patch_features_averaged_over_the_grid()
     torch.testing.assert_close(cpc.features(images), expected, rtol=0, atol=1e-6)
 
 
+def test_the_augment_is_drawn_at_the_patch_size_with_its_recipe() -> None:
+    given = Augment(size=32, gray_p=1.0, scale=(0.5, 1.0))
+    cpc = _cpc(augment=given)
+    assert cpc.augment.size == 8 and given.size == 32  # a copy: the object passed in is left alone
+    assert (cpc.augment.gray_p, cpc.augment.scale) == (1.0, (0.5, 1.0))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         (dict(loss=SupCon()), "loss SupCon does not fit the CPC pipeline: .*use loss=info_nce"),
         (dict(loss=InfoNCE(symmetric=True)), "loss.symmetric=true also scores targets.*symmetric=false"),
         (dict(prediction_steps=3), r"prediction_steps=3: a 3-row grid .* 1 <= K <= 2"),
-        (dict(patch_size=32, augment=_augment(32)), "patch_size=32 and patch_stride=4 do not cut a 16x16 image"),
-        (dict(augment=_augment(16)), "aug.size=16 but pipeline.patch_size=8: .*set aug.size=8"),
+        (dict(patch_size=32), "patch_size=32 and patch_stride=4 do not cut a 16x16 image"),
+        (dict(augment=Augment(size=16, blur_p=0.5, blur_kernel=23)), "aug.blur_kernel=23 is too large for 8 px"),
         (dict(augment=MultiCrop([ViewGroup(_augment(), 2)])), "draws its views from one Augment, not a MultiCrop"),
     ],
 )
@@ -222,3 +229,16 @@ def test_experiment_cpc_cifar10_holds_the_grid_and_the_heads(config) -> None:  #
 def test_cpc_shapes_cli_run(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, ckpt = shrunk_run(cli, "cpc_shapes", tmp_path)
     assert {"context.convs.0.weight", "predictors.1.weight"} <= set(ckpt["state_dict"])
+
+
+@pytest.mark.slow
+def test_cpc_shapes_demo_learns(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The CPU demo as shipped beats the untrained network by 40 points of kNN and 15 of the linear probe, both
+    on the patch features averaged over the grid.
+
+    (kNN 89.4 vs 22.0, probe 99.5 vs 66.9 at seed 0: margins of 67.4 and 32.6; see the config.)
+    """
+    metrics = demo_run(cli, "cpc_shapes", tmp_path)
+    assert metrics["epochs"] == 15
+    assert metrics["knn_top1"] >= metrics["knn_top1_untrained"] + 40, metrics
+    assert metrics["linear_top1"] >= metrics["linear_top1_untrained"] + 15, metrics

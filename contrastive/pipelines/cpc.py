@@ -17,6 +17,7 @@ layer norm, whose absence of batch statistics keeps patches from sharing informa
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -87,8 +88,8 @@ class CPC(Pipeline):
         patch_size, patch_stride: the grid's patches (CIFAR's 32 px: 8 and 4, a 7 x 7 grid).
         prediction_steps: K, rows ahead to predict (1 .. G - 1).
         image_size: the images' side (``data.image_size``), which sets the grid.
-        **base: the :class:`Pipeline` arguments (``augment``: an Augment of ``size`` = ``patch_size``, drawn on
-            every patch on its own).
+        **base: the :class:`Pipeline` arguments. ``augment``: an Augment, drawn on every patch on its own at
+            ``patch_size`` (its own ``size`` is replaced; its recipe is kept).
     """
 
     loss_forms: ClassVar[tuple[LossForm, ...]] = ("two_views",)
@@ -115,13 +116,17 @@ class CPC(Pipeline):
                 "loss.symmetric=true also scores targets against predictions, which CPC does not: "
                 "pass loss.symmetric=false"
             )
+        augment = base.get("augment")
+        if isinstance(augment, Augment) and augment.size != patch_size:  # its recipe, drawn at the patches' side
+            augment = copy.copy(augment)
+            augment.size = patch_size
+            if augment.blur_p > 0 and augment.blur_kernel // 2 >= patch_size:
+                raise ValueError(
+                    f"aug.blur_kernel={augment.blur_kernel} is too large for {patch_size} px patches: pass "
+                    f"aug.blur_kernel <= {2 * patch_size - 1} or aug.blur_p=0"
+                )
+            base["augment"] = augment
         super().__init__(**base)
-        assert isinstance(self.augment, Augment)  # the base class refuses a MultiCrop
-        if self.augment.size != patch_size:
-            raise ValueError(
-                f"aug.size={self.augment.size} but pipeline.patch_size={patch_size}: CPC augments every patch on its "
-                f"own (CPC v2), so the views are patches; set aug.size={patch_size}"
-            )
         grid = (image_size - patch_size) // max(patch_stride, 1) + 1
         patch_grid(torch.zeros(1, 1, image_size, image_size), patch_size, patch_stride)  # the grid's own error first
         if not 1 <= prediction_steps < grid:
