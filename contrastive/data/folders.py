@@ -36,19 +36,26 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(class_dir: Path, folders: list[Path] | None = None) -> list[Path]:
+def _image_files(class_dir: Path, folders: list[Path] | None = None, progress: str | None = None) -> list[Path]:
     """Image files anywhere under one class folder, sorted (subfolders included, as torchvision's
     ``ImageFolder``); hidden files and folders (macOS ``._name``, ``.thumbnails/``) skipped.
 
     ``folders``, if given, receives every folder walked (``class_dir`` included): a file added to or
     removed from one of them changes that folder's mtime, which is how a cache notices it unlisted.
+    ``progress``: the label of a bar counting the files found (on a terminal only; the walk has no total).
     """
+    from tqdm import tqdm
+
     files = []
-    for parent, subdirs, names in os.walk(class_dir, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]  # hidden folders are not walked
-        if folders is not None:
-            folders.append(Path(parent))
-        files += [Path(parent, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    with tqdm(desc=progress, unit="file", disable=None if progress else True) as bar:
+        for parent, subdirs, names in os.walk(class_dir, followlinks=True):
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]  # hidden folders are not walked
+            if folders is not None:
+                folders.append(Path(parent))
+            found = [Path(parent, n) for n in names if not n.startswith(".")]
+            found = [f for f in found if f.suffix.lower() in IMAGE_SUFFIXES]
+            files += found
+            bar.update(len(found))
     return sorted(f for f in files if f.is_file())
 
 

@@ -146,8 +146,8 @@ def _build(
     from tqdm import tqdm
 
     folders: list[Path] = []
-    files = _image_files(base, folders)
-    if progress:  # the walk cannot count ahead of itself: one line when it is done
+    files = _image_files(base, folders, "list" if progress else None)
+    if progress:
         log.info("listed %d image files in %d folders under %s", len(files), len(folders), base)
     listed = tqdm(files, desc="index", disable=None if progress else True, unit="file")  # None: on a terminal only
     stats = {f.relative_to(base).as_posix(): _stat(f) for f in listed}

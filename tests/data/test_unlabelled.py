@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +152,22 @@ def test_unlabelled_splits_sizes_no_classifier_by_image_count(tmp_path: Path) ->
     assert evaluated.bank.images.shape == (30, 3, 8, 8) and evaluated.test.images.shape == (10, 3, 8, 8)
     with pytest.raises(DataError, match="data.stored_size >= data.image_size"):
         unlabelled_splits(images, None, image_size=16)
+
+
+def test_listing_counts_the_files_it_finds_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk has no total: a bar counting files, shown on a terminal only (as the decode bar)."""
+    from contrastive.data.folders import _image_files
+
+    for i, sub in enumerate(["a", "a/b", "c"]):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / f"{i}.png").write_bytes(b"")
+    (tmp_path / "c" / "notes.txt").write_text("not an image")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, shown in [(Terminal(), True), (io.StringIO(), False)]:
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert len(_image_files(tmp_path, progress="list")) == 3
+        assert ("list: 3file" in stream.getvalue()) == shown, stream.getvalue()
