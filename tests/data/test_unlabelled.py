@@ -91,9 +91,14 @@ def test_second_start_lists_nothing_and_a_changed_file_is_noticed(
 ) -> None:
     _write_mixed(tmp_path)
     first = unlabelled_folder(str(tmp_path), size=8, progress=False)
-    reads = []
+    reads: list[str] = []
     real_read = folders_module._read_rgb
-    monkeypatch.setattr(folders_module, "_read_rgb", lambda f: reads.append(Path(f).name) or real_read(f))
+
+    def counted_read(file: Path) -> torch.Tensor:
+        reads.append(Path(file).name)
+        return real_read(file)
+
+    monkeypatch.setattr(folders_module, "_read_rgb", counted_read)
 
     def no_listing(*args: object) -> list[Path]:
         raise AssertionError("listed the folder although nothing changed")
@@ -103,7 +108,7 @@ def test_second_start_lists_nothing_and_a_changed_file_is_noticed(
     assert again.paths == first.paths and torch.equal(again.images, first.images) and again.skipped == first.skipped
     assert reads == []
     monkeypatch.undo()
-    monkeypatch.setattr(folders_module, "_read_rgb", lambda f: reads.append(Path(f).name) or real_read(f))
+    monkeypatch.setattr(folders_module, "_read_rgb", counted_read)
     # rewrite one image (same folder: the folder's mtime need not move) with a new colour and mtime
     target = tmp_path / "sub" / "deeper" / "c.bmp"
     _solid(target, (12, 12), (250, 250, 0))
