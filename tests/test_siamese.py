@@ -145,6 +145,21 @@ def test_features_are_the_embedding(config) -> None:
     assert torch.equal(pipeline.features(images), expected)
 
 
+def test_label_free_monitors_read_the_backbone_then_the_embedding_head(config) -> None:
+    """The monitors' sample: backbone features (F = 128) of the image and two views, then the head's
+    embeddings (D = 64) of the three; not the head applied to the embeddings Siamese evaluates (a shape
+    error when D != F, a wrong number when D == F)."""
+    from contrastive.pipelines.base import Pipeline
+
+    pipeline = build_pipeline(config("train", ["experiment=siamese_shapes"])).eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    packed = pipeline.monitor_outputs(images, batch_idx=0)
+    assert packed.shape == (6, 3 * (128 + 64))
+    backbone = Pipeline.features(pipeline, images)
+    assert torch.equal(packed[:, :128], backbone)
+    assert torch.equal(packed[:, 3 * 128 : 3 * 128 + 64], pipeline.features(images))  # the embedding of the image
+
+
 def test_two_views_stack_the_batch_with_repeated_labels(config) -> None:
     """num_views=2: the loss sees (2B, D) embeddings, view-major, and the labels twice."""
     pipeline = build_pipeline(config("train", ["experiment=supcon_cifar10", "data=shapes", "model=convnet"]))

@@ -364,13 +364,13 @@ class Pipeline(pl.LightningModule):
         then the projector's outputs (width D) of the three, where the pipeline has a ``projector``.
         A ``MultiCrop`` gives no views: the image itself stands in for both (alignment 0).
         """
+        plain = Pipeline.features(self, images)  # the backbone's, whatever a subclass evaluates (Siamese: embeddings)
         if isinstance(self.augment, MultiCrop):
-            views = [images, images]
-            inputs = [self.features(x) for x in views]
+            inputs = [plain, plain]
         else:
             drawn = self._layout(draw_views(self.augment, images, 2, torch.Generator().manual_seed(batch_idx)))
             inputs = [self.backbone(x).float() for x in drawn]
-        h = [self.features(images), *inputs]  # 3 x (B, F)
+        h = [plain, *inputs]  # 3 x (B, F)
         projector = getattr(self, "projector", None)
         z = [projector(x.to(self.dtype)).float() for x in h] if isinstance(projector, nn.Module) else []
         self._monitor_width = h[0].shape[1]
