@@ -769,6 +769,14 @@ DELIBERATE = {
     "loss/arcface.yaml:scale": "the Reality Check's tuned range (50-220)",
     "regularizer/softmax_ce.yaml:temperature": "the Reality Check's tuned normalised-softmax T (0.06-0.11)",
     "pipeline/siamese.yaml:memory_start": "XBM's 1k warm-up steps in the configs; 0 (memory from the start) in Python",
+    "loss/dino.yaml:warmup_teacher_temperature": "the configs spell out a warm-up start (equal to T_t: none); "
+    "None in Python means the same",
+    "model/resnet18_dino.yaml:out_dim": "solo-learn's CIFAR head, 4096 prototypes; the authors' 65536 in Python",
+    "model/resnet18_dino.yaml:batchnorm": "solo-learn's CIFAR head has BN; the authors' ViT head (Python) has none",
+    "experiment/dino_shapes.yaml:hidden_dim": "the CPU demo's head, sized to the small CNN",
+    "experiment/dino_shapes.yaml:bottleneck_dim": "the CPU demo's head, sized to the small CNN",
+    "experiment/dino_shapes.yaml:out_dim": "the CPU demo's head, sized to the small CNN",
+    "experiment/dino_shapes.yaml:batchnorm": "the CPU demo's head, as the CIFAR recipe's, has BN",
 }
 
 
