@@ -20,7 +20,9 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# two workers of one torch thread each use the 2 cores better than one process of two threads (CLI subprocesses
+# inherit OMP_NUM_THREADS); worksteal balances the slow end-to-end tests between them
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
 
 .PHONY: install demo lint test
