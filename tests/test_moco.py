@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pipeline_helpers import StopAfterEpoch
+from pipeline_helpers import StopAfterEpoch, quiet_trainer
 from torch import Tensor, nn
 
 from contrastive.augment import Augment
@@ -381,15 +381,8 @@ def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> t
     splits = shapes(num_train=64, num_test=16, size=16, seed=0)
     data = TensorDataModule(splits, batch_size=16, eval_batch_size=64, seed=0)
     moco = _moco(symmetric=True, momentum_cosine=True, queue_size=40)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         default_root_dir=tmp,
         callbacks=[StopAfterEpoch(stop_after)] if stop_after is not None else [],
     )

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from pipeline_helpers import StopAfterEpoch, join_as_torchrun
+from pipeline_helpers import StopAfterEpoch, join_as_torchrun, quiet_trainer
 from torch import Tensor, nn
 
 from contrastive.augment import Augment, normalize_uint8
@@ -182,15 +182,8 @@ def _fit(tmp: Path, ckpt: str | None = None, stop_after: int | None = None) -> t
     pl.seed_everything(0, verbose=False)
     data = TensorDataModule(shapes(num_train=64, num_test=16, size=16, seed=0), batch_size=16, eval_batch_size=64)
     model = _nnclr(queue_size=40)  # 16 a step: the support set wraps within the first epoch
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         default_root_dir=tmp,
         callbacks=[StopAfterEpoch(stop_after)] if stop_after is not None else [],
     )
